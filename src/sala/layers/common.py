@@ -1,0 +1,73 @@
+"""Building blocks shared by both layer types: RMSNorm (release rounding), RoPE (fp32, on the fly), MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as the release computes it: variance in fp32, the normalized value rounded to the input dtype
+    before the multiply by the weight (Llama-style)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        var = xf.pow(2).mean(-1, keepdim=True)
+        return (xf * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+_INV_FREQ_CACHE: dict[tuple[int, float], torch.Tensor] = {}
+
+
+def rope_inv_freq(dim: int, theta: float) -> torch.Tensor:
+    """fp32 inverse frequencies, computed once on the CPU so that every device uses the same values."""
+    key = (dim, float(theta))
+    if key not in _INV_FREQ_CACHE:
+        _INV_FREQ_CACHE[key] = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return _INV_FREQ_CACHE[key]
+
+
+def rope_cos_sin(position_ids: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[B, T, dim]`` in fp32 for integer positions ``[B, T]``.
+
+    Same fp32 product ``position * inv_freq`` as the release's precomputed table, so the angles round
+    identically, without its 524288 x dim table per layer.
+    """
+    inv = rope_inv_freq(dim, theta).to(position_ids.device)
+    freqs = position_ids.float()[..., None] * inv
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX (rotate-half) RoPE on x ``[B, T, H, D]`` in fp32, cast back to x's dtype."""
+    xf = x.float()
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return (xf * c + _rotate_half(xf) * s).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

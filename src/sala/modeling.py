@@ -1,0 +1,245 @@
+"""MiniCPM-SALA as transformers models: ``SALAModel`` and ``SALAForCausalLM``.
+
+Numerics follow the release (SPEC section 1): embeddings x ``scale_emb``; each residual branch x
+``scale_depth / sqrt(num_layers)``; the final hidden state divided by ``hidden_size / dim_model_base``
+before an untied ``lm_head``; logits in float32. Positions come from the attention mask
+(``cumsum(mask) - 1``), so left-padded batches work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .cache import SALACache
+from .config import LIGHTNING, SALAConfig
+from .layers.common import RMSNorm, SwiGLU
+from .layers.lightning import LightningAttention
+from .layers.sparse import SparseAttention
+
+try:  # transformers >= 4.56: checkpointing through the layer's __call__
+    from transformers.modeling_layers import GradientCheckpointingLayer as _LayerBase
+except ImportError:  # pragma: no cover
+    _LayerBase = nn.Module
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model: missing, unexpected or mis-shaped tensors."""
+
+
+class SALADecoderLayer(_LayerBase):
+    def __init__(self, config: SALAConfig, layer_idx: int):
+        super().__init__()
+        self.mixer_type = config.mixer_types[layer_idx]
+        attn_cls = LightningAttention if self.mixer_type == LIGHTNING else SparseAttention
+        self.self_attn = attn_cls(config, layer_idx)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.residual_scale = config.residual_scale
+
+    def forward(self, h, position_ids, token_mask=None, layer_cache=None):
+        h = h + self.self_attn(self.input_layernorm(h), position_ids, token_mask, layer_cache) * self.residual_scale
+        return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
+
+
+class SALAPreTrainedModel(PreTrainedModel):
+    config_class = SALAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SALADecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    @classmethod
+    def from_pretrained(cls, *args, strict: bool = True, **kwargs):
+        """``PreTrainedModel.from_pretrained`` that refuses a checkpoint with missing, unexpected or
+        mis-shaped tensors instead of silently initializing them (pass ``strict=False`` to allow it)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if strict:
+            problems = []
+            for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+                items = sorted(str(x) for x in (info.get(key) or []))
+                if items:
+                    shown = ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+                    problems.append(f"{key.replace('_', ' ')}: {shown}")
+            if problems:
+                where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+                raise CheckpointError(f"checkpoint {where} does not match the {cls.__name__} config: " + "; ".join(problems))
+        return (model, info) if want_info else model
+
+
+class SALAModel(SALAPreTrainedModel):
+    def __init__(self, config: SALAConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(SALADecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: SALACache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+                bad = input_ids[(input_ids < 0) | (input_ids >= cfg.vocab_size)]
+                raise ValueError(f"token id {int(bad[0])} is out of range for vocab_size={cfg.vocab_size}")
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, T = inputs_embeds.shape[:2]
+        if use_cache is None:
+            use_cache = cfg.use_cache and not self.training
+        if use_cache and not isinstance(past_key_values, SALACache):
+            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+                raise ValueError(f"past_key_values must be a SALACache, got {type(past_key_values).__name__}")
+            past_key_values = SALACache(cfg)
+        if not use_cache:
+            past_key_values = None
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past + T > cfg.max_position_embeddings:
+            raise ValueError(
+                f"context of {past + T} tokens exceeds max_position_embeddings={cfg.max_position_embeddings}"
+            )
+        token_mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(
+                    f"attention_mask must be [batch, past + new] = [{B}, {past + T}], got {tuple(attention_mask.shape)}"
+                )
+            if not bool(attention_mask.all()):
+                token_mask = attention_mask[:, -T:].bool()
+        if position_ids is None:
+            if attention_mask is not None:
+                pos = attention_mask.long().cumsum(-1) - 1
+                position_ids = pos.masked_fill(attention_mask == 0, 1)[:, -T:]
+            else:
+                position_ids = torch.arange(past, past + T, device=inputs_embeds.device).expand(B, T)
+
+        h = inputs_embeds * cfg.scale_emb
+        all_hidden = [] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            if all_hidden is not None:
+                all_hidden.append(h)
+            layer_cache = past_key_values.layers[i] if past_key_values is not None else None
+            h = layer(h, position_ids, token_mask, layer_cache)
+        h = self.norm(h)
+        if all_hidden is not None:
+            all_hidden.append(h)
+        if past_key_values is not None:
+            past_key_values.seen_tokens += T
+        return BaseModelOutputWithPast(
+            last_hidden_state=h, past_key_values=past_key_values, hidden_states=tuple(all_hidden) if all_hidden else None
+        )
+
+
+class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SALAConfig):
+        super().__init__(config)
+        self.model = SALAModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: SALACache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        h = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            h = h[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            h = h[:, logits_to_keep]
+        logits = self.lm_head(h / self.config.logit_divisor).float()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        )
+
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs
+    ):
+        """Feed only the tokens the cache has not seen, with mask-derived (left-padding aware) positions."""
+        past = past_key_values.get_seq_length() if isinstance(past_key_values, SALACache) else 0
+        if past:
+            input_ids = input_ids[:, past:]
+        position_ids = None
+        if attention_mask is not None:
+            pos = attention_mask.long().cumsum(-1) - 1
+            position_ids = pos.masked_fill(attention_mask == 0, 1)[:, -input_ids.shape[1]:]
+        inputs = {
+            "input_ids": input_ids, "position_ids": position_ids, "past_key_values": past_key_values,
+            "attention_mask": attention_mask, "use_cache": use_cache,
+        }
+        if inputs_embeds is not None and not past:
+            inputs["inputs_embeds"], inputs["input_ids"] = inputs_embeds, None
+        if "logits_to_keep" in kwargs:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False

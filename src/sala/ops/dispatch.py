@@ -1,0 +1,61 @@
+"""The one dispatch point between the pure-PyTorch reference ops and the Triton kernels.
+
+CUDA tensors take the Triton kernels where one exists for the case, everything else the reference.
+``SALA_FORCE_REFERENCE=1`` in the environment (or ``force_reference(True)``) forces the reference for
+debugging. The model calls only the functions of this module.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+
+from . import infllmv2_reference as _sparse_ref
+from . import lightning_reference as _lightning_ref
+
+_FORCE_REFERENCE = os.environ.get("SALA_FORCE_REFERENCE", "0") not in ("", "0", "false", "False")
+
+
+def force_reference(flag: bool = True) -> None:
+    """Force (or stop forcing) the reference ops for every device."""
+    global _FORCE_REFERENCE
+    _FORCE_REFERENCE = bool(flag)
+
+
+@contextmanager
+def reference_ops():
+    """Context manager that forces the reference ops inside its block."""
+    global _FORCE_REFERENCE
+    old = _FORCE_REFERENCE
+    _FORCE_REFERENCE = True
+    try:
+        yield
+    finally:
+        _FORCE_REFERENCE = old
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton path should run for these tensors."""
+    return not _FORCE_REFERENCE and all(t.is_cuda for t in tensors)
+
+
+def lightning_prefill(q, k, v, g_gamma, scale, initial_state=None, cu_seqlens=None):
+    """Chunked lightning attention, ``[B, T, H, D]`` layout; returns (o float32, final states float32)."""
+    return _lightning_ref.lightning_attn_chunked(q, k, v, g_gamma, scale, initial_state, cu_seqlens)
+
+
+def lightning_decode(q, k, v, g_gamma, state, scale):
+    """One token per sequence, q/k/v ``[B, H, D]``; updates ``state`` in place; returns o float32."""
+    return _lightning_ref.lightning_decode_step(q, k, v, g_gamma, state, scale)
+
+
+def sparse_attention(q, k, v, params, scale, k1=None, k2=None, decode=False, internals=None):
+    """InfLLM-V2 attention of one sequence (q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, D]``)."""
+    return _sparse_ref.infllmv2_attention(q, k, v, params, scale, k1=k1, k2=k2, decode=decode, internals=internals)
+
+
+def dense_attention(q, k, v, scale):
+    """Causal GQA attention of one sequence, bottom-right aligned."""
+    return _sparse_ref.dense_attention(q, k, v, scale)
