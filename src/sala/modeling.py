@@ -26,6 +26,18 @@ except ImportError:  # pragma: no cover
     _LayerBase = nn.Module
 
 
+# transformers renamed the cache argument and output field from `past_key_values` to `cache` (5.2x); the
+# models accept both names and answer with the one this transformers uses.
+CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
+
+def _pick_cache(past_key_values, kwargs):
+    cache = kwargs.pop("cache", None)
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("pass the cache as `cache` or `past_key_values`, not both")
+    return past_key_values if past_key_values is not None else cache
+
+
 class CheckpointError(ValueError):
     """A checkpoint that does not match the model: missing, unexpected or mis-shaped tensors."""
 
@@ -110,6 +122,7 @@ class SALAModel(SALAPreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         cfg = self.config
+        past_key_values = _pick_cache(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -161,7 +174,7 @@ class SALAModel(SALAPreTrainedModel):
         if past_key_values is not None:
             past_key_values.seen_tokens += T
         return BaseModelOutputWithPast(
-            last_hidden_state=h, past_key_values=past_key_values, hidden_states=tuple(all_hidden) if all_hidden else None
+            last_hidden_state=h, hidden_states=tuple(all_hidden) if all_hidden else None, **{CACHE_FIELD: past_key_values}
         )
 
 
@@ -201,6 +214,7 @@ class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        past_key_values = _pick_cache(past_key_values, kwargs)
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -216,13 +230,14 @@ class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_FIELD: getattr(out, CACHE_FIELD)}
         )
 
     def prepare_inputs_for_generation(
         self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs
     ):
         """Feed only the tokens the cache has not seen, with mask-derived (left-padding aware) positions."""
+        past_key_values = _pick_cache(past_key_values, kwargs)
         past = past_key_values.get_seq_length() if isinstance(past_key_values, SALACache) else 0
         if past:
             input_ids = input_ids[:, past:]
@@ -231,7 +246,7 @@ class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
             pos = attention_mask.long().cumsum(-1) - 1
             position_ids = pos.masked_fill(attention_mask == 0, 1)[:, -input_ids.shape[1]:]
         inputs = {
-            "input_ids": input_ids, "position_ids": position_ids, "past_key_values": past_key_values,
+            "input_ids": input_ids, "position_ids": position_ids, CACHE_FIELD: past_key_values,
             "attention_mask": attention_mask, "use_cache": use_cache,
         }
         if inputs_embeds is not None and not past:
