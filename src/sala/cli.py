@@ -134,3 +134,4 @@ def main() -> None:  # pragma: no cover
 
 
 # ---- subcommands from other floors register below (one line each)
+from .convert.cli import register as _register_convert; _register_convert(app)  # noqa: E402,E702
