@@ -141,7 +141,9 @@ class SALAConfig(PretrainedConfig):
         self.mixer_types = [self._normalize_mixer(i, m) for i, m in enumerate(mixer_types)]
         if sparse_config is None and SPARSE in self.mixer_types:
             sparse_config = dict(SPARSE_DEFAULTS)
-        self.sparse_config = None if sparse_config is None else {**SPARSE_DEFAULTS, **dict(sparse_config)}
+        if sparse_config is not None and not isinstance(sparse_config, dict):
+            raise _bad("sparse_config", sparse_config, "must be a mapping of InfLLM-V2 settings")
+        self.sparse_config = None if sparse_config is None else {**SPARSE_DEFAULTS, **sparse_config}
         if isinstance(eos_token_id, tuple):
             eos_token_id = list(eos_token_id)
         super().__init__(

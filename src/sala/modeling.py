@@ -8,8 +8,12 @@ before an untied ``lm_head``; logits in float32. Positions come from the attenti
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -75,25 +79,80 @@ class SALAPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
 
     @classmethod
-    def from_pretrained(cls, *args, strict: bool = True, **kwargs):
-        """``PreTrainedModel.from_pretrained`` that refuses a checkpoint with missing, unexpected or
-        mis-shaped tensors instead of silently initializing them (pass ``strict=False`` to allow it)."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, strict: bool = True, **kwargs):
+        """``PreTrainedModel.from_pretrained`` that refuses a checkpoint with missing, unexpected, mis-shaped or
+        unreadable tensors, naming them, instead of silently (re)initializing them. ``strict=False`` allows it."""
+        folder = Path(str(pretrained_model_name_or_path))
+        if strict and folder.is_dir() and "gguf_file" not in kwargs:
+            config = kwargs.get("config")
+            if not isinstance(config, SALAConfig):
+                config = SALAConfig.from_pretrained(str(folder))
+            check_checkpoint(folder, cls, config)
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         if strict:
-            problems = []
-            for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-                items = sorted(str(x) for x in (info.get(key) or []))
-                if items:
-                    shown = ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
-                    problems.append(f"{key.replace('_', ' ')}: {shown}")
+            problems = [f"{k.replace('_', ' ')}: {_list(info.get(k))}" for k in ("missing_keys", "unexpected_keys",
+                        "mismatched_keys", "error_msgs") if info.get(k)]
             if problems:
-                where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-                raise CheckpointError(f"checkpoint {where} does not match the {cls.__name__} config: " + "; ".join(problems))
+                raise CheckpointError(f"checkpoint {folder} does not match the {cls.__name__} config: " + "; ".join(problems))
         return (model, info) if want_info else model
 
 
+def _list(items, limit: int = 8) -> str:
+    items = sorted(str(x) for x in items)
+    return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors of a safetensors checkpoint folder (single file or sharded with an
+    index), read from the headers only. Raises ``CheckpointError`` for missing or unreadable files."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {err}") from err
+        files = sorted(set(weight_map.values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint shard {path} is missing")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
+            raise CheckpointError(f"cannot read {path}: {err} (corrupt or truncated file?)") from err
+    return shapes
+
+
+def check_checkpoint(folder: Path, cls, config: SALAConfig) -> None:
+    """Compare the checkpoint's tensor names and shapes with what ``cls(config)`` expects."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+    found = checkpoint_tensors(folder)
+    if cls is SALAModel:  # the body of a causal-LM checkpoint carries a "model." prefix and an lm_head
+        found = {k.removeprefix("model."): v for k, v in found.items() if not k.startswith("lm_head.")}
+    if config.tie_word_embeddings:
+        found.setdefault("lm_head.weight", found.get("model.embed_tokens.weight", ()))
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = [f"{k} (checkpoint {list(found[k])}, model {list(expected[k])})"
+                  for k in sorted(set(found) & set(expected)) if found[k] != expected[k]]
+    problems = [f"{what}: {_list(items)}" for what, items in
+                (("missing tensors", missing), ("unexpected tensors", unexpected), ("wrong shapes", mismatched)) if items]
+    if problems:
+        raise CheckpointError(f"checkpoint {folder} does not match its config: " + "; ".join(problems))
+
+
 class SALAModel(SALAPreTrainedModel):
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # the body of a causal-LM checkpoint
+
     def __init__(self, config: SALAConfig):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
