@@ -257,3 +257,19 @@ def resolve_teacher(teacher: str | None) -> tuple[Path, str | None]:
     if teacher in (None, "", "default", "smollm2", DEFAULT_TEACHER["name"]):
         return fetch_default_teacher(), None
     return _resolve(teacher, None)
+
+
+def random_llama_teacher(seed: int = 0, **shape):
+    """A small randomly initialised ``LlamaForCausalLM`` (tests, CPU smoke runs): ``(model, None, spec)``.
+
+    Not a trained model; it exercises the conversion and training machinery without downloads.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=1024, tie_word_embeddings=True,
+              initializer_range=0.05, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kw.update(shape)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kw)).float().eval()
+    return model, None, teacher_spec(model.config)

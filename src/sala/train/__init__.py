@@ -1,0 +1,1 @@
+"""Staged Transformer -> SALA training: alignment, distillation, continual LM and long-context stages."""

@@ -1,0 +1,40 @@
+"""Loss sums and target counts of the three stage kinds.
+
+Each function returns ``(sum, count)`` over this process's rows; the trainer divides by the count summed
+over all processes, so the update does not depend on how rows are split between processes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..data.packing import IGNORE
+
+
+def masked_mse_sum(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of squared differences over real tokens and all features; count = elements summed."""
+    d = (student.float() - teacher.float()).pow(2)
+    if mask is None:
+        return d.sum(), torch.tensor(float(d.numel()))
+    m = mask.to(d.dtype)[..., None]
+    return (d * m).sum(), m.sum() * d.shape[-1]
+
+
+def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(teacher || student) over the full vocabulary, summed over real tokens (temperature 1)."""
+    log_s = F.log_softmax(student_logits.float(), dim=-1)
+    log_t = F.log_softmax(teacher_logits.float(), dim=-1)
+    per_tok = (log_t.exp() * (log_t - log_s)).sum(-1)
+    if mask is None:
+        return per_tok.sum(), torch.tensor(float(per_tok.numel()))
+    m = mask.to(per_tok.dtype)
+    return (per_tok * m).sum(), m.sum()
+
+
+def lm_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy: position t predicts labels[t + 1]; IGNORE targets are skipped."""
+    tgt = labels[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, (tgt != IGNORE).sum().to(loss.dtype)

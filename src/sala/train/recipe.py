@@ -1,0 +1,119 @@
+"""Training recipes: one TOML file per recipe (``src/sala/train/recipes/*.toml``) read into dataclasses.
+
+A recipe names the teacher, the conversion (which layers stay attention), the data, the run-wide options
+(autocast, gradient checkpointing, checkpoint interval) and an ordered list of stages. Unknown keys are
+errors, so a typo cannot silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .schedule import SCHEDULES
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+KINDS = ("align", "distill", "lm")
+TRAINABLE = ("lightning", "lightning+gates", "all")
+
+
+class RecipeError(ValueError):
+    """A recipe with a wrong key or value; the message names them."""
+
+
+@dataclass
+class Stage:
+    name: str
+    kind: str  # align: per-layer MSE vs the teacher's attention output; distill: KL to its logits; lm: next token
+    steps: int
+    seq_len: int
+    batch_size: int  # rows per optimizer step, over all processes
+    lr: float
+    schedule: str = "constant"
+    warmup: int = 0
+    final_lr: float | None = None
+    decay_fraction: float = 0.1
+    decay_shape: str = "exp"
+    trainable: str = "all"
+    sparse: bool = False  # InfLLM-V2 on in the kept attention layers (dense_len = sparse_dense_len)
+    sparse_dense_len: int = -1  # with sparse on: length from which the sparse path runs (-1: always)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    respect_boundaries: bool = True  # no state or attention across packed documents
+
+
+@dataclass
+class Recipe:
+    name: str
+    teacher: str = "default"  # 'default' (SmolLM2-135M), a path, or 'random-llama' (tests/demos)
+    teacher_shape: dict = field(default_factory=dict)  # shape of 'random-llama'
+    layers: str = "uniform"  # see sala.convert.layer_map.parse_layers, or a selection.json
+    ratio: float = 0.25
+    force_first_last: bool = True
+    convert: dict = field(default_factory=dict)  # extra ConvertOptions (keep_rope, sparse, ...)
+    data: str = "synthetic"  # 'synthetic', 'text:<file>' or 'corpus:<name>'
+    data_options: dict = field(default_factory=dict)
+    seed: int = 0
+    autocast_bf16: bool = False
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 50
+    log_every: int = 1
+    stages: list[Stage] = field(default_factory=list)
+
+
+def _build(cls, raw: dict, where: str):
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise RecipeError(f"{where}: unknown keys {unknown}; expected some of {sorted(names)}")
+    try:
+        return cls(**raw)
+    except TypeError as e:
+        raise RecipeError(f"{where}: {e}") from None
+
+
+def parse_recipe(raw: dict) -> Recipe:
+    raw = dict(raw)
+    stages = raw.pop("stages", [])
+    rec = _build(Recipe, raw, "recipe")
+    for i, s in enumerate(stages):
+        s = dict(s)
+        if "betas" in s:
+            s["betas"] = tuple(s["betas"])
+        st = _build(Stage, s, f"stages[{i}]")
+        if st.kind not in KINDS:
+            raise RecipeError(f"stages[{i}].kind={st.kind!r}; expected one of {KINDS}")
+        if st.trainable not in TRAINABLE:
+            raise RecipeError(f"stages[{i}].trainable={st.trainable!r}; expected one of {TRAINABLE}")
+        if st.schedule not in SCHEDULES:
+            raise RecipeError(f"stages[{i}].schedule={st.schedule!r}; expected one of {SCHEDULES}")
+        if st.kind == "align" and st.trainable != "lightning":
+            raise RecipeError(f"stages[{i}]: alignment trains only the lightning layers (trainable='lightning')")
+        for key in ("steps", "seq_len", "batch_size"):
+            if getattr(st, key) <= 0:
+                raise RecipeError(f"stages[{i}].{key}={getattr(st, key)} must be positive")
+        rec.stages.append(st)
+    if not rec.stages:
+        raise RecipeError("recipe has no [[stages]]")
+    if len({s.name for s in rec.stages}) != len(rec.stages):
+        raise RecipeError("stage names must be unique")
+    return rec
+
+
+def load_recipe(path_or_name: str | Path) -> Recipe:
+    """A recipe from a TOML path, or by name from the bundled recipes (``cpu_tiny``, ``gpu_smollm2``)."""
+    p = Path(path_or_name)
+    if not p.is_file():
+        p = RECIPE_DIR / f"{path_or_name}.toml"
+    if not p.is_file():
+        have = sorted(x.stem for x in RECIPE_DIR.glob("*.toml"))
+        raise RecipeError(f"no recipe file {path_or_name!r} (bundled recipes: {have})")
+    with open(p, "rb") as f:
+        return parse_recipe(tomllib.load(f))

@@ -1,0 +1,265 @@
+"""Run a recipe: convert the teacher, then train the SALA student stage by stage with exact resume.
+
+Stage kinds (SPEC section 5, paper section 5):
+* ``align``: HALO stage 1. One teacher forward captures every layer's attention input and output; each
+  lightning layer gets the teacher's input (teacher forcing, all layers in parallel) and is trained to
+  reproduce the teacher's attention output (MSE). Only the lightning layers are trainable.
+* ``distill``: KL(teacher || student) on full-vocabulary logits.
+* ``lm``: next-token loss (continual training; warmup-stable-decay or exponential decay schedules;
+  long-context stages raise ``seq_len`` and switch InfLLM-V2 on).
+
+Rows of a global batch are split over processes (``torchrun``, DDP); losses are normalised by the global
+target count. Checkpoints hold model, optimizer, trainer position, data position and RNG, so an
+interrupted run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import LIGHTNING
+from ..convert.layer_map import parse_layers
+from ..convert.teacher import load_teacher, random_llama_teacher, resolve_teacher
+from ..convert.transfer import ConvertOptions, convert_model, save_converted
+from ..data.packing import Packed, unpack_segments
+from ..layers.sparse import SparseAttention
+from . import distributed as D
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .data import PackedStream, StreamState, load_documents
+from .losses import kl_sum, lm_sum, masked_mse_sum
+from .recipe import Recipe, Stage
+from .schedule import lr_at
+
+DENSE_ALWAYS = 1 << 62
+
+
+class AlignModule(nn.Module):
+    """The lightning mixers of the student, run on the teacher's attention inputs (one module for DDP)."""
+
+    def __init__(self, mixers: dict[int, nn.Module]):
+        super().__init__()
+        self.idx = sorted(mixers)
+        self.mixers = nn.ModuleList(mixers[i] for i in self.idx)
+
+    def forward(self, inputs: dict[int, torch.Tensor], targets: dict[int, torch.Tensor], position_ids, token_mask, mask):
+        total = count = 0.0
+        for i, mixer in zip(self.idx, self.mixers):
+            out = mixer(inputs[i], position_ids, token_mask)
+            s, c = masked_mse_sum(out, targets[i], mask)
+            total, count = total + s, count + c
+        return total, count
+
+
+def _capture_attention(teacher: nn.Module, layers: list[int]):
+    """Forward hooks recording (input, output) of the teacher's attention modules for ``layers``."""
+    store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for i in layers:
+        attn = teacher.model.layers[i].self_attn
+
+        def hook(mod, args, kwargs, output, i=i):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            y = output[0] if isinstance(output, tuple) else output
+            store[i] = (x.detach(), y.detach())
+
+        handles.append(attn.register_forward_hook(hook, with_kwargs=True))
+    return store, handles
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, out_dir: str | Path, device: str | None = None, log=print):
+        self.recipe = recipe
+        self.out = Path(out_dir)
+        self.rank, self.world = D.init_from_env()
+        if device is None:
+            device = f"cuda:{self.rank % max(1, torch.cuda.device_count())}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.log = log if self.rank == 0 else (lambda *a, **k: None)
+        self._setup()
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        r = self.recipe
+        if r.teacher == "random-llama":
+            self.teacher, self.tokenizer, self.spec = random_llama_teacher(seed=r.seed, **r.teacher_shape)
+        else:
+            folder, gguf = resolve_teacher(r.teacher)
+            self.teacher, self.tokenizer, self.spec = load_teacher(folder, gguf)
+        self.teacher.to(self.device).requires_grad_(False)
+        if r.layers.endswith(".json"):
+            attn = json.loads(Path(r.layers).read_text())["attention_layers"]
+        else:
+            attn = parse_layers(r.layers, self.spec.num_layers, r.ratio, r.force_first_last)
+        opts = ConvertOptions(seed=r.seed, **r.convert)
+        self.student, self.report = convert_model(self.teacher, self.spec, attn, opts)
+        self.student.to(self.device)
+        self.lightning = [i for i, m in enumerate(self.student.config.mixer_types) if m == LIGHTNING]
+        if r.gradient_checkpointing:
+            if hasattr(self.student, "activation_checkpointing_enable"):  # renamed in transformers 5.2x
+                self.student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        vocab = self.spec.vocab_size
+        self.docs = load_documents(r.data, self.tokenizer, vocab_size=vocab, seed=r.seed, **r.data_options)
+        self.eos = self.spec.eos_token_id if not isinstance(self.spec.eos_token_id, list) else self.spec.eos_token_id[0]
+        self.pad = 0
+        if self.rank == 0 and not (self.out / "converted" / "config.json").is_file():
+            save_converted(self.student, self.out / "converted", self.tokenizer, self.report)
+        D.barrier()
+
+    # ------------------------------------------------------------------ pieces
+    def _trainable(self, stage: Stage) -> list[tuple[str, nn.Parameter]]:
+        self.student.requires_grad_(False)
+        if stage.trainable == "all":
+            self.student.requires_grad_(True)
+        else:
+            for i in self.lightning:
+                self.student.model.layers[i].self_attn.requires_grad_(True)
+            if stage.trainable == "lightning+gates":
+                for layer in self.student.model.layers:
+                    gate = getattr(layer.self_attn, "o_gate", None)
+                    if gate is not None:
+                        gate.requires_grad_(True)
+        return [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
+
+    def _set_sparse(self, stage: Stage) -> None:
+        for m in self.student.modules():
+            if isinstance(m, SparseAttention):
+                m.dense_len = stage.sparse_dense_len if stage.sparse else DENSE_ALWAYS
+
+    def _inputs(self, batch: Packed, stage: Stage):
+        """This process's rows as (input_ids, attention_mask or None, labels, token mask for losses)."""
+        rows = batch[torch.arange(self.rank, len(batch), self.world)]
+        if stage.respect_boundaries:
+            u = unpack_segments(rows, pad_id=self.pad)
+            ids, am, labels = u.input_ids, u.attention_mask, u.labels
+        else:
+            ids, labels = rows.input_ids, rows.input_ids.masked_fill(rows.segment_ids < 0, -100)
+            am = (rows.segment_ids >= 0).long()
+        if bool(am.all()):
+            am = None
+        dev = self.device
+        return ids.to(dev), (am.to(dev) if am is not None else None), labels.to(dev)
+
+    def _autocast(self):
+        if not self.recipe.autocast_bf16:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _loss(self, stage: Stage, module: nn.Module, batch: Packed):
+        ids, am, labels = self._inputs(batch, stage)
+        real = am.bool() if am is not None else None
+        with self._autocast():
+            if stage.kind == "align":
+                layer_ids = self.lightning
+                store, handles = _capture_attention(self.teacher, layer_ids)
+                try:
+                    with torch.no_grad():
+                        self.teacher(input_ids=ids, attention_mask=am)
+                finally:
+                    for h in handles:
+                        h.remove()
+                B, T = ids.shape
+                pos = torch.arange(T, device=ids.device).expand(B, T)
+                s, c = module({i: store[i][0] for i in layer_ids}, {i: store[i][1] for i in layer_ids}, pos, real, real)
+            elif stage.kind == "distill":
+                with torch.no_grad():
+                    t_logits = self.teacher(input_ids=ids, attention_mask=am).logits
+                logits = module(input_ids=ids, attention_mask=am, use_cache=False).logits
+                s, c = kl_sum(logits, t_logits, real)
+            else:
+                logits = module(input_ids=ids, attention_mask=am, use_cache=False).logits
+                s, c = lm_sum(logits, labels)
+        return s, torch.as_tensor(c, dtype=torch.float32, device=self.device)
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, stop_after: int | None = None) -> dict:
+        """Train every stage (resuming from the latest checkpoint); ``stop_after`` ends the call after that
+        many global steps with a checkpoint (used to test interruption). Returns a summary."""
+        r = self.recipe
+        ckpt_root = self.out / "checkpoints"
+        state = {"stage_index": 0, "stage_step": 0, "global_step": 0, "stream": None}
+        opt_state = None
+        latest = latest_checkpoint(ckpt_root)
+        if latest is not None:
+            state, opt_state, rng = load_checkpoint(latest, self.student)
+            set_rng_state(rng)
+            self.log(f"resumed from {latest} (stage {state['stage_index']}, step {state['stage_step']})")
+        else:
+            torch.manual_seed(r.seed)
+        history = []
+        while state["stage_index"] < len(r.stages):
+            si = state["stage_index"]
+            stage = r.stages[si]
+            params = self._trainable(stage)
+            self._set_sparse(stage)
+            base = AlignModule({i: self.student.model.layers[i].self_attn for i in self.lightning}) \
+                if stage.kind == "align" else self.student
+            module = D.wrap(base)
+            module.train()
+            self.teacher.eval()
+            opt = torch.optim.AdamW([p for _, p in params], lr=stage.lr, betas=stage.betas,
+                                    weight_decay=stage.weight_decay)
+            if opt_state is not None:
+                opt.load_state_dict(opt_state)
+                opt_state = None
+            stream = PackedStream(self.docs, stage.seq_len, self.eos, self.pad, seed=r.seed * 1000 + si,
+                                  state=StreamState(**state["stream"]) if state["stream"] else None)
+            n_params = sum(p.numel() for _, p in params)
+            self.log(f"stage {si} {stage.name} ({stage.kind}): {stage.steps} steps x {stage.batch_size} x "
+                     f"{stage.seq_len}, {n_params:,} trainable parameters, sparse {'on' if stage.sparse else 'off'}")
+            while state["stage_step"] < stage.steps:
+                step = state["stage_step"]
+                t0 = time.perf_counter()
+                lr = lr_at(step, stage.steps, stage.lr, stage.schedule, stage.warmup, stage.final_lr,
+                           stage.decay_fraction, stage.decay_shape)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                batch = stream.next_batch(stage.batch_size)
+                opt.zero_grad(set_to_none=True)
+                loss_sum, count = self._loss(stage, module, batch)
+                total = D.all_sum(count).clamp_min(1.0)
+                (loss_sum * (self.world / total)).backward()  # DDP averages: world * sum / total = global mean
+                gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in params], stage.grad_clip) \
+                    if stage.grad_clip > 0 else torch.tensor(0.0)
+                opt.step()
+                loss = float(D.all_sum(loss_sum.detach().float()) / total)
+                state["stage_step"] += 1
+                state["global_step"] += 1
+                state["stream"] = stream.state.to_dict()
+                rec = {"stage": stage.name, "kind": stage.kind, "step": step, "global_step": state["global_step"],
+                       "loss": loss, "lr": lr, "grad_norm": float(gnorm), "targets": float(total),
+                       "seconds": time.perf_counter() - t0}
+                history.append(rec)
+                if self.rank == 0:
+                    self.out.mkdir(parents=True, exist_ok=True)
+                    with open(self.out / "log.jsonl", "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                if step % r.log_every == 0 or state["stage_step"] == stage.steps:
+                    self.log(f"  [{stage.name}] step {step + 1}/{stage.steps} loss {loss:.5f} lr {lr:.2e} "
+                             f"|g| {float(gnorm):.3f} {rec['seconds']:.2f}s")
+                stage_done = state["stage_step"] == stage.steps
+                if stage_done:
+                    state.update(stage_index=si + 1, stage_step=0, stream=None)
+                stop = stop_after is not None and state["global_step"] >= stop_after
+                if stage_done or stop or state["global_step"] % r.checkpoint_every == 0:
+                    if self.rank == 0:
+                        save_checkpoint(ckpt_root, state["global_step"], self.student,
+                                        None if stage_done else opt, dict(state))
+                    D.barrier()
+                if stop:
+                    return {"finished": False, "state": state, "history": history}
+                if stage_done:
+                    break
+        if self.rank == 0:
+            final = self.out / "final"
+            save_converted(self.student, final, self.tokenizer, {**self.report, "recipe": r.name,
+                                                                 "steps": state["global_step"]})
+        D.barrier()
+        return {"finished": True, "state": state, "history": history}

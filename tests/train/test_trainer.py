@@ -1,0 +1,124 @@
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from sala import ops
+from sala.train.trainer import Trainer
+
+
+def _final(run):
+    return load_file(str(run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "model.safetensors"))
+
+
+def test_interrupted_run_resumes_bitwise(recipe_factory, tmp_path):
+    rec = recipe_factory()
+    full = Trainer(rec, tmp_path / "full", log=lambda *a: None).run()
+    assert full["finished"] and len(full["history"]) == 6
+    # interrupt inside the distill stage (optimizer state and data position mid-stage), then resume twice
+    part = Trainer(rec, tmp_path / "cut", log=lambda *a: None).run(stop_after=3)
+    assert not part["finished"] and part["state"]["global_step"] == 3
+    part2 = Trainer(rec, tmp_path / "cut", log=lambda *a: None).run(stop_after=5)
+    assert part2["state"]["global_step"] == 5
+    rest = Trainer(rec, tmp_path / "cut", log=lambda *a: None).run()
+    assert rest["finished"]
+    a, b = _final(tmp_path / "full"), _final(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    losses_full = [r["loss"] for r in full["history"]]
+    losses_cut = [r["loss"] for r in part["history"] + part2["history"] + rest["history"]]
+    assert losses_full == losses_cut
+    assert (tmp_path / "full" / "final" / "config.json").is_file()
+
+
+def test_resume_test_can_fail(recipe_factory, tmp_path):
+    """Without the saved optimizer state the resumed run diverges, so the bitwise test above is meaningful."""
+    rec = recipe_factory()
+    full = Trainer(rec, tmp_path / "full", log=lambda *a: None).run()
+    Trainer(rec, tmp_path / "cut", log=lambda *a: None).run(stop_after=3)
+    ck = tmp_path / "cut" / "checkpoints" / "step-0000003"
+    torch.save(None, ck / "optimizer.pt")
+    rest = Trainer(rec, tmp_path / "cut", log=lambda *a: None).run()
+    assert [r["loss"] for r in rest["history"]] != [r["loss"] for r in full["history"][3:]]
+
+
+def test_align_trains_only_lightning_layers_and_reduces_mse(recipe_factory, tmp_path):
+    rec = recipe_factory(stages=[{"name": "align", "kind": "align", "trainable": "lightning", "steps": 8,
+                                  "seq_len": 32, "batch_size": 8, "lr": 3e-3}],
+                         data_options={"n_docs": 8, "min_len": 30, "max_len": 30})
+    tr = Trainer(rec, tmp_path / "r", log=lambda *a: None)
+    before = {k: v.clone() for k, v in tr.student.state_dict().items()}
+    hist = tr.run()["history"]
+    after = tr.student.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".self_attn." in k and k.split(".")[2] in ("1", "2") for k in changed)
+    assert "model.layers.1.self_attn.z_proj.weight" in changed
+    assert hist[-1]["loss"] < 0.8 * hist[0]["loss"]  # same 8 rows every step (one epoch per step)
+
+
+def test_alignment_target_is_the_teacher_attention_output(recipe_factory, tmp_path):
+    """With the student's lightning layer replaced by the teacher's own attention module the MSE is 0."""
+    from sala.train.trainer import _capture_attention
+
+    rec = recipe_factory()
+    tr = Trainer(rec, tmp_path / "r", log=lambda *a: None)
+    ids = torch.randint(3, 64, (2, 12))
+    store, handles = _capture_attention(tr.teacher, [1])
+    with torch.no_grad():
+        want = tr.teacher(ids).logits
+    for h in handles:
+        h.remove()
+    x, y = store[1]
+    attn = tr.teacher.model.layers[1].self_attn
+    # rerun layer 1's attention on the captured input: identical output
+    pos = torch.arange(12).expand(2, 12)
+    cos, sin = tr.teacher.model.rotary_emb(x, pos)
+    y2 = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None)[0]
+    torch.testing.assert_close(y2, y)
+    assert want.abs().max() > 0
+
+
+def test_sparse_stage_takes_the_sparse_path(recipe_factory, tmp_path, monkeypatch):
+    calls = {"sparse": 0, "dense": 0}
+    real_sparse, real_dense = ops.sparse_attention, ops.dense_attention
+
+    def sp(*a, **k):
+        calls["sparse"] += 1
+        return real_sparse(*a, **k)
+
+    def de(*a, **k):
+        calls["dense"] += 1
+        return real_dense(*a, **k)
+
+    monkeypatch.setattr(ops, "sparse_attention", sp)
+    monkeypatch.setattr(ops, "dense_attention", de)
+    rec = recipe_factory(stages=[
+        {"name": "short", "kind": "lm", "steps": 1, "seq_len": 32, "batch_size": 2, "lr": 1e-3},
+        {"name": "long", "kind": "lm", "steps": 1, "seq_len": 64, "batch_size": 1, "lr": 1e-3, "sparse": True,
+         "respect_boundaries": False},
+    ])
+    tr = Trainer(rec, tmp_path / "r", log=lambda *a: None)
+    res = tr.run(stop_after=1)
+    assert calls["dense"] > 0 and calls["sparse"] == 0
+    res = Trainer(rec, tmp_path / "r", log=lambda *a: None).run()
+    assert calls["sparse"] > 0 and res["finished"]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in res["history"])
+
+
+def test_gradient_checkpointing_and_bf16_autocast(recipe_factory, tmp_path):
+    stages = [{"name": "lm", "kind": "lm", "steps": 2, "seq_len": 32, "batch_size": 4, "lr": 1e-3}]
+    plain = Trainer(recipe_factory(stages=stages), tmp_path / "a", log=lambda *a: None).run()
+    ckpt = Trainer(recipe_factory(stages=stages, gradient_checkpointing=True), tmp_path / "b", log=lambda *a: None)
+    assert ckpt.student.model.layers[0].gradient_checkpointing
+    calls = []
+    ckpt.student.model.layers[0].mlp.register_forward_hook(lambda *a: calls.append(1))
+    res = ckpt.run()
+    assert len(calls) == 4  # 2 steps, each forward recomputed once in backward
+    for x, y in zip(plain["history"], res["history"]):
+        assert abs(x["loss"] - y["loss"]) < 1e-6 and abs(x["grad_norm"] - y["grad_norm"]) < 1e-5
+    bf = Trainer(recipe_factory(stages=stages, autocast_bf16=True), tmp_path / "c", log=lambda *a: None).run()
+    for x, y in zip(plain["history"], bf["history"]):
+        assert abs(x["loss"] - y["loss"]) < 0.05 * x["loss"]
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in log] == [1, 2]
