@@ -265,3 +265,16 @@ def test_training_step_has_gradients_everywhere():
 def test_import_registers_auto_classes():
     assert AutoConfig.for_model("minicpm_sala").__class__ is SALAConfig
     assert sala.SALAForCausalLM is SALAForCausalLM
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    cfg = small_config()
+    model = make_model(cfg).train()
+    ids = random_ids(cfg, 2, 70)
+    model(ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], atol=1e-6, rtol=1e-5)
