@@ -42,20 +42,40 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 
 def lightning_prefill(q, k, v, g_gamma, scale, initial_state=None, cu_seqlens=None):
-    """Chunked lightning attention, ``[B, T, H, D]`` layout; returns (o float32, final states float32)."""
+    """Chunked lightning attention, ``[B, T, H, D]`` layout; returns (o float32, final states float32).
+
+    CUDA takes the Triton kernels (differentiable; TF32 products for float32 inputs, as fla does)."""
+    if use_triton(q, k, v):
+        from .lightning_triton import lightning_attn_triton
+
+        return lightning_attn_triton(q, k, v, g_gamma, scale, initial_state, cu_seqlens)
     return _lightning_ref.lightning_attn_chunked(q, k, v, g_gamma, scale, initial_state, cu_seqlens)
 
 
 def lightning_decode(q, k, v, g_gamma, state, scale):
     """One token per sequence, q/k/v ``[B, H, D]``; updates ``state`` in place; returns o float32."""
+    if use_triton(q, k, v, state) and state.is_contiguous() and state.dtype == torch.float32:
+        from .lightning_triton import lightning_decode_triton
+
+        return lightning_decode_triton(q, k, v, g_gamma, state, scale)
     return _lightning_ref.lightning_decode_step(q, k, v, g_gamma, state, scale)
 
 
 def sparse_attention(q, k, v, params, scale, k1=None, k2=None, decode=False, internals=None):
-    """InfLLM-V2 attention of one sequence (q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, D]``)."""
+    """InfLLM-V2 attention of one sequence (q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, D]``).
+
+    CUDA takes the Triton kernels; ``internals`` (a capture dict for tests) takes the reference."""
+    if internals is None and use_triton(q, k, v):
+        from .infllmv2_triton import infllmv2_attention_triton
+
+        return infllmv2_attention_triton(q, k, v, params, scale, k1=k1, k2=k2, decode=decode)
     return _sparse_ref.infllmv2_attention(q, k, v, params, scale, k1=k1, k2=k2, decode=decode, internals=internals)
 
 
 def dense_attention(q, k, v, scale):
-    """Causal GQA attention of one sequence, bottom-right aligned."""
+    """Causal GQA attention of one sequence, bottom-right aligned (CUDA: the measured-best SDPA backend)."""
+    if use_triton(q, k, v):
+        from .infllmv2_dense import dense_attention_sdpa
+
+        return dense_attention_sdpa(q, k, v, scale)
     return _sparse_ref.dense_attention(q, k, v, scale)

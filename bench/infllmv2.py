@@ -1,0 +1,373 @@
+"""InfLLM-V2 sparse attention (Triton) vs dense causal GQA attention (SDPA cuDNN / FlashAttention-2).
+
+One command, one card: checks correctness against the PyTorch reference (full op at 8K-16K, sampled rows at
+every timed length, gradients), then times forward, forward+backward, decode, and a per-stage breakdown.
+
+    python bench/infllmv2.py [--out DIR] [--quick]
+
+Release shape: 32 query heads, 2 KV heads, d 128, bf16; kernel 32 / stride 16, block 64, init 1, window
+2048, topk 64 (96 selected). Writes DIR/infllmv2.json (BENCH.md format, rewritten after every row so a
+timeout keeps what was measured) and DIR/infllmv2.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from sala.ops import infllmv2_reference as ref  # noqa: E402
+from sala.ops.infllmv2_dense import dense_attention_sdpa  # noqa: E402
+from sala.ops.infllmv2_triton import infllmv2_attention_triton, select_blocks_triton  # noqa: E402
+from sala.ops.infllmv2_triton_attn import sparse_attn_backward, sparse_attn_forward  # noqa: E402
+
+HQ, HK, D = 32, 2, 128
+PARAMS = ref.SparseParams(kernel_size=32, kernel_stride=16, block_size=64, init_blocks=1, window_size=2048, topk=64)
+SCALE = D ** -0.5
+DT = torch.bfloat16
+T0 = time.time()
+
+
+def log(*a):
+    print(f"[{time.time() - T0:7.1f}s]", *a, flush=True)
+
+
+def timeit(fn, reps=5, warmup=1):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    first = time.time()
+    ts = []
+    for i in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e))
+        if i == 0 and time.time() - first > 1.5 and reps > 3:
+            reps = 3
+        if i + 1 >= reps:
+            break
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+class Results:
+    def __init__(self, out: Path, command: str):
+        self.out = out
+        self.rows: list[dict] = []
+        self.extra: dict = {}
+        try:
+            sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        except Exception:  # noqa: BLE001
+            sha = None
+        self.head = {
+            "card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "commit": sha or os.environ.get("SALA_COMMIT"), "date": datetime.date.today().isoformat(),
+            "command": command,
+        }
+
+    def add(self, **row):
+        self.rows.append(row)
+        log(json.dumps(row))
+        self.dump()
+
+    def dump(self):
+        data = dict(self.head, rows=self.rows, **self.extra)
+        (self.out / "infllmv2.json").write_text(json.dumps(data, indent=1))
+
+
+def inputs(T, seed=0, grad=False):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(T, HQ, D, device="cuda", dtype=DT, generator=g)
+    k = torch.randn(T, HK, D, device="cuda", dtype=DT, generator=g)
+    v = torch.randn(T, HK, D, device="cuda", dtype=DT, generator=g)
+    if grad:
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+    return q, k, v
+
+
+def ref_rows(q, k, v, k1, k2, rows, decode=False):
+    """Reference selection and output for a subset of query rows (all reference ops are row-wise)."""
+    Tq, Tk = q.shape[0], k.shape[0]
+    pos = Tk - Tq + rows
+    n1, n2 = k1.shape[0], k2.shape[0]
+    if decode:
+        v1 = v2 = None
+    else:
+        v1 = ref.visible_counts(pos, Tk, n1, PARAMS.kernel_stride)
+        v2 = ref.visible_counts(pos, Tk, n2, PARAMS.kernel_stride2)
+    qb = pos // PARAMS.block_size
+    s1 = ref.stage1_scores(q[rows], k1, k2, SCALE, v1, v2)
+    bsc = ref.block_scores(s1, qb, -(-Tk // PARAMS.block_size), PARAMS)
+    idx = ref.select_blocks(bsc, qb, PARAMS.n_select)
+    o = ref.block_sparse_attention(q[rows], k, v, idx, pos, PARAMS.block_size, SCALE, chunk_elems=1 << 27)
+    return idx, o
+
+
+def check_rows(q, k, v, o, idx, n=192, seed=0, decode=False):
+    """Compare sampled rows of our selection/output with the reference; returns (ok, stats)."""
+    Tq = q.shape[0]
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rows = torch.randperm(Tq, generator=g)[:n].sort().values.cuda()
+    if Tq > 64:
+        rows = torch.cat([rows, torch.tensor([Tq - 1], device="cuda")]).unique()
+    k1 = ref.compress_keys(k, PARAMS.kernel_size, PARAMS.kernel_stride)
+    k2 = ref.compress_keys(k, PARAMS.kernel_size2, PARAMS.kernel_stride2)
+    ridx, ro = ref_rows(q, k, v, k1, k2, rows, decode=decode)
+    same = (idx[:, rows] == ridx).all(-1).float().mean().item()
+    err = (o[rows].float() - ro.float()).abs().max().item()
+    ok = same >= 0.97 and err < 3e-2
+    return ok, {"idx_agree": round(same, 4), "max_abs_err": err}
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def correctness(res: Results):
+    """Full-op checks against the reference at moderate length (fp32 for exact selection, bf16, grads)."""
+    # fp32: exact selection expected (no bf16 rounding of the scores)
+    T = 8192 + 63  # L % 64 == 63: the visibility quirk on both levels
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(T, HQ, D, device="cuda", generator=g)
+    k = torch.randn(T, HK, D, device="cuda", generator=g)
+    v = torch.randn(T, HK, D, device="cuda", generator=g)
+    internals: dict = {}
+    o_ref = ref.infllmv2_attention(q, k, v, PARAMS, SCALE, internals=internals, chunk_elems=1 << 27)
+    o = infllmv2_attention_triton(q, k, v, PARAMS, SCALE)
+    k1 = ref.compress_keys(k, PARAMS.kernel_size, PARAMS.kernel_stride)
+    k2 = ref.compress_keys(k, PARAMS.kernel_size2, PARAMS.kernel_stride2)
+    idx = select_blocks_triton(q, k1, k2, PARAMS, SCALE, T)
+    same = (idx == internals["topk_idx"]).all(-1).float().mean().item()
+    fp32 = {"T": T, "idx_rows_equal": same, "out_max_abs_err": (o - o_ref).abs().max().item()}
+    log("fp32 check", fp32)
+    # bf16 full op + gradients of stage 2 vs reference autograd (same selection)
+    T = 8192
+    q, k, v = inputs(T, seed=2)
+    o = infllmv2_attention_triton(q, k, v, PARAMS, SCALE)
+    k1 = ref.compress_keys(k, PARAMS.kernel_size, PARAMS.kernel_stride)
+    k2 = ref.compress_keys(k, PARAMS.kernel_size2, PARAMS.kernel_stride2)
+    idx = select_blocks_triton(q, k1, k2, PARAMS, SCALE, T)
+    ok_rows, st = check_rows(q, k, v, o, idx, n=512)
+    qr, kr, vr = (x.float().requires_grad_() for x in (q, k, v))
+    pos = torch.arange(T, device="cuda")
+    o_r = ref.block_sparse_attention(qr, kr, vr, idx, pos, PARAMS.block_size, SCALE, chunk_elems=1 << 27)
+    do = torch.randn_like(o_r)
+    o_r.backward(do)
+    o2, lse = sparse_attn_forward(q, k, v, idx, 0, PARAMS.block_size, SCALE)
+    dq, dk, dv = sparse_attn_backward(do.to(DT), q, k, v, o2, lse, idx, 0, PARAMS.block_size, SCALE)
+    grads = {"dq_rel": rel_err(dq, qr.grad), "dk_rel": rel_err(dk, kr.grad), "dv_rel": rel_err(dv, vr.grad),
+             "o_rel": rel_err(o2, o_r)}
+    bf16 = dict(T=T, **st, **grads)
+    log("bf16 check", bf16)
+    ok = fp32["idx_rows_equal"] >= 0.999 and fp32["out_max_abs_err"] < 1e-4 and ok_rows and max(grads.values()) < 2e-2
+    res.extra["correctness"] = {"fp32_full_op": fp32, "bf16_full_op_and_grads": bf16, "ok": ok}
+    res.dump()
+    return ok
+
+
+def dense_fn(q, k, v, backend):
+    return dense_attention_sdpa(q, k, v, SCALE, backends=(backend,))
+
+
+def flops_sparse_fwd(T):
+    n1 = (T - 32) // 16 + 1
+    n2 = (T - 128) // 64 + 1
+    s1 = 2 * HQ * D * (T * (n1 * 1.25 + n2) / 2)  # causal half; +25% for the shifted pooling chunk
+    keys = min(T, PARAMS.n_select * PARAMS.block_size)
+    s2 = 4 * HQ * D * T * keys
+    return s1, s2
+
+
+def bench_fwd(res, T, ok, dense=True, check=True):
+    q, k, v = inputs(T)
+    base = {}
+    if dense:
+        for b in ("cudnn", "flash"):
+            try:
+                base[b] = timeit(lambda: dense_fn(q, k, v, b))
+            except Exception as e:  # noqa: BLE001
+                base[b] = None
+                log("dense", b, "failed:", repr(e)[:200])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    m0 = torch.cuda.memory_allocated()
+    o = infllmv2_attention_triton(q, k, v, PARAMS, SCALE)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - m0
+    ms = timeit(lambda: infllmv2_attention_triton(q, k, v, PARAMS, SCALE))
+    k1 = ref.compress_keys(k, PARAMS.kernel_size, PARAMS.kernel_stride)
+    k2 = ref.compress_keys(k, PARAMS.kernel_size2, PARAMS.kernel_stride2)
+    t_comp = timeit(lambda: (ref.compress_keys(k, 32, 16), ref.compress_keys(k, 128, 64)))
+    t_sel = timeit(lambda: select_blocks_triton(q, k1, k2, PARAMS, SCALE, T))
+    idx = select_blocks_triton(q, k1, k2, PARAMS, SCALE, T)
+    t_s2 = timeit(lambda: sparse_attn_forward(q, k, v, idx, 0, PARAMS.block_size, SCALE))
+    st = {}
+    good = ok
+    if check:
+        good_rows, st = check_rows(q, k, v, o, idx)
+        good = good and good_rows
+    f1, f2 = flops_sparse_fwd(T)
+    valid = {k_: v_ for k_, v_ in base.items() if v_}
+    bname = min(valid, key=valid.get) if valid else None
+    row = {"case": f"fwd_T{T}", "variant": "sala.infllmv2_triton", "ms": round(ms, 3),
+           "baseline": f"sdpa.{bname}" if bname else None, "baseline_ms": round(valid[bname], 3) if bname else None,
+           "speedup": round(valid[bname] / ms, 2) if bname else None, "correct": good,
+           "max_rel_err": None, **st,
+           "dense_ms": {k_: (round(v_, 3) if v_ else None) for k_, v_ in base.items()},
+           "stages_ms": {"compress": round(t_comp, 3), "stage1_select": round(t_sel, 3), "stage2_fwd": round(t_s2, 3)},
+           "tflops": {"stage1": round(f1 / t_sel / 1e9, 1), "stage2": round(f2 / t_s2 / 1e9, 1)},
+           "peak_extra_gib": round(peak / 2**30, 3), "qkv_gib": round((q.numel() + k.numel() + v.numel()) * 2 / 2**30, 3)}
+    if not dense:
+        row["note"] = "sparse only (dense baseline not run at this length); peak_extra_gib = memory beyond q/k/v"
+    res.add(**row)
+    del q, k, v, o, idx
+    torch.cuda.empty_cache()
+
+
+def bench_fwdbwd(res, T, ok):
+    q, k, v = inputs(T, grad=True)
+    do = torch.randn(T, HQ, D, device="cuda", dtype=DT)
+    base = {}
+
+    def dense_step(b):
+        q.grad = k.grad = v.grad = None
+        dense_fn(q, k, v, b).backward(do)
+
+    for b in ("cudnn", "flash"):
+        try:
+            base[b] = timeit(lambda: dense_step(b), reps=3)
+        except Exception as e:  # noqa: BLE001
+            base[b] = None
+            log("dense bwd", b, "failed:", repr(e)[:200])
+
+    def sparse_step():
+        q.grad = k.grad = v.grad = None
+        infllmv2_attention_triton(q, k, v, PARAMS, SCALE).backward(do)
+
+    ms = timeit(sparse_step, reps=3)
+    with torch.no_grad():
+        k1 = ref.compress_keys(k, 32, 16)
+        k2 = ref.compress_keys(k, 128, 64)
+        idx = select_blocks_triton(q, k1, k2, PARAMS, SCALE, T)
+        o, lse = sparse_attn_forward(q, k, v, idx, 0, PARAMS.block_size, SCALE)
+        t_bwd = timeit(lambda: sparse_attn_backward(do, q, k, v, o, lse, idx, 0, PARAMS.block_size, SCALE), reps=3)
+    valid = {k_: v_ for k_, v_ in base.items() if v_}
+    bname = min(valid, key=valid.get) if valid else None
+    res.add(case=f"fwdbwd_T{T}", variant="sala.infllmv2_triton", ms=round(ms, 3),
+            baseline=f"sdpa.{bname}" if bname else None, baseline_ms=round(valid[bname], 3) if bname else None,
+            speedup=round(valid[bname] / ms, 2) if bname else None, correct=ok, max_rel_err=None,
+            dense_ms={k_: (round(v_, 3) if v_ else None) for k_, v_ in base.items()},
+            stages_ms={"stage2_bwd": round(t_bwd, 3)},
+            note="correct = gradient check at T=8192 (correctness section)")
+    del q, k, v, do
+    torch.cuda.empty_cache()
+
+
+def bench_decode(res, ctx):
+    q, k, v = inputs(ctx, seed=3)
+    q1 = q[-1:].contiguous()
+    del q
+    k1 = ref.compress_keys(k, 32, 16)
+    k2 = ref.compress_keys(k, 128, 64)
+    o = infllmv2_attention_triton(q1, k, v, PARAMS, SCALE, k1=k1, k2=k2, decode=True)
+    o_ref = ref.infllmv2_attention(q1, k, v, PARAMS, SCALE, k1=k1, k2=k2, decode=True)
+    internals: dict = {}
+    ref.infllmv2_attention(q1, k, v, PARAMS, SCALE, k1=k1, k2=k2, decode=True, internals=internals)
+    idx = select_blocks_triton(q1, k1, k2, PARAMS, SCALE, ctx, decode=True)
+    same = torch.equal(idx, internals["topk_idx"])
+    err = (o.float() - o_ref.float()).abs().max().item()
+    ms = timeit(lambda: infllmv2_attention_triton(q1, k, v, PARAMS, SCALE, k1=k1, k2=k2, decode=True), reps=50, warmup=5)
+    t_sel = timeit(lambda: select_blocks_triton(q1, k1, k2, PARAMS, SCALE, ctx, decode=True), reps=50, warmup=5)
+    ms_ref = timeit(lambda: ref.infllmv2_attention(q1, k, v, PARAMS, SCALE, k1=k1, k2=k2, decode=True), reps=10)
+    ms_dense = {}
+    for b in ("flash", "cudnn"):
+        try:
+            ms_dense[b] = round(timeit(lambda: dense_fn(q1, k, v, b), reps=20, warmup=3), 4)
+        except Exception as e:  # noqa: BLE001
+            ms_dense[b] = None
+            log("dense decode", b, "failed:", repr(e)[:200])
+    res.add(case=f"decode_ctx{ctx}", variant="sala.infllmv2_triton", ms=round(ms, 4),
+            baseline="torch.infllmv2_reference(decode)", baseline_ms=round(ms_ref, 4), speedup=round(ms_ref / ms, 2),
+            correct=bool(same and err < 3e-2), max_rel_err=None, idx_equal=same, max_abs_err=err,
+            stages_ms={"stage1_select": round(t_sel, 4)}, dense_ms=ms_dense,
+            note="one sparse layer, one sequence, k1/k2 from the cache")
+    del k, v
+    torch.cuda.empty_cache()
+
+
+def write_md(res: Results, path: Path):
+    lines = [f"# InfLLM-V2 Triton vs dense SDPA — {res.head['card']}", "",
+             f"torch {res.head['torch']}, triton {res.head['triton']}, commit {res.head['commit']}, {res.head['date']}.",
+             f"Command: `{res.head['command']}`. Shape: 32 q heads, 2 KV heads, d 128, bf16, random inputs; "
+             "release sparse settings (kernel 32/16, block 64, init 1, window 2048, topk 64 -> 96 blocks).", "",
+             "| case | ms | baseline | baseline ms | speedup | correct | stages (ms) | dense (ms) | peak extra GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res.rows:
+        lines.append(f"| {r['case']} | {r['ms']} | {r.get('baseline')} | {r.get('baseline_ms')} | {r.get('speedup')} | "
+                     f"{r.get('correct')} | {r.get('stages_ms', '')} | {r.get('dense_ms', '')} | {r.get('peak_extra_gib', '')} |")
+    lines += ["", "Correctness: " + json.dumps(res.extra.get("correctness")), ""]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--quick", action="store_true", help="small lengths only (smoke test)")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new cases after this")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = Results(out, "python bench/infllmv2.py" + (" --quick" if args.quick else ""))
+    try:
+        ok = correctness(res)
+    except Exception as e:  # noqa: BLE001
+        log("correctness FAILED", repr(e)[:600])
+        res.extra["correctness"] = {"ok": False, "error": repr(e)[:600]}
+        ok = False
+    log("correct:", ok)
+    lens = [16384, 65536] if args.quick else [16384, 65536, 131072, 262144]
+    plan = [("decode", 131072), ("decode", 1 << 20)]
+    plan += [("fwd", T) for T in lens]
+    plan += [("fwd_sparse", T) for T in ([] if args.quick else [1 << 19, 1 << 20])]
+    plan += [("fwdbwd", T) for T in lens]
+    for kind, T in plan:
+        if time.time() - T0 > args.budget_s:
+            log("time budget reached; skipping", kind, T)
+            res.extra.setdefault("skipped", []).append(f"{kind}_T{T}")
+            continue
+        try:
+            if kind == "decode":
+                bench_decode(res, T)
+            elif kind == "fwd":
+                bench_fwd(res, T, ok)
+            elif kind == "fwd_sparse":
+                bench_fwd(res, T, ok, dense=False)
+            else:
+                bench_fwdbwd(res, T, ok)
+        except Exception as e:  # noqa: BLE001
+            log("FAILED", kind, T, repr(e)[:400])
+            res.extra.setdefault("failed", []).append(f"{kind}_T{T}: {repr(e)[:200]}")
+            torch.cuda.empty_cache()
+        res.dump()
+        write_md(res, out / "infllmv2.md")
+    write_md(res, out / "infllmv2.md")
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""InfLLM-V2 stage 2 in Triton: block-sparse attention over the selected blocks, forward and backward.
+
+Layout of one sequence: q ``[R, Hq, D]`` (rows at absolute positions ``q_pos0 + r``), k/v ``[Tk, Hk, D]``,
+``topk_idx`` int32 ``[Hk, R, S]`` (-1 = unused). Keys of a selected block b are ``b*bs .. b*bs+bs-1``, and
+a key is visible when its position is <= the query's (causal inside the query's own block).
+
+* forward: one program per (query row, KV head); the G query heads of the group are the rows of the dot
+  (the selection is shared by the group), online softmax over the S selected blocks. ``splits > 1``
+  divides the blocks over programs (decode) and merges the partial results by their LSE.
+* backward dq: the same loop per row with the saved LSE and delta = rowsum(dO * O).
+* backward dk/dv: one program per (key block, KV head) over the rows that selected the block (an inverted
+  index built with a sort), so dk/dv accumulate in registers without atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .infllmv2_triton_select import LOG2E, _precision, group_pad, mma, pad_dim
+
+__all__ = ["sparse_attn_forward", "sparse_attn_backward", "BlockSparseAttention", "block_sparse_attention_triton"]
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, IDX, O, LSE, OP, LP,
+    q_pos0, n_keys, n_sel, sel_per_split, qk_scale2,
+    s_qr, s_qh, s_kt, s_kh, s_vt, s_vh, s_ih, s_ir, s_or, s_oh, s_ps, s_pr, s_ph, s_ls, s_lr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+    PREC: tl.constexpr, SPLIT: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1)
+    sp = tl.program_id(2)
+    h = tl.arange(0, GP)
+    hm = h < G
+    d = tl.arange(0, BD)
+    dm = d < D
+    q = tl.load(Q + r * s_qr + (hk * G + h)[:, None] * s_qh + d[None, :], mask=hm[:, None] & dm[None, :], other=0.0)
+    qpos = q_pos0 + r
+    kk = tl.arange(0, BS)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, BD], tl.float32)
+    s_lo = sp * sel_per_split
+    s_hi = tl.minimum(s_lo + sel_per_split, n_sel)
+    for s in range(s_lo, s_hi):
+        b = tl.load(IDX + hk * s_ih + r * s_ir + s)
+        kpos = b.to(tl.int64) * BS + kk
+        kv = (b >= 0) & (kpos <= qpos) & (kpos < n_keys)
+        kt = tl.load(K + kpos[None, :] * s_kt + hk * s_kh + d[:, None], mask=kv[None, :] & dm[:, None], other=0.0)
+        vb = tl.load(V + kpos[:, None] * s_vt + hk * s_vh + d[None, :], mask=kv[:, None] & dm[None, :], other=0.0)
+        sc = mma(q, kt, PREC) * qk_scale2
+        sc = tl.where(kv[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(sc - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + mma(p.to(vb.dtype), vb, PREC)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+    if SPLIT:
+        tl.store(OP + sp * s_ps + r * s_pr + (hk * G + h)[:, None] * s_ph + d[None, :], o, mask=hm[:, None] & dm[None, :])
+        tl.store(LP + sp * s_ls + r * s_lr + hk * G + h, lse, mask=hm)
+    else:
+        tl.store(O + r * s_or + (hk * G + h)[:, None] * s_oh + d[None, :], o.to(O.dtype.element_ty), mask=hm[:, None] & dm[None, :])
+        tl.store(LSE + r * s_lr + hk * G + h, lse, mask=hm)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, IDX, DO, LSE, DELTA, DQ,
+    q_pos0, n_keys, n_sel, qk_scale2, scale,
+    s_qr, s_qh, s_kt, s_kh, s_vt, s_vh, s_ih, s_ir, s_dr, s_dh, s_lr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1)
+    h = tl.arange(0, GP)
+    hm = h < G
+    d = tl.arange(0, BD)
+    dm = d < D
+    msk = hm[:, None] & dm[None, :]
+    q = tl.load(Q + r * s_qr + (hk * G + h)[:, None] * s_qh + d[None, :], mask=msk, other=0.0)
+    do = tl.load(DO + r * s_dr + (hk * G + h)[:, None] * s_dh + d[None, :], mask=msk, other=0.0)
+    lse = tl.load(LSE + r * s_lr + hk * G + h, mask=hm, other=0.0)
+    delta = tl.load(DELTA + r * s_lr + hk * G + h, mask=hm, other=0.0)
+    qpos = q_pos0 + r
+    kk = tl.arange(0, BS)
+    dq = tl.zeros([GP, BD], tl.float32)
+    for s in range(0, n_sel):
+        b = tl.load(IDX + hk * s_ih + r * s_ir + s)
+        kpos = b.to(tl.int64) * BS + kk
+        kv = (b >= 0) & (kpos <= qpos) & (kpos < n_keys)
+        kt = tl.load(K + kpos[None, :] * s_kt + hk * s_kh + d[:, None], mask=kv[None, :] & dm[:, None], other=0.0)
+        vt = tl.load(V + kpos[None, :] * s_vt + hk * s_vh + d[:, None], mask=kv[None, :] & dm[:, None], other=0.0)
+        sc = mma(q, kt, PREC) * qk_scale2
+        p = tl.where(kv[None, :] & hm[:, None], tl.exp2(sc - lse[:, None]), 0.0)
+        dp = mma(do, vt, PREC)
+        ds = p * (dp - delta[:, None])
+        dq += mma(ds.to(kt.dtype), tl.trans(kt), PREC)
+    tl.store(DQ + r * s_dr + (hk * G + h)[:, None] * s_dh + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, ROWS, OFFS, DK, DV,
+    q_pos0, n_keys, n_blocks, qk_scale2, scale,
+    s_qr, s_qh, s_kt, s_kh, s_vt, s_vh, s_dr, s_dh, s_lr,
+    G: tl.constexpr, GP: tl.constexpr, RB: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BS: tl.constexpr, PREC: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    hk = tl.program_id(1)
+    BM: tl.constexpr = RB * GP
+    d = tl.arange(0, BD)
+    dm = d < D
+    kpos = blk.to(tl.int64) * BS + tl.arange(0, BS)
+    km = kpos < n_keys
+    k = tl.load(K + kpos[:, None] * s_kt + hk * s_kh + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+    v = tl.load(V + kpos[:, None] * s_vt + hk * s_vh + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+    dk = tl.zeros([BS, BD], tl.float32)
+    dv = tl.zeros([BS, BD], tl.float32)
+    start = tl.load(OFFS + hk * n_blocks + blk)
+    end = tl.load(OFFS + hk * n_blocks + blk + 1)
+    mm = tl.arange(0, BM)
+    h = mm % GP
+    for i0 in range(start, end, RB):
+        slot = i0 + mm // GP
+        ok = (slot < end) & (h < G)
+        row = tl.load(ROWS + slot, mask=ok, other=0).to(tl.int64)
+        qm = ok[:, None] & dm[None, :]
+        q = tl.load(Q + row[:, None] * s_qr + (hk * G + h)[:, None] * s_qh + d[None, :], mask=qm, other=0.0)
+        do = tl.load(DO + row[:, None] * s_dr + (hk * G + h)[:, None] * s_dh + d[None, :], mask=qm, other=0.0)
+        lse = tl.load(LSE + row * s_lr + hk * G + h, mask=ok, other=0.0)
+        delta = tl.load(DELTA + row * s_lr + hk * G + h, mask=ok, other=0.0)
+        qpos = q_pos0 + row
+        vis = (kpos[:, None] <= qpos[None, :]) & ok[None, :] & km[:, None]
+        st = mma(k, tl.trans(q), PREC) * qk_scale2
+        pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
+        dv += mma(pt.to(do.dtype), do, PREC)
+        dpt = mma(v, tl.trans(do), PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk += mma(dst.to(q.dtype), q, PREC)
+    om = km[:, None] & dm[None, :]
+    tl.store(DK + kpos[:, None] * s_kt + hk * s_kh + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=om)
+    tl.store(DV + kpos[:, None] * s_vt + hk * s_vh + d[None, :], dv.to(DV.dtype.element_ty), mask=om)
+
+
+def _cfg(G: int, D: int):
+    return group_pad(G), pad_dim(D)
+
+
+def sparse_attn_forward(q, k, v, topk_idx, q_pos0, block_size, scale, splits=1):
+    """Forward: returns (o ``[R, Hq, D]`` in q's dtype, lse ``[R, Hq]`` float32, log2 units)."""
+    R, Hq, D = q.shape
+    Tk, Hk = k.shape[0], k.shape[1]
+    G = Hq // Hk
+    GP, BD = _cfg(G, D)
+    S = topk_idx.shape[-1]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    idx = topk_idx.contiguous()
+    splits = max(1, min(splits, S))
+    per = triton.cdiv(S, splits)
+    splits = triton.cdiv(S, per) if S else 1
+    split = splits > 1
+    o = torch.empty_like(q)
+    lse = torch.empty(R, Hq, device=q.device, dtype=torch.float32)
+    if split:
+        op = torch.empty(splits, R, Hq, D, device=q.device, dtype=torch.float32)
+        lp = torch.empty(splits, R, Hq, device=q.device, dtype=torch.float32)
+    else:
+        op, lp = o, lse
+    _fwd_kernel[(R, Hk, splits)](
+        q, k, v, idx, o, lse, op, lp,
+        q_pos0, Tk, S, per, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        idx.stride(0), idx.stride(1), o.stride(0), o.stride(1),
+        op.stride(0) if split else 0, op.stride(1), op.stride(2) if split else 0,
+        lp.stride(0) if split else 0, lp.stride(1) if split else lse.stride(0),
+        G=G, GP=GP, D=D, BD=BD, BS=block_size, PREC=_precision(q.dtype), SPLIT=split,
+        num_warps=4, num_stages=2,
+    )
+    if split:
+        lse = torch.logsumexp(lp * (1 / LOG2E), dim=0) * LOG2E  # [R, Hq]
+        w = torch.exp2(lp - lse[None]).nan_to_num(0.0)
+        o = (w[..., None] * op).sum(0).to(q.dtype)
+    return o, lse
+
+
+def _inverted_index(topk_idx: torch.Tensor, n_blocks: int):
+    """Rows that selected each (KV head, block), grouped: (rows int32, offsets int32 [Hk*n_blocks+1])."""
+    Hk, R, S = topk_idx.shape
+    idx = topk_idx.long()
+    key = idx + torch.arange(Hk, device=idx.device)[:, None, None] * n_blocks
+    valid = idx >= 0
+    rows = torch.arange(R, device=idx.device, dtype=torch.int32)[None, :, None].expand(Hk, R, S)
+    key = key[valid]
+    rows = rows[valid]
+    key_sorted, order = torch.sort(key, stable=True)
+    rows = rows[order].contiguous()
+    counts = torch.bincount(key_sorted, minlength=Hk * n_blocks)
+    offs = torch.zeros(Hk * n_blocks + 1, device=idx.device, dtype=torch.int32)
+    offs[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    return rows, offs
+
+
+def sparse_attn_backward(do, q, k, v, o, lse, topk_idx, q_pos0, block_size, scale):
+    """Backward of :func:`sparse_attn_forward`: (dq, dk, dv) in the input dtypes."""
+    R, Hq, D = q.shape
+    Tk, Hk = k.shape[0], k.shape[1]
+    G = Hq // Hk
+    GP, BD = _cfg(G, D)
+    S = topk_idx.shape[-1]
+    do = do.contiguous()
+    delta = (o.float() * do.float()).sum(-1).contiguous()  # [R, Hq]
+    prec = _precision(q.dtype)
+    dq = torch.empty_like(q)
+    _bwd_dq_kernel[(R, Hk)](
+        q, k, v, topk_idx, do, lse, delta, dq,
+        q_pos0, Tk, S, scale * LOG2E, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        topk_idx.stride(0), topk_idx.stride(1), do.stride(0), do.stride(1), lse.stride(0),
+        G=G, GP=GP, D=D, BD=BD, BS=block_size, PREC=prec, num_warps=4, num_stages=2,
+    )
+    n_blocks = triton.cdiv(Tk, block_size)
+    rows, offs = _inverted_index(topk_idx, n_blocks)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    rb = max(1, 64 // GP)
+    _bwd_dkdv_kernel[(n_blocks, Hk)](
+        q, k, v, do, lse, delta, rows, offs, dk, dv,
+        q_pos0, Tk, n_blocks, scale * LOG2E, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), lse.stride(0),
+        G=G, GP=GP, RB=rb, D=D, BD=BD, BS=block_size, PREC=prec, num_warps=4 if BD <= 64 else 8,
+        num_stages=2,
+    )
+    return dq, dk, dv
+
+
+class BlockSparseAttention(torch.autograd.Function):
+    """Stage 2 with gradients for q, k, v (the selection is an input, not differentiated)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, topk_idx, q_pos0, block_size, scale):
+        idx = topk_idx.contiguous()
+        o, lse = sparse_attn_forward(q, k, v, idx, q_pos0, block_size, scale)
+        ctx.save_for_backward(q, k, v, o, lse, idx)
+        ctx.args = (q_pos0, block_size, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, idx = ctx.saved_tensors
+        q_pos0, block_size, scale = ctx.args
+        dq, dk, dv = sparse_attn_backward(do, q.contiguous(), k.contiguous(), v.contiguous(), o, lse, idx,
+                                          q_pos0, block_size, scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def block_sparse_attention_triton(q, k, v, topk_idx, q_pos0, block_size, scale, splits=1):
+    """Stage 2 for one sequence; differentiable in q, k, v when they require grad (splits must be 1)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return BlockSparseAttention.apply(q, k, v, topk_idx, q_pos0, block_size, scale)
+    return sparse_attn_forward(q, k, v, topk_idx, q_pos0, block_size, scale, splits=splits)[0]
