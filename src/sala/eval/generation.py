@@ -8,6 +8,7 @@ logits of a 1M-token prompt would need ``1M x vocab`` floats.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from dataclasses import dataclass
@@ -15,11 +16,16 @@ from dataclasses import dataclass
 import torch
 
 
-def _forward_params(model) -> set[str]:
+@functools.lru_cache(maxsize=64)
+def _params_of(cls) -> frozenset[str]:
     try:
-        return set(inspect.signature(model.forward).parameters)
+        return frozenset(inspect.signature(cls.forward).parameters)
     except (TypeError, ValueError):
-        return set()
+        return frozenset()
+
+
+def _forward_params(model) -> frozenset[str]:
+    return _params_of(type(model))
 
 
 def supports_logits_to_keep(model) -> bool:

@@ -48,8 +48,12 @@ class Haystack:
 
     def take(self, n_tokens: int, start: int = 0) -> str:
         """Corpus text from char ``start`` holding exactly ``n_tokens`` tokens when tokenized alone."""
+        return self.take_with_offsets(n_tokens, start)[0]
+
+    def take_with_offsets(self, n_tokens: int, start: int = 0) -> tuple[str, list[int]]:
+        """``take`` plus the start character of each of its tokens (to place needles by token depth)."""
         if n_tokens <= 0:
-            return ""
+            return "", []
         n_chars = int(n_tokens * self.chars_per_token * 1.15) + 64
         for _ in range(8):
             window = self._cyclic(start, n_chars)
@@ -57,7 +61,7 @@ class Haystack:
             # the last token of the window may be cut short; require one spare token
             if len(ids) > n_tokens:
                 text = window[: offsets[n_tokens - 1][1]]
-                return text
+                return text, [o[0] for o in offsets[:n_tokens]]
             n_chars = int(n_chars * 1.5) + 64
         raise RuntimeError(f"could not build a haystack of {n_tokens} tokens")
 
@@ -76,18 +80,23 @@ def sentence_boundaries(text: str) -> list[int]:
     return sorted(cuts)
 
 
-def insert_needles(text: str, needles: list[tuple[float, str]]) -> str:
-    """Insert each ``(depth, sentence)`` at the sentence boundary nearest ``depth * len(text)``.
+def insert_needles(text: str, needles: list[tuple[float, str]], token_starts: list[int] | None = None) -> str:
+    """Insert each ``(depth, sentence)`` at the sentence boundary nearest its depth.
 
-    Depths are fractions of the haystack in [0, 1]; needles keep their list order when they land at the
-    same boundary. The needle is followed by a space (or stands before a newline) so it stays one sentence.
+    Depths are fractions of the haystack in [0, 1]: of its tokens when ``token_starts`` (the start
+    character of each token) is given, else of its characters. Needles keep their list order when they
+    land at the same boundary; each is followed by a space so it stays one sentence.
     """
     bounds = sentence_boundaries(text)
     placed = []
     for order, (depth, needle) in enumerate(needles):
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"needle depth must be in [0, 1], got {depth}")
-        target = depth * len(text)
+        if token_starts:
+            k = round(depth * len(token_starts))
+            target = token_starts[k] if k < len(token_starts) else len(text)
+        else:
+            target = depth * len(text)
         i = bisect.bisect_left(bounds, target)
         cands = [bounds[j] for j in (i - 1, i) if 0 <= j < len(bounds)]
         placed.append((min(cands, key=lambda b: (abs(b - target), b)), order, needle))

@@ -43,6 +43,7 @@ class Sample:
     max_new_tokens: int
     depths: list[float] = field(default_factory=list)
     needles: list[str] = field(default_factory=list)
+    context_span: tuple[int, int] = (0, 0)  # characters of ``prompt`` holding the haystack (with needles)
 
     @property
     def n_tokens(self) -> int:
@@ -80,36 +81,46 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
-def fit_to_length(build: Callable[[int], tuple[str, dict]], tokenizer, target: int, tries: int = 8):
+def length_tolerance(target: int) -> int:
+    """How many tokens short of ``target`` a sample may be (never longer): list items are several tokens."""
+    return max(8, target // 256)
+
+
+def fit_to_length(build: Callable[[int], tuple[str, dict]], tokenizer, target: int, tries: int = 16):
     """Find the filler budget for which ``build(budget)`` tokenizes to ``target`` tokens or a few less.
 
     ``build`` returns ``(prompt, meta)`` and grows with its budget; token merges at the seams make the
-    count differ a little from the sum of the parts, which a few corrections absorb. Returns
-    ``(prompt, input_ids, meta)`` of the chosen build.
+    count differ a little from the sum of the parts. A secant step on the overshoot, kept inside the
+    bracket of budgets known to be too short / too long, converges in a few tokenizations. Returns
+    ``(prompt, input_ids, meta)`` of the longest build that fits.
     """
-    tol = max(4, target // 500)
-    base = len(_encode(tokenizer, build(0)[0]))
-    if base > target:
-        raise ValueError(f"target length {target} is shorter than the task's template and needles ({base} tokens)")
-    budget = target - base
-    best = None
+    tol = length_tolerance(target)
+    prompt, meta = build(0)
+    ids = _encode(tokenizer, prompt)
+    if len(ids) > target:
+        raise ValueError(f"target length {target} is shorter than the task's template and needles ({len(ids)} tokens)")
+    best, lo, hi = (prompt, ids, meta), 0, None  # lo fits, hi does not
+    budget = target - len(ids)
     for _ in range(tries):
+        if budget <= lo or (hi is not None and budget >= hi):
+            if hi is None:
+                budget = 2 * lo + 1
+            elif hi - lo <= 1:
+                break
+            else:
+                budget = (lo + hi) // 2
         prompt, meta = build(budget)
         ids = _encode(tokenizer, prompt)
         over = len(ids) - target
-        if over <= 0 and (best is None or len(ids) > len(best[1])):
-            best = (prompt, ids, meta)
-        if -tol <= over <= 0:
-            return prompt, ids, meta
-        budget = max(0, budget - over - (1 if over > 0 else 0))
-    if best is None:
-        while budget > 0:
-            budget = max(0, budget - max(1, budget // 100))
-            prompt, meta = build(budget)
-            ids = _encode(tokenizer, prompt)
-            if len(ids) <= target:
-                return prompt, ids, meta
-        raise RuntimeError(f"could not fit a sample into {target} tokens")
+        if over <= 0:
+            lo = budget
+            if len(ids) > len(best[1]):
+                best = (prompt, ids, meta)
+            if over >= -tol:
+                break
+        else:
+            hi = budget
+        budget -= over
     return best
 
 
@@ -148,11 +159,15 @@ def _needle_sample(task, hay, tokenizer, length, index, depth, rng, template_fn,
     needles = needles_fn  # list of (depth, text)
 
     def build(budget: int) -> tuple[str, dict]:
-        return template_fn(insert_needles(hay.take(budget, start), needles)), {}
+        text, token_starts = hay.take_with_offsets(budget, start)
+        context = insert_needles(text, needles, token_starts)
+        prompt = template_fn(context)
+        at = prompt.index(context)
+        return prompt, {"span": (at, at + len(context))}
 
-    prompt, ids, _ = fit_to_length(build, tokenizer, length)
-    return Sample(task, length, index, prompt, ids, answers, max_new,
-                  depths=[d for d, _ in needles], needles=[t for _, t in needles])
+    prompt, ids, meta = fit_to_length(build, tokenizer, length)
+    return Sample(task, length, index, prompt, ids, answers, max_new, depths=[d for d, _ in needles],
+                  needles=[t for _, t in needles], context_span=meta["span"])
 
 
 def _extra_depths(rng: random.Random, n: int) -> list[float]:
@@ -187,8 +202,7 @@ def niah(task: str, n_keys: int, n_values: int, n_queries: int, max_new: int):
         values = {k: _distinct(rng, lambda: _number(rng, 7), n_values) for k in keys}
         needles = [NIAH_NEEDLE.format(key=k, value=v) for k in keys for v in values[k]]
         depths = [depth] + _extra_depths(rng, len(needles) - 1)
-        pairs = list(zip(depths, needles))
-        rng.shuffle(pairs)  # the primary needle is not always listed first
+        pairs = list(zip(depths, needles))  # the first (asked) needle at the controlled depth
         asked = keys[:n_queries]
         answers = [v for k in asked for v in values[k]]
         q = _niah_question(asked, n_values > 1)
@@ -247,10 +261,12 @@ def common_words(n_common: int = 10, max_freq_common: int = 30, base_freq_uncomm
             words = [w for w in common for _ in range(freq_c)] + uncommon
             rng.shuffle(words)
             context = " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
-            return CWE_TEMPLATE.format(context=context, n=n_common), {"answers": common, "freq": (freq_c, freq_u)}
+            prompt = CWE_TEMPLATE.format(context=context, n=n_common)
+            at = prompt.index(context) if context else 0
+            return prompt, {"answers": common, "span": (at, at + len(context))}
 
         prompt, ids, meta = fit_to_length(build, tokenizer, length)
-        return Sample("cwe", length, index, prompt, ids, list(meta["answers"]), max_new)
+        return Sample("cwe", length, index, prompt, ids, list(meta["answers"]), max_new, context_span=meta["span"])
 
     return generate
 
@@ -275,13 +291,16 @@ def frequent_words(alpha: float = 2.0, pool_size: int = 1000, top: int = 3, max_
                 margin = int(counts[order[top - 1]] - counts[order[top]])
                 if margin > 0 or n == 0:
                     break
-            meta = {"answers": [pool[i] for i in order[:top]], "margin": margin if n else 1}
-            return FWE_TEMPLATE.format(context=" ".join(pool[i] for i in idx)), meta
+            context = " ".join(pool[i] for i in idx)
+            prompt = FWE_TEMPLATE.format(context=context)
+            at = prompt.index(context) if context else 0
+            meta = {"answers": [pool[i] for i in order[:top]], "margin": margin if n else 1, "span": (at, at + len(context))}
+            return prompt, meta
 
         prompt, ids, meta = fit_to_length(build, tokenizer, length)
         if meta["margin"] <= 0:
             raise ValueError(f"fwe at length {length}: the top-{top} words are tied; use a longer length")
-        return Sample("fwe", length, index, prompt, ids, list(meta["answers"]), max_new)
+        return Sample("fwe", length, index, prompt, ids, list(meta["answers"]), max_new, context_span=meta["span"])
 
     return generate
 
