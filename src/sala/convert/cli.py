@@ -62,5 +62,28 @@ def convert(
         typer.echo(f"note: {note}")
 
 
+def convert_select(
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: align/, sweep.json, sweep.md, selection.json."),
+    teacher: str = typer.Option("default", "--teacher", "-t", help="HF folder, .gguf file or 'default'."),
+    data: str = typer.Option("synthetic", help="'synthetic', 'text:<file>' or 'corpus:<name>'."),
+    max_docs: int = typer.Option(0, help="Use at most this many documents (0 = all)."),
+    align_steps: int = typer.Option(200, help="Alignment steps of the all-lightning student."),
+    seq_len: int = typer.Option(512),
+    batch_size: int = typer.Option(8),
+    lr: float = typer.Option(1e-3),
+    probe_rows: int = typer.Option(8, help="Rows of seq_len tokens scored per layer."),
+    ratio: float = typer.Option(0.25),
+    force_first_last: bool = typer.Option(True),
+):
+    """HALO layer selection: align every layer's lightning replacement, score each layer, keep the top 25%."""
+    from ..train.halo import halo_select
+
+    res = halo_select(out, teacher=teacher, data=data, data_options={"max_docs": max_docs} if max_docs else {},
+                      align_steps=align_steps, seq_len=seq_len, batch_size=batch_size, lr=lr,
+                      probe_rows=probe_rows, ratio=ratio, force_first_last=force_first_last, log=typer.echo)
+    typer.echo(f"wrote {out / 'selection.json'}: attention layers {res['attention_layers']}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("convert")(convert)
+    app.command("convert-select")(convert_select)

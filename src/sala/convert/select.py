@@ -1,0 +1,149 @@
+"""HALO layer selection: which layers stay softmax attention (paper section 4, SPEC section 5).
+
+1. Align an all-lightning student to the teacher (stage ``align``, every layer in parallel).
+2. Sweep: for each layer l, the teacher with only layer l replaced by its aligned lightning layer is
+   scored for recall (R_l) and for general LM ability (C_l).
+3. ``score_l = min(50, (max R - R_l) / (max C - C_l + 1e-10))``: converting l costs much recall for
+   little general ability -> keep l as attention. The top 25% are kept (the release also forces the
+   first and last layer and fills the rest by rank).
+
+The default scores need no benchmark suite: on held-out text, R is next-token accuracy on tokens that an
+earlier occurrence of the same bigram in the context predicts (in-context recall, what linear attention
+loses first), C is next-token accuracy on every other token. Any ``(model) -> float`` callables can be
+passed instead (e.g. RULER-style passkey accuracy from ``sala.eval``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..data.packing import IGNORE, pack_documents, unpack_segments
+from .layer_map import n_attention
+
+SCORE_CAP = 50.0
+
+
+def halo_scores(recall: list[float], common: list[float]) -> list[float]:
+    """``min(50, (max R - R_l) / (max C - C_l + 1e-10))`` per layer (baselines: the best layer of the sweep)."""
+    if len(recall) != len(common) or not recall:
+        raise ValueError("recall and common scores must be non-empty and of equal length")
+    r_max, c_max = max(recall), max(common)
+    return [min(SCORE_CAP, (r_max - r) / (c_max - c + 1e-10)) for r, c in zip(recall, common)]
+
+
+def select_attention_layers(scores: list[float], ratio: float = 0.25, force_first_last: bool = True,
+                            k: int | None = None) -> list[int]:
+    """Top-k layers by score (ties to the lower index); forced layers count towards k."""
+    n = len(scores)
+    k = n_attention(n, ratio) if k is None else k
+    chosen = {0, n - 1} if force_first_last and k >= 2 else set()
+    ranked = sorted(range(n), key=lambda i: (-scores[i], i))
+    for i in ranked:
+        if len(chosen) >= k:
+            break
+        chosen.add(i)
+    return sorted(chosen)
+
+
+def _recall_mask(ids: list[int]) -> list[bool]:
+    """mask[t] (t >= 1): the bigram (ids[t-1], ids[t]) already occurred before position t-1."""
+    seen: set[tuple[int, int]] = set()
+    out = [False] * len(ids)
+    for t in range(1, len(ids)):
+        pair = (ids[t - 1], ids[t])
+        out[t] = pair in seen
+        seen.add(pair)
+    return out
+
+
+class RecallCommonProbe:
+    """R and C of a model on fixed held-out rows (see the module docstring)."""
+
+    def __init__(self, docs: list[list[int]], seq_len: int, n_rows: int, eos_id: int | None, pad_id: int = 0):
+        rows = pack_documents(docs, seq_len, eos_id=eos_id, pad_id=pad_id, drop_last=True)[:n_rows]
+        u = unpack_segments(rows, pad_id=pad_id)
+        self.ids, self.mask = u.input_ids, u.attention_mask
+        recall = torch.zeros_like(self.ids, dtype=torch.bool)
+        for r in range(len(self.ids)):
+            n = int(u.lengths[r])
+            recall[r, :n] = torch.tensor(_recall_mask(self.ids[r, :n].tolist()))
+        valid = u.labels != IGNORE
+        self.recall_t = (recall & valid)[:, 1:]
+        self.common_t = (~recall & valid)[:, 1:]
+        if not self.recall_t.any() or not self.common_t.any():
+            raise ValueError("probe text has no recall (or no non-recall) targets; use longer rows or other text")
+
+    @torch.no_grad()
+    def __call__(self, model) -> tuple[float, float]:
+        dev = next(model.parameters()).device
+        am = self.mask.to(dev) if not bool(self.mask.all()) else None
+        kw = {"use_cache": False} if hasattr(model.config, "mixer_types") else {}
+        logits = model(input_ids=self.ids.to(dev), attention_mask=am, **kw).logits[:, :-1]
+        hit = (logits.argmax(-1).cpu() == self.ids[:, 1:])
+        r = hit[self.recall_t].float().mean().item()
+        c = hit[self.common_t].float().mean().item()
+        return r, c
+
+    def counts(self) -> dict:
+        return {"recall_targets": int(self.recall_t.sum()), "common_targets": int(self.common_t.sum())}
+
+
+def layer_sweep(reference, aligned, score: Callable[[torch.nn.Module], tuple[float, float]],
+                layers: list[int] | None = None, progress=None) -> list[dict]:
+    """Score ``reference`` (a SALA model equal to the teacher: all attention, RoPE, no gates) with each layer's
+    mixer in turn swapped for the aligned lightning mixer of the same layer; restored afterwards."""
+    layers = list(range(len(reference.model.layers))) if layers is None else layers
+    rows = []
+    for i in layers:
+        dec = reference.model.layers[i]
+        original = dec.self_attn
+        dec.self_attn = aligned.model.layers[i].self_attn
+        try:
+            r, c = score(reference)
+        finally:
+            dec.self_attn = original
+        rows.append({"layer": i, "R": r, "C": c})
+        if progress:
+            progress(i, r, c)
+    return rows
+
+
+def write_selection(out_dir: str | Path, rows: list[dict], ratio: float, force_first_last: bool,
+                    baseline: dict | None = None, extra: dict | None = None) -> dict:
+    """Score the sweep, choose the layers, write ``sweep.json``, ``sweep.md`` and ``selection.json``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scores = halo_scores([r["R"] for r in rows], [r["C"] for r in rows])
+    for r, s in zip(rows, scores):
+        r["score"] = s
+    n = len(rows)
+    chosen_pos = select_attention_layers(scores, ratio, force_first_last)
+    chosen = [rows[i]["layer"] for i in chosen_pos]
+    from .layer_map import uniform_layers
+
+    result = {
+        "attention_layers": chosen,
+        "ratio": ratio,
+        "force_first_last": force_first_last,
+        "uniform_baseline": uniform_layers(n, ratio, force_first_last),
+        "all_linear_baseline": [],
+        "teacher_scores": baseline,
+        "sweep": rows,
+        **(extra or {}),
+    }
+    (out / "sweep.json").write_text(json.dumps(result, indent=1))
+    (out / "selection.json").write_text(json.dumps({"attention_layers": chosen}, indent=1))
+    lines = ["| layer | R (recall acc) | C (other-token acc) | HALO score | kept |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['layer']} | {r['R']:.4f} | {r['C']:.4f} | {r['score']:.3f} | "
+                     f"{'attention' if r['layer'] in chosen else 'lightning'} |")
+    head = ["# HALO layer sweep", "", f"attention layers kept: {chosen} (ratio {ratio}, first/last forced: "
+            f"{force_first_last}); uniform baseline: {result['uniform_baseline']}", ""]
+    if baseline:
+        head += [f"teacher (no layer converted): R {baseline['R']:.4f}, C {baseline['C']:.4f}", ""]
+    (out / "sweep.md").write_text("\n".join(head + lines) + "\n")
+    return result

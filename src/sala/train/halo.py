@@ -1,0 +1,44 @@
+"""HALO selection end to end: align an all-lightning student, sweep the layers, write the choice.
+
+Writes into the run folder: ``align/`` (the alignment run, resumable), ``sweep.json``, ``sweep.md`` and
+``selection.json`` (``sala convert --layers <run>/selection.json`` uses it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..convert.select import RecallCommonProbe, layer_sweep, write_selection
+from ..convert.transfer import ConvertOptions, convert_model
+from .recipe import parse_recipe
+from .trainer import Trainer
+
+
+def halo_select(out_dir: str | Path, teacher: str = "default", data: str = "synthetic", data_options: dict | None = None,
+                align_steps: int = 200, seq_len: int = 512, batch_size: int = 8, lr: float = 1e-3,
+                probe_rows: int = 8, probe_seq_len: int | None = None, ratio: float = 0.25,
+                force_first_last: bool = True, teacher_shape: dict | None = None, seed: int = 0, log=print) -> dict:
+    out = Path(out_dir)
+    recipe = parse_recipe({
+        "name": "halo_align", "teacher": teacher, "teacher_shape": teacher_shape or {}, "layers": "all-linear",
+        "data": data, "data_options": data_options or {}, "seed": seed, "checkpoint_every": max(1, align_steps // 4),
+        "log_every": max(1, align_steps // 10),
+        "stages": [{"name": "align", "kind": "align", "trainable": "lightning", "steps": align_steps,
+                    "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "schedule": "cosine",
+                    "warmup": min(50, align_steps // 10), "final_lr": lr / 100}],
+    })
+    tr = Trainer(recipe, out / "align", log=log)
+    tr.run()
+    aligned = tr.student.eval()
+    reference, _ = convert_model(tr.teacher, tr.spec, list(range(tr.spec.num_layers)),
+                                 ConvertOptions(keep_rope=True, attn_output_gate=False, sparse={"dense_len": 1 << 30}))
+    reference.to(tr.device).eval()
+    probe = RecallCommonProbe(tr.docs, probe_seq_len or seq_len, probe_rows, tr.eos)
+    r0, c0 = probe(reference)
+    log(f"teacher: R {r0:.4f} C {c0:.4f} ({probe.counts()})")
+    rows = layer_sweep(reference, aligned, probe,
+                       progress=lambda i, r, c: log(f"layer {i:3d}: R {r:.4f} C {c:.4f}"))
+    result = write_selection(out, rows, ratio, force_first_last, baseline={"R": r0, "C": c0},
+                             extra={"probe": probe.counts(), "align_steps": align_steps, "teacher": teacher})
+    log(f"attention layers: {result['attention_layers']} (uniform: {result['uniform_baseline']})")
+    return result

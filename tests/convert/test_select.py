@@ -1,0 +1,63 @@
+import json
+
+import pytest
+import torch
+
+from sala.convert.select import _recall_mask, halo_scores, select_attention_layers
+from sala.convert.layer_map import parse_layers, uniform_layers
+
+
+def test_halo_score_formula():
+    R = [0.9, 0.5, 0.8, 0.9]
+    C = [0.7, 0.69, 0.5, 0.7]
+    s = halo_scores(R, C)
+    assert s[0] == pytest.approx(0.0) and s[3] == pytest.approx(0.0)
+    assert s[1] == pytest.approx(min(50, 0.4 / (0.01 + 1e-10)))  # 40: recall falls, commonsense barely
+    assert s[2] == pytest.approx(0.1 / 0.2)
+    assert halo_scores([0.1, 0.9], [0.9, 0.9])[0] == 50.0  # capped (C unchanged -> huge ratio)
+
+
+def test_selection_top_quarter_and_forcing():
+    scores = [0.0, 5.0, 1.0, 9.0, 0.5, 3.0, 2.0, 0.1]
+    assert select_attention_layers(scores, 0.25, force_first_last=False) == [1, 3]
+    assert select_attention_layers(scores, 0.25, force_first_last=True) == [0, 7]
+    assert select_attention_layers(scores, 0.5, force_first_last=True) == [0, 1, 3, 7]
+    assert select_attention_layers([1.0, 1.0, 1.0, 1.0], 0.5, force_first_last=False) == [0, 1]  # ties: lower index
+
+
+def test_release_like_selection():
+    """32 layers, 8 kept with 0 and 31 forced: the six best of the rest fill the slots."""
+    scores = [0.0] * 32
+    for i, s in zip([9, 16, 17, 22, 29, 30, 5], [9, 8, 7, 6, 5, 4, 3]):
+        scores[i] = s
+    assert select_attention_layers(scores, 0.25) == [0, 9, 16, 17, 22, 29, 30, 31]
+
+
+def test_baselines():
+    assert uniform_layers(32, 0.25) == [0, 4, 9, 13, 18, 22, 27, 31]
+    assert uniform_layers(32, 0.25, force_first_last=False) == [3, 7, 11, 15, 19, 23, 27, 31]
+    assert parse_layers("all-linear", 30) == []
+    assert parse_layers("uniform", 30) == [0, 4, 8, 12, 17, 21, 25, 29]
+    with pytest.raises(ValueError, match="out of range"):
+        parse_layers("0,40", 30)
+
+
+def test_recall_mask():
+    #            a  b  c  a  b  d  b  d
+    assert _recall_mask([1, 2, 3, 1, 2, 4, 2, 4]) == [False, False, False, False, True, False, False, True]
+
+
+def test_halo_sweep_end_to_end(tmp_path):
+    from sala.train.halo import halo_select
+
+    shape = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "num_key_value_heads": 2}
+    res = halo_select(tmp_path, teacher="random-llama", teacher_shape=shape, data="synthetic",
+                      data_options={"n_docs": 32, "min_len": 24, "max_len": 48},
+                      align_steps=2, seq_len=32, batch_size=4, probe_rows=4, ratio=0.5, log=lambda *a: None)
+    assert len(res["sweep"]) == 4 and res["attention_layers"] == [0, 3]
+    assert json.loads((tmp_path / "selection.json").read_text())["attention_layers"] == res["attention_layers"]
+    assert "HALO score" in (tmp_path / "sweep.md").read_text()
+    # the sweep changes the model: a converted layer moves R or C away from the teacher's
+    base = res["teacher_scores"]
+    assert any((r["R"], r["C"]) != (base["R"], base["C"]) for r in res["sweep"])
