@@ -68,3 +68,9 @@ def model_dirs(tmp_path_factory, tokenizer):
         tokenizer.save_pretrained(d)
         out[name] = d
     return out
+
+
+@pytest.fixture(scope="session")
+def builders():
+    """{'llama': tiny_llama, 'sala': tiny_sala}: build a tiny random model for a vocabulary size and seed."""
+    return {"llama": tiny_llama, "sala": tiny_sala}
