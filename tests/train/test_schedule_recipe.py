@@ -48,3 +48,18 @@ def test_recipe_errors_name_the_key():
                                                "batch_size": 1, "lr": 1.0, "trainable": "all"}]})
     with pytest.raises(RecipeError, match="no recipe file"):
         load_recipe("nope")
+
+
+def test_text_source_documents(tmp_path):
+    from sala.train.data import load_documents
+
+    text = "\n\n".join(f"paragraph {i} " + "word " * 20 for i in range(10))
+    (tmp_path / "t.txt").write_text(text)
+
+    class Tok:
+        def __call__(self, s, add_special_tokens=False):
+            return {"input_ids": [len(w) for w in s.split()]}
+
+    docs = load_documents(f"text:{tmp_path / 't.txt'}", Tok(), doc_chars=300)
+    assert 2 <= len(docs) <= 5 and sum(map(len, docs)) == 10 * 22
+    assert len(load_documents(f"text:{tmp_path / 't.txt'}", Tok(), doc_chars=300, max_docs=1)) == 1

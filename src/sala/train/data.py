@@ -34,8 +34,25 @@ def synthetic_documents(n_docs: int = 256, vocab_size: int = 256, min_len: int =
     return docs
 
 
-def _split_text(text: str) -> list[str]:
-    return [d.strip() for d in re.split(r"\n\s*\n\s*\n+", text) if d.strip()]
+def _split_text(text: str, doc_chars: int = 20000) -> list[str]:
+    """Consecutive paragraphs merged into documents of about ``doc_chars`` characters.
+
+    The offline corpora join their documents with the same blank line that separates paragraphs, so
+    document ends are not recoverable; contiguous chunks keep long-range structure for training.
+    """
+    docs, cur, size = [], [], 0
+    for para in re.split(r"\n\s*\n", text):
+        para = para.strip()
+        if not para:
+            continue
+        cur.append(para)
+        size += len(para) + 2
+        if size >= doc_chars:
+            docs.append("\n\n".join(cur))
+            cur, size = [], 0
+    if cur:
+        docs.append("\n\n".join(cur))
+    return docs
 
 
 def load_documents(source: str, tokenizer=None, vocab_size: int = 256, seed: int = 0, **options) -> list[list[int]]:
@@ -45,13 +62,14 @@ def load_documents(source: str, tokenizer=None, vocab_size: int = 256, seed: int
     if tokenizer is None:
         raise ValueError(f"data source {source!r} needs a tokenizer (the teacher's)")
     max_docs = options.get("max_docs")
+    doc_chars = int(options.get("doc_chars", 20000))
     if source.startswith("text:"):
-        docs = _split_text(Path(source[5:]).read_text(encoding="utf-8", errors="replace"))
+        docs = _split_text(Path(source[5:]).read_text(encoding="utf-8", errors="replace"), doc_chars)
     elif source.startswith("corpus:"):
         from ..data import corpora  # the evaluation engineer's module; imported only when used
 
         name, _, split = source[7:].partition(":")
-        docs = _split_text(corpora.load_text(name, split=split or "train")) or [corpora.load_text(name, split or "train")]
+        docs = _split_text(corpora.load_text(name, split=split or "train"), doc_chars)
     else:
         raise ValueError(f"unknown data source {source!r}; use 'synthetic', 'text:<file>' or 'corpus:<name>'")
     if max_docs:
