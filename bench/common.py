@@ -1,0 +1,79 @@
+"""Shared helpers of the GPU benchmarks: timing, result rows, incremental JSON (format: BENCH.md).
+
+Results go under ``$OUT`` when it is set (the device machine returns only that folder), else under
+``bench/results``. Every row is written as soon as it exists, so partial results survive a crash or a
+timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+COPY_BANDWIDTH = 3.0e12  # bytes/s, device-to-device copy measured on the lent H100 (read + write counted)
+
+
+def results_dir() -> Path:
+    out = os.environ.get("OUT")
+    path = Path(out) if out else Path(__file__).parent / "results"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:
+        return os.environ.get("SALA_COMMIT", "unknown")
+
+
+def time_ms(fn, warmup: int = 25, rep: int = 100, grad_to_none=None) -> float:
+    """Median milliseconds of ``fn`` over repeats (CUDA events; do_bench flushes L2 before each)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 (inf if a has NaN/inf)."""
+    a64, b64 = a.double(), b.double()
+    if not torch.isfinite(a64).all():
+        return float("inf")
+    return float((a64 - b64).norm() / b64.norm().clamp_min(1e-30))
+
+
+class Results:
+    """Rows of one benchmark, rewritten to ``<name>.json`` after every ``add``."""
+
+    def __init__(self, name: str, command: str | None = None):
+        import triton
+
+        self.name = name
+        self.path = results_dir() / f"{name}.json"
+        self.data = {
+            "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "commit": git_commit(),
+            "date": datetime.date.today().isoformat(),
+            "command": command or "python " + " ".join(sys.argv),
+            "rows": [],
+        }
+        self.flush()
+
+    def add(self, **row) -> dict:
+        if row.get("baseline_ms") and row.get("ms"):
+            row.setdefault("speedup", round(row["baseline_ms"] / row["ms"], 3))
+        self.data["rows"].append(row)
+        self.flush()
+        print(json.dumps(row), flush=True)
+        return row
+
+    def flush(self) -> None:
+        self.path.write_text(json.dumps(self.data, indent=1))

@@ -1,0 +1,259 @@
+"""Lightning attention on GPU through Triton: prefill (forward + backward) and in-place batch decode.
+
+Same semantics and layout as :mod:`sala.ops.lightning_reference` (SPEC section 3): q, k, v
+``[B, T, H, D]``, per-head log decay ``g_gamma [H]``, float32 states ``[N, H, K, V]``, varlen through
+``cu_seqlens`` with ``B == 1``. Kernels live in :mod:`sala.ops.lightning_triton_kernels`.
+
+Precision: q/k/v in float32 or bfloat16 (float16 works too); every product accumulates in float32 and the
+state stays float32. With float32 inputs the matrix products use TF32 by default (``precision="tf32"``,
+what fla and so the release do); ``precision="ieee"`` gives full float32 products at a large speed cost.
+
+Backward needs no new kernel: with dS_t the gradient flowing into S_t,
+
+    dq = forward(do, v, k; initial S0^T)                       (same recurrence as o)
+    dk = reverse(v, do, q; initial dS_T^T / (exp(g) scale))     (dS runs back in time)
+    dv = reverse(k, q, do; initial dS_T / (exp(g) scale)),      dS0 = exp(g) scale * its final state
+
+where ``forward(a, b, c)`` is the lightning forward with (q, k, v) = (a, b, c) and ``reverse`` runs each
+sequence back to front.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+
+from . import lightning_triton_kernels as _kn
+
+__all__ = ["lightning_attn_triton", "lightning_decode_triton", "lightning_forward", "choose_segment_len"]
+
+CHUNK = 64
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _pad_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+# (V block, warps, pipeline stages) per input dtype: float32 tiles are twice as large, so they take
+# narrower V blocks over more warps to stay within 255 registers (checked with the compiler's report)
+_DEFAULT_CFG = {torch.float32: (32, 8, 2), torch.bfloat16: (64, 4, 2), torch.float16: (64, 4, 2)}
+
+
+def _launch_cfg(vd: int, dtype: torch.dtype) -> dict:
+    """Block and warp choices (measured on H100: see bench/results/lightning.md); the environment
+    variables SALA_LIGHTNING_BV / _WARPS / _STAGES override them (used by the benchmark's sweep)."""
+    bv, warps, stages = _DEFAULT_CFG.get(dtype, (32, 8, 2))
+    return {
+        "BV": min(int(os.environ.get("SALA_LIGHTNING_BV", bv)), _pad_dim(vd)),
+        "num_warps": int(os.environ.get("SALA_LIGHTNING_WARPS", warps)),
+        "num_stages": int(os.environ.get("SALA_LIGHTNING_STAGES", stages)),
+    }
+
+
+def choose_segment_len(total_tokens: int, n_heads: int) -> int:
+    """Tokens per segment: as long as possible (fewer states in memory) while leaving ~1024
+    (segment, head) pairs of parallel work. A power of two in [64, 4096]."""
+    env = os.environ.get("SALA_LIGHTNING_SEG")
+    if env:
+        return int(env)
+    want = max(1, total_tokens * n_heads // 1024)
+    seg = 1 << max(0, want.bit_length() - 1)
+    return int(min(4096, max(CHUNK, seg)))
+
+
+def _segment_table(lens: list[int], seg: int, device) -> tuple[torch.Tensor, ...]:
+    """int64 tables: per segment (sequence, start); per sequence (bos, length, first segment)."""
+    lens_t = torch.tensor(lens, dtype=torch.int64)
+    bos = torch.zeros_like(lens_t)
+    if len(lens) > 1:
+        bos[1:] = torch.cumsum(lens_t, 0)[:-1]
+    nseg = (lens_t + seg - 1) // seg
+    seg0 = torch.zeros(len(lens) + 1, dtype=torch.int64)
+    seg0[1:] = torch.cumsum(nseg, 0)
+    total = int(seg0[-1])
+    seg_seq = torch.repeat_interleave(torch.arange(len(lens), dtype=torch.int64), nseg)
+    seg_tau0 = (torch.arange(total, dtype=torch.int64) - seg0[seg_seq]) * seg
+    return tuple(t.to(device) for t in (seg_seq, seg_tau0, bos, lens_t, seg0))
+
+
+def _sequence_lengths(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[int]:
+    if cu_seqlens is None:
+        return [T] * B
+    if B != 1:
+        raise ValueError(f"with cu_seqlens the batch must be packed into B == 1, got B={B}")
+    bounds = cu_seqlens.detach().to("cpu", torch.int64)
+    if bounds.dim() != 1 or int(bounds[0]) != 0 or int(bounds[-1]) != T or bool((bounds[1:] < bounds[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be non-decreasing from 0 to T={T}, got {bounds.tolist()}")
+    return (bounds[1:] - bounds[:-1]).tolist()
+
+
+def lightning_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    *,
+    reverse: bool = False,
+    out_dtype: torch.dtype = torch.float32,
+    output_final_state: bool = True,
+    precision: str = "tf32",
+    segment_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Raw forward (no autograd). q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, all one dtype, contiguous."""
+    B, T, H, KD = q.shape
+    VD = v.shape[-1]
+    lens = _sequence_lengths(B, T, cu_seqlens)
+    N = len(lens)
+    seg = segment_len or choose_segment_len(B * T, H)
+    if seg % CHUNK:
+        raise ValueError(f"segment_len must be a multiple of {CHUNK}, got {seg}")
+    seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0 = _segment_table(lens, seg, q.device)
+    nseg = seg_seq.numel()
+    max_segs = max([-(-n // seg) for n in lens] + [1])
+    g = g.to(device=q.device, dtype=torch.float32).contiguous()
+    KP, VP = _pad_dim(KD), _pad_dim(VD)
+    cfg = _launch_cfg(VD, q.dtype)
+    BV = cfg["BV"]
+    NV = triton.cdiv(VD, BV)
+    o = torch.empty(B, T, H, VD, dtype=out_dtype, device=q.device)
+    delta = torch.empty(max(nseg, 1), H, KD, VD, dtype=torch.float32, device=q.device)
+    ht = torch.empty(N, H, KD, VD, dtype=torch.float32, device=q.device) if output_final_state else None
+    if initial_state is not None:
+        initial_state = initial_state.to(torch.float32).contiguous()
+    common = dict(H=H, KD=KD, VD=VD, KP=KP, SEG=seg, C=CHUNK, BV=BV, REVERSE=reverse, DOT_PRECISION=precision,
+                  DYN_LOOP=not _INTERPRET, SEG_CHUNKS=seg // CHUNK, UPCAST=_INTERPRET,
+                  MASK_COLS=KP != KD or VD % BV != 0)
+    warps = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if nseg:
+        _kn._segment_delta_kernel[(nseg * H * NV,)](
+            k, v, g, delta, seg_seq, seg_tau0, seq_bos, seq_len, **common, **warps
+        )
+    BK = 16 if KD <= 64 else 32
+    if nseg or output_final_state:
+        _kn._segment_scan_kernel[(N * H * triton.cdiv(KD, BK),)](
+            delta, g, initial_state if initial_state is not None else delta, ht if ht is not None else delta,
+            seq_seg0, seq_len, H=H, KD=KD, VD=VD, VP=VP, SEG=seg, BK=BK,
+            HAS_H0=initial_state is not None, STORE_HT=output_final_state, num_warps=4,
+            DYN_LOOP=not _INTERPRET, MAX_SEGS=max_segs if _INTERPRET else 1,
+        )
+    if nseg:
+        # factored intra-chunk decay needs exp(|g| C / 2) far from float32 overflow (e^88)
+        factored = float(g.abs().max()) * (CHUNK // 2) < 60.0
+        _kn._segment_output_kernel[(nseg * H * NV,)](
+            q, k, v, g, delta, o, seg_seq, seg_tau0, seq_bos, seq_len, float(scale), **common, **warps,
+            FACTORED_DECAY=factored,
+        )
+    return o, ht
+
+
+def _prepare(q, k, v):
+    dtype = q.dtype if q.dtype in _SUPPORTED else torch.float32
+    if not (k.dtype == v.dtype == dtype):
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+        dtype = dtype if dtype in _SUPPORTED else torch.float32
+    return tuple(x.to(dtype).contiguous() for x in (q, k, v))
+
+
+class _LightningAttn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, initial_state, cu_seqlens, out_dtype, precision, segment_len):
+        ctx.set_materialize_grads(False)
+        qc, kc, vc = _prepare(q, k, v)
+        o, ht = lightning_forward(
+            qc, kc, vc, g, scale, initial_state, cu_seqlens,
+            out_dtype=out_dtype, precision=precision, segment_len=segment_len,
+        )
+        ctx.save_for_backward(qc, kc, vc, g, initial_state, cu_seqlens)
+        ctx.scale, ctx.precision, ctx.segment_len = scale, precision, segment_len
+        ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, h0, cu = ctx.saved_tensors
+        scale, kw = ctx.scale, dict(precision=ctx.precision, segment_len=ctx.segment_len)
+        gf = g.to(device=q.device, dtype=torch.float32)
+        if do is None:
+            do = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+        do = do.to(q.dtype).contiguous()
+        h0t = h0.float().transpose(-1, -2).contiguous() if h0 is not None else None
+        dq, _ = lightning_forward(do, v, k, gf, scale, h0t, cu, out_dtype=ctx.in_dtypes[0], output_final_state=False, **kw)
+        if dht is not None:
+            # dS_t gets exp(g)^(T-t) dht; the reversed forward applies exp(g)^(t'), one step more
+            init = (dht.float() * torch.exp(-gf)[None, :, None, None] / scale).contiguous()
+            init_t = init.transpose(-1, -2).contiguous()
+        else:
+            init = init_t = None
+        dk, _ = lightning_forward(v, do, q, gf, scale, init_t, cu, reverse=True, out_dtype=ctx.in_dtypes[1],
+                                  output_final_state=False, **kw)
+        need_dh0 = h0 is not None and ctx.needs_input_grad[5]
+        dv, dsf = lightning_forward(k, q, do, gf, scale, init, cu, reverse=True, out_dtype=ctx.in_dtypes[2],
+                                    output_final_state=need_dh0, **kw)
+        dh0 = (dsf * (torch.exp(gf) * scale)[None, :, None, None]).to(h0.dtype) if need_dh0 else None
+        return dq, dk, dv, None, None, dh0, None, None, None, None
+
+
+def lightning_attn_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g_gamma: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    *,
+    out_dtype: torch.dtype = torch.float32,
+    precision: str = "tf32",
+    segment_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked lightning attention; differentiable in q, k, v and ``initial_state``.
+
+    Returns (o ``[B, T, H, V]`` in ``out_dtype``, final states float32 ``[N, H, K, V]``).
+    """
+    if q.dim() != 4 or k.shape[:3] != q.shape[:3] or v.shape[:3] != q.shape[:3] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"expected q, k [B, T, H, K] and v [B, T, H, V]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if g_gamma.shape != (q.shape[2],):
+        raise ValueError(f"g_gamma must have shape [H]=[{q.shape[2]}], got {tuple(g_gamma.shape)}")
+    if precision not in ("tf32", "ieee"):
+        raise ValueError(f"precision must be 'tf32' or 'ieee', got {precision!r}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_state is not None and tuple(initial_state.shape) != (N, q.shape[2], q.shape[3], v.shape[3]):
+        raise ValueError(f"initial_state must be [N, H, K, V], got {tuple(initial_state.shape)}")
+    if g_gamma.requires_grad:
+        g_gamma = g_gamma.detach()  # the decay is a fixed function of the head count (SPEC 3)
+    return _LightningAttn.apply(q, k, v, g_gamma, scale, initial_state, cu_seqlens, out_dtype, precision, segment_len)
+
+
+def lightning_decode_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g_gamma: torch.Tensor,
+    state: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One token per sequence: q, k ``[B, H, K]``, v ``[B, H, V]``; ``state [B, H, K, V]`` float32 and
+    contiguous is updated in place. Returns o float32 ``[B, H, V]``."""
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError("lightning decode state must be a contiguous float32 tensor")
+    B, H, KD = q.shape
+    VD = v.shape[-1]
+    if tuple(state.shape) != (B, H, KD, VD):
+        raise ValueError(f"state must be [B, H, K, V]=[{B}, {H}, {KD}, {VD}], got {tuple(state.shape)}")
+    scale = KD**-0.5 if scale is None else float(scale)
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    g = g_gamma.to(device=q.device, dtype=torch.float32).contiguous()
+    o = torch.empty(B, H, VD, dtype=torch.float32, device=q.device)
+    BV = min(32, _pad_dim(VD))
+    grid = (B * H * triton.cdiv(VD, BV),)
+    _kn._decode_kernel[grid](q, k, v, g, state, o, scale, H=H, KD=KD, VD=VD, KP=_pad_dim(KD), BV=BV, num_warps=4)
+    return o
