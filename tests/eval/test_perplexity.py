@@ -17,7 +17,7 @@ def _ids(n, seed=0):
     return torch.randint(3, 211, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("chunk", [None, 37, 128, 1000])
+@pytest.mark.parametrize("chunk", [None, 37, 128])
 def test_chunked_equals_unchunked(model, chunk):
     ids = _ids(400)  # past the SALA model's dense_len (256): the sparse path is exercised
     ref, n_ref = window_nll_unchunked(model, ids, 150)

@@ -31,7 +31,7 @@ class Haystack:
         self._vocab: list[str] | None = None
 
     def _encode(self, text: str):
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         return enc["input_ids"], enc["offset_mapping"]
 
     def _cyclic(self, start: int, n_chars: int) -> str:

@@ -113,7 +113,7 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def _token_stream(tok, text: str) -> torch.Tensor:
-    return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
 
 
 def run_eval(cfg: EvalConfig, progress=None) -> dict:

@@ -78,7 +78,7 @@ def _key(rng: random.Random, vocab: list[str]) -> str:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
+    return tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
 
 
 def length_tolerance(target: int) -> int:
