@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without CUDA (CI), Triton kernels run through the interpreter. TRITON_INTERPRET must be set before
+# triton.language is first imported (``import sala`` imports it, through torch): a test module that sets
+# it itself is too late once any earlier-collected module imported sala, so it is set here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "minicpm_sala_tiny"
 
