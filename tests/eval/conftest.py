@@ -47,11 +47,12 @@ def tiny_llama(vocab_size: int, seed: int = 0):
 
 
 def tiny_sala(vocab_size: int, seed: int = 0):
-    """A 4-layer hybrid (lightning, sparse, lightning, sparse) whose sparse path engages from 256 tokens."""
+    """A 4-layer hybrid (lightning, sparse, lightning, sparse) whose sparse path engages from 256 tokens;
+    it refuses contexts past 1024 tokens (max_position_embeddings)."""
     from sala.testing import make_model, small_config
 
     cfg = small_config(vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=12, lightning_nkv=4, max_position_embeddings=1 << 16,
+                       num_key_value_heads=2, head_dim=12, lightning_nkv=4, max_position_embeddings=1024,
                        sparse_config=dict(kernel_size=32, kernel_stride=16, init_blocks=1, block_size=64,
                                           window_size=64, topk=2, dense_len=256), pad_token_id=2)
     return make_model(cfg, seed)

@@ -16,7 +16,7 @@ def test_eval_end_to_end(model_dirs, tmp_path):
     args = ["eval", "-m", f"dense={model_dirs['llama']}", "-m", f"hybrid={model_dirs['sala']}",
             "-t", "passkey,niah_multikey", "-t", "vt", "-t", "cwe", "-l", "600", "-n", "2", "--max-new-tokens", "3",
             "--haystack", str(EXCERPT), "--ppl-corpus", str(EXCERPT), "--ppl-length", "128,300",
-            "--ppl-windows", "2", "--ppl-score-tokens", "32", "--speed-length", "300", "--speed-decode-tokens", "2",
+            "--ppl-windows", "2", "--ppl-score-tokens", "32", "--speed-length", "300,1100", "--speed-decode-tokens", "2",
             "--chunk-size", "256", "-o", str(out), "--no-progress"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output + repr(r.exception)
@@ -37,7 +37,10 @@ def test_eval_end_to_end(model_dirs, tmp_path):
     assert {(p["model"], p["length"]) for p in res["perplexity"]} == {(m, n) for m in ("dense", "hybrid") for n in (128, 300)}
     # random weights: perplexity near the vocabulary size (400), far from 1 and from overflow
     assert all(50 < p["ppl"] < 4000 for p in res["perplexity"])
-    assert {(s["model"], s["length"]) for s in res["speed"]} == {("dense", 300), ("hybrid", 300)}
+    # the hybrid refuses 1100 > its max_position_embeddings (1024): recorded as skipped, the run goes on
+    assert {(s["model"], s["length"]) for s in res["speed"]} == {("dense", 300), ("dense", 1100), ("hybrid", 300)}
+    assert len(res["skipped"]) == 1 and res["skipped"][0].startswith("hybrid: speed at 1100 tokens:")
+    assert "max_position_embeddings" in res["skipped"][0]
     for png in ("accuracy_vs_length.png", "perplexity_vs_length.png", "speed_vs_length.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     md = (out / "report.md").read_text()

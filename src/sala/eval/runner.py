@@ -108,8 +108,17 @@ def _model_info(spec: ModelSpec, model) -> dict:
             "max_position_embeddings": getattr(model.config, "max_position_embeddings", None)}
 
 
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+def skip_reason(e: BaseException) -> str | None:
+    """Why a length could not run, for errors that end one length and not the run (else None: re-raise).
+
+    Out of memory, and a model that refuses a context past its ``max_position_embeddings`` (SALA does;
+    RoPE models run on, which is what a length-generalization sweep wants to see).
+    """
+    if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
+        return "out of memory"
+    if isinstance(e, ValueError) and "max_position_embeddings" in str(e):
+        return str(e)
+    return None
 
 
 def _token_stream(tok, text: str) -> torch.Tensor:
@@ -174,9 +183,9 @@ def run_eval(cfg: EvalConfig, progress=None) -> dict:
                                          "prefill_s": round(gen.prefill_s, 4)})
                             advance()
                     except Exception as e:  # noqa: BLE001 - keep evaluating other lengths after an OOM
-                        if not _is_oom(e):
+                        if (why := skip_reason(e)) is None:
                             raise
-                        results["skipped"].append(f"{spec.name}: {task} at {L} tokens: out of memory")
+                        results["skipped"].append(f"{spec.name}: {task} at {L} tokens: {why}")
                         advance(cfg.samples - len(rows))
                         continue
                     score = 100.0 * sum(r["score"] for r in rows) / len(rows)
@@ -193,11 +202,17 @@ def run_eval(cfg: EvalConfig, progress=None) -> dict:
                                               f"{stream.numel()} tokens under this tokenizer")
                     advance(cfg.ppl_windows)
             advance(0, f"{spec.name}: perplexity")
-            for r in perplexity_at_lengths(model, stream, fitting, cfg.ppl_windows, cfg.ppl_score_tokens,
-                                           cfg.chunk_size, progress=lambda: advance()):
-                results["perplexity"].append({"model": spec.name, **r.as_dict()})
-                # windows that overlapped (short stream) were deduplicated: keep the bar honest
-                advance(cfg.ppl_windows - r.windows)
+            for L in fitting:
+                done = []
+                try:
+                    (r,) = perplexity_at_lengths(model, stream, [L], cfg.ppl_windows, cfg.ppl_score_tokens,
+                                                 cfg.chunk_size, progress=lambda: (advance(), done.append(1)))
+                    results["perplexity"].append({"model": spec.name, **r.as_dict()})
+                except Exception as e:  # noqa: BLE001
+                    if (why := skip_reason(e)) is None:
+                        raise
+                    results["skipped"].append(f"{spec.name}: perplexity at {L} tokens: {why}")
+                advance(cfg.ppl_windows - len(done))  # deduplicated or failed windows: keep the bar honest
         if speed_lengths:
             advance(0, f"{spec.name}: speed")
             prompt = Haystack(hay_text, tok).take(min(max(speed_lengths), 1 << 21))
@@ -207,9 +222,9 @@ def run_eval(cfg: EvalConfig, progress=None) -> dict:
                     (r,) = measure_speed(model, stream, [L], cfg.speed_decode_tokens, cfg.speed_repeats, cfg.chunk_size)
                     results["speed"].append({"model": spec.name, **r.as_dict()})
                 except Exception as e:  # noqa: BLE001
-                    if not _is_oom(e):
+                    if (why := skip_reason(e)) is None:
                         raise
-                    results["skipped"].append(f"{spec.name}: speed at {L} tokens: out of memory")
+                    results["skipped"].append(f"{spec.name}: speed at {L} tokens: {why}")
                 advance()
         del model
         gc.collect()

@@ -153,10 +153,9 @@ FWE_TEMPLATE = (
 )
 
 
-def _needle_sample(task, hay, tokenizer, length, index, depth, rng, template_fn, needles_fn, answers, max_new):
-    """Shared path of the needle tasks: haystack slice from a seeded paragraph, needles at depths."""
+def _needle_sample(task, hay, tokenizer, length, index, rng, template_fn, needles, answers, max_new):
+    """Shared path of the needle tasks: haystack slice from a seeded paragraph, ``(depth, text)`` needles."""
     start = hay.paragraph_start(rng.random())
-    needles = needles_fn  # list of (depth, text)
 
     def build(budget: int) -> tuple[str, dict]:
         text, token_starts = hay.take_with_offsets(budget, start)
@@ -178,7 +177,7 @@ def passkey(hay, tokenizer, length, index, depth, seed):
     rng = _rng(seed, "passkey", length, index)
     key = _number(rng, 5)
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    return _needle_sample("passkey", hay, tokenizer, length, index, depth, rng,
+    return _needle_sample("passkey", hay, tokenizer, length, index, rng,
                           lambda c: PASSKEY_TEMPLATE.format(context=c), [(depth, needle)], [key], 16)
 
 
@@ -206,7 +205,7 @@ def niah(task: str, n_keys: int, n_values: int, n_queries: int, max_new: int):
         asked = keys[:n_queries]
         answers = [v for k in asked for v in values[k]]
         q = _niah_question(asked, n_values > 1)
-        return _needle_sample(task, hay, tokenizer, length, index, depth, rng,
+        return _needle_sample(task, hay, tokenizer, length, index, rng,
                               lambda c: NIAH_TEMPLATE.format(context=c, question=q), pairs, answers, max_new)
 
     return generate
@@ -230,7 +229,7 @@ def variable_tracking(n_chains: int = 1, n_hops: int = 4, max_new: int = 32):
             needles += list(zip([round(d, 4) for d in ds], stmts))
         answers = names[: n_hops + 1]
         tmpl = lambda ctx: VT_TEMPLATE.format(context=ctx, value=values[0], n=n_hops + 1)  # noqa: E731
-        return _needle_sample("vt", hay, tokenizer, length, index, depth, rng, tmpl, needles, answers, max_new)
+        return _needle_sample("vt", hay, tokenizer, length, index, rng, tmpl, needles, answers, max_new)
 
     return generate
 
