@@ -72,7 +72,10 @@ def infllmv2_attention_triton(q, k, v, params, scale, k1=None, k2=None, decode=F
         k2 = _ref.compress_keys(k.detach(), params.kernel_size2, params.kernel_stride2)
     idx = select_blocks_triton(q, k1, k2, params, scale, Tk, decode=decode, key_budget=key_budget)
     splits = 8 if decode else 1
-    return block_sparse_attention_triton(q, k, v, idx, Tk - Tq, params.block_size, scale, splits=splits)
+    # every forced block is selected when topk > init_blocks: stage 2 then shares them across rows
+    forced = (params.init_blocks, params.local_blocks) if params.topk > params.init_blocks else None
+    return block_sparse_attention_triton(q, k, v, idx, Tk - Tq, params.block_size, scale, splits=splits,
+                                         forced=forced)
 
 
 def infllmv2_varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, params, scale, decode=False):

@@ -28,8 +28,9 @@ def _fwd_kernel(
     Q, K, V, IDX, O, LSE, OP, LP,
     q_pos0, n_keys, n_sel, sel_per_split, qk_scale2,
     s_qr, s_qh, s_kt, s_kh, s_vt, s_vh, s_ih, s_ir, s_or, s_oh, s_ps, s_pr, s_ph, s_ls, s_lr,
+    init_blocks, local_blocks,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-    PREC: tl.constexpr, SPLIT: tl.constexpr,
+    PREC: tl.constexpr, SPLIT: tl.constexpr, REST: tl.constexpr, SP2: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1)
@@ -41,11 +42,23 @@ def _fwd_kernel(
     q = tl.load(Q + r * s_qr + (hk * G + h)[:, None] * s_qh + d[None, :], mask=hm[:, None] & dm[None, :], other=0.0)
     qpos = q_pos0 + r
     kk = tl.arange(0, BS)
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, BD], tl.float32)
-    s_lo = sp * sel_per_split
-    s_hi = tl.minimum(s_lo + sel_per_split, n_sel)
+    if REST:
+        # continue from the forced blocks' partial result (OP/LP hold it): only the selected blocks
+        # in [init_blocks, qb - local_blocks) remain; they are contiguous in the sorted selection
+        acc = tl.load(OP + r * s_pr + (hk * G + h)[:, None] * s_ph + d[None, :], mask=hm[:, None] & dm[None, :], other=0.0)
+        m_i = tl.load(LP + r * s_lr + hk * G + h, mask=hm, other=0.0)
+        l_i = tl.full([GP], 1.0, tl.float32)
+        ss = tl.arange(0, SP2)
+        bv = tl.load(IDX + hk * s_ih + r * s_ir + ss, mask=ss < n_sel, other=-1)
+        qb = qpos // BS
+        s_lo = tl.sum(((bv >= 0) & (bv < init_blocks)).to(tl.int32), axis=0)
+        s_hi = tl.maximum(tl.sum(((bv >= 0) & (bv < qb - local_blocks)).to(tl.int32), axis=0), s_lo)
+    else:
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, BD], tl.float32)
+        s_lo = sp * sel_per_split
+        s_hi = tl.minimum(s_lo + sel_per_split, n_sel)
     for s in range(s_lo, s_hi):
         b = tl.load(IDX + hk * s_ih + r * s_ir + s)
         kpos = b.to(tl.int64) * BS + kk
@@ -73,12 +86,72 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _fwd_forced_kernel(
+    Q, K, V, OP, LP,
+    q_pos0, n_rows, n_keys, init_blocks, local_blocks, qk_scale2,
+    s_qr, s_qh, s_kt, s_kh, s_vt, s_vh, s_pr, s_ph, s_lr,
+    G: tl.constexpr, GP: tl.constexpr, RB: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BS: tl.constexpr, PREC: tl.constexpr,
+):
+    """Forced blocks (init + local window + own block) of RB consecutive rows at once: they are the same
+    blocks for rows of one query block, so each K/V block is loaded once for RB * G rows."""
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    BM: tl.constexpr = RB * GP
+    mm = tl.arange(0, BM)
+    row = pid * RB + mm // GP
+    h = mm % GP
+    ok = (row < n_rows) & (h < G)
+    d = tl.arange(0, BD)
+    dm = d < D
+    row64 = row.to(tl.int64)
+    q = tl.load(Q + row64[:, None] * s_qr + (hk * G + h)[:, None] * s_qh + d[None, :], mask=ok[:, None] & dm[None, :], other=0.0)
+    qpos = q_pos0 + row
+    qb = qpos // BS
+    qb_lo = (q_pos0 + pid * RB) // BS
+    qb_hi = (q_pos0 + tl.minimum(pid * RB + RB, n_rows) - 1) // BS
+    kk = tl.arange(0, BS)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BD], tl.float32)
+    n_init = tl.minimum(init_blocks, tl.maximum(qb_hi - local_blocks, 0))
+    loc_lo = tl.maximum(qb_lo - local_blocks, 0)
+    n_loop = n_init + (qb_hi + 1 - loc_lo)
+    for i in range(0, n_loop):
+        if i < n_init:
+            b = i
+            use = (b < qb - local_blocks) & ok
+        else:
+            b = loc_lo + (i - n_init)
+            use = (b >= qb - local_blocks) & (b <= qb) & ok
+        kpos = b.to(tl.int64) * BS + kk
+        kt = tl.load(K + kpos[None, :] * s_kt + hk * s_kh + d[:, None], mask=(kpos[None, :] < n_keys) & dm[:, None], other=0.0)
+        vb = tl.load(V + kpos[:, None] * s_vt + hk * s_vh + d[None, :], mask=(kpos[:, None] < n_keys) & dm[None, :], other=0.0)
+        sc = mma(q, kt, PREC) * qk_scale2
+        vis = use[:, None] & (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < n_keys)
+        sc = tl.where(vis, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(sc - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + mma(p.to(vb.dtype), vb, PREC)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+    tl.store(OP + row64[:, None] * s_pr + (hk * G + h)[:, None] * s_ph + d[None, :], o, mask=ok[:, None] & dm[None, :])
+    tl.store(LP + row64 * s_lr + hk * G + h, lse, mask=ok)
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, IDX, DO, LSE, DELTA, DQ,
     q_pos0, n_keys, n_sel, qk_scale2, scale,
     s_qr, s_qh, s_kt, s_kh, s_vt, s_vh, s_ih, s_ir, s_dr, s_dh, s_lr,
+    DQP, s_pr, s_ph, init_blocks, local_blocks,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, REST: tl.constexpr, SP2: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1)
@@ -93,8 +166,19 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + r * s_lr + hk * G + h, mask=hm, other=0.0)
     qpos = q_pos0 + r
     kk = tl.arange(0, BS)
-    dq = tl.zeros([GP, BD], tl.float32)
-    for s in range(0, n_sel):
+    if REST:
+        # the forced blocks' part is in DQP (see _bwd_dq_forced_kernel); visit the other selected blocks
+        dq = tl.load(DQP + r * s_pr + (hk * G + h)[:, None] * s_ph + d[None, :], mask=msk, other=0.0)
+        ss = tl.arange(0, SP2)
+        bv = tl.load(IDX + hk * s_ih + r * s_ir + ss, mask=ss < n_sel, other=-1)
+        qb = qpos // BS
+        s_lo = tl.sum(((bv >= 0) & (bv < init_blocks)).to(tl.int32), axis=0)
+        s_hi = tl.maximum(tl.sum(((bv >= 0) & (bv < qb - local_blocks)).to(tl.int32), axis=0), s_lo)
+    else:
+        dq = tl.zeros([GP, BD], tl.float32)
+        s_lo = 0
+        s_hi = n_sel
+    for s in range(s_lo, s_hi):
         b = tl.load(IDX + hk * s_ih + r * s_ir + s)
         kpos = b.to(tl.int64) * BS + kk
         kv = (b >= 0) & (kpos <= qpos) & (kpos < n_keys)
@@ -106,6 +190,58 @@ def _bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += mma(ds.to(kt.dtype), tl.trans(kt), PREC)
     tl.store(DQ + r * s_dr + (hk * G + h)[:, None] * s_dh + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _bwd_dq_forced_kernel(
+    Q, K, V, DO, LSE, DELTA, DQP,
+    q_pos0, n_rows, n_keys, init_blocks, local_blocks, qk_scale2,
+    s_qr, s_qh, s_kt, s_kh, s_vt, s_vh, s_dr, s_dh, s_lr, s_pr, s_ph,
+    G: tl.constexpr, GP: tl.constexpr, RB: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BS: tl.constexpr, PREC: tl.constexpr,
+):
+    """dq (unscaled, float32) from the forced blocks of RB consecutive rows at once (cf. _fwd_forced_kernel)."""
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    BM: tl.constexpr = RB * GP
+    mm = tl.arange(0, BM)
+    row = pid * RB + mm // GP
+    h = mm % GP
+    ok = (row < n_rows) & (h < G)
+    d = tl.arange(0, BD)
+    dm = d < D
+    row64 = row.to(tl.int64)
+    qm = ok[:, None] & dm[None, :]
+    q = tl.load(Q + row64[:, None] * s_qr + (hk * G + h)[:, None] * s_qh + d[None, :], mask=qm, other=0.0)
+    do = tl.load(DO + row64[:, None] * s_dr + (hk * G + h)[:, None] * s_dh + d[None, :], mask=qm, other=0.0)
+    lse = tl.load(LSE + row64 * s_lr + hk * G + h, mask=ok, other=0.0)
+    delta = tl.load(DELTA + row64 * s_lr + hk * G + h, mask=ok, other=0.0)
+    qpos = q_pos0 + row
+    qb = qpos // BS
+    qb_lo = (q_pos0 + pid * RB) // BS
+    qb_hi = (q_pos0 + tl.minimum(pid * RB + RB, n_rows) - 1) // BS
+    kk = tl.arange(0, BS)
+    dq = tl.zeros([BM, BD], tl.float32)
+    n_init = tl.minimum(init_blocks, tl.maximum(qb_hi - local_blocks, 0))
+    loc_lo = tl.maximum(qb_lo - local_blocks, 0)
+    n_loop = n_init + (qb_hi + 1 - loc_lo)
+    for i in range(0, n_loop):
+        if i < n_init:
+            b = i
+            use = (b < qb - local_blocks) & ok
+        else:
+            b = loc_lo + (i - n_init)
+            use = (b >= qb - local_blocks) & (b <= qb) & ok
+        kpos = b.to(tl.int64) * BS + kk
+        kt = tl.load(K + kpos[None, :] * s_kt + hk * s_kh + d[:, None], mask=(kpos[None, :] < n_keys) & dm[:, None], other=0.0)
+        vt = tl.load(V + kpos[None, :] * s_vt + hk * s_vh + d[:, None], mask=(kpos[None, :] < n_keys) & dm[:, None], other=0.0)
+        sc = mma(q, kt, PREC) * qk_scale2
+        vis = use[:, None] & (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < n_keys)
+        p = tl.where(vis, tl.exp2(sc - lse[:, None]), 0.0)
+        dp = mma(do, vt, PREC)
+        ds = p * (dp - delta[:, None])
+        dq += mma(ds.to(kt.dtype), tl.trans(kt), PREC)
+    tl.store(DQP + row64[:, None] * s_pr + (hk * G + h)[:, None] * s_ph + d[None, :], dq, mask=qm)
 
 
 @triton.jit
@@ -157,8 +293,17 @@ def _cfg(G: int, D: int):
     return group_pad(G), pad_dim(D)
 
 
-def sparse_attn_forward(q, k, v, topk_idx, q_pos0, block_size, scale, splits=1):
-    """Forward: returns (o ``[R, Hq, D]`` in q's dtype, lse ``[R, Hq]`` float32, log2 units)."""
+def sparse_attn_forward(q, k, v, topk_idx, q_pos0, block_size, scale, splits=1, forced=None,
+                        rows_per_pass=1 << 16):
+    """Forward: returns (o ``[R, Hq, D]`` in q's dtype, lse ``[R, Hq]`` float32, log2 units).
+
+    ``forced=(init_blocks, local_blocks)`` declares that every row's selection contains all its forced
+    blocks (true for InfLLM-V2 selections when topk > init_blocks): they are then computed by
+    ``_fwd_forced_kernel`` for several rows at once and the per-row kernel only visits the others.
+    A float32 scratch of ``rows_per_pass`` rows carries the partial result between the two kernels.
+    """
+    if forced is not None and splits == 1:
+        return _forward_two_pass(q, k, v, topk_idx, q_pos0, block_size, scale, forced, rows_per_pass)
     R, Hq, D = q.shape
     Tk, Hk = k.shape[0], k.shape[1]
     G = Hq // Hk
@@ -184,13 +329,52 @@ def sparse_attn_forward(q, k, v, topk_idx, q_pos0, block_size, scale, splits=1):
         idx.stride(0), idx.stride(1), o.stride(0), o.stride(1),
         op.stride(0) if split else 0, op.stride(1), op.stride(2) if split else 0,
         lp.stride(0) if split else 0, lp.stride(1) if split else lse.stride(0),
-        G=G, GP=GP, D=D, BD=BD, BS=block_size, PREC=_precision(q.dtype), SPLIT=split,
+        0, 0,
+        G=G, GP=GP, D=D, BD=BD, BS=block_size, PREC=_precision(q.dtype), SPLIT=split, REST=False, SP2=1,
         num_warps=4, num_stages=2,
     )
     if split:
         lse = torch.logsumexp(lp * (1 / LOG2E), dim=0) * LOG2E  # [R, Hq]
         w = torch.exp2(lp - lse[None]).nan_to_num(0.0)
         o = (w[..., None] * op).sum(0).to(q.dtype)
+    return o, lse
+
+
+def _forward_two_pass(q, k, v, topk_idx, q_pos0, block_size, scale, forced, rows_per_pass):
+    R, Hq, D = q.shape
+    Tk, Hk = k.shape[0], k.shape[1]
+    G = Hq // Hk
+    GP, BD = _cfg(G, D)
+    S = topk_idx.shape[-1]
+    init_blocks, local_blocks = forced
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    prec = _precision(q.dtype)
+    o = torch.empty_like(q)
+    lse = torch.empty(R, Hq, device=q.device, dtype=torch.float32)
+    step = min(R, rows_per_pass)
+    op = torch.empty(step, Hq, D, device=q.device, dtype=torch.float32)
+    rb = max(1, 128 // GP)
+    for r0 in range(0, R, step):
+        r1 = min(R, r0 + step)
+        n = r1 - r0
+        qc, oc, lc, ic = q[r0:r1], o[r0:r1], lse[r0:r1], topk_idx[:, r0:r1]
+        _fwd_forced_kernel[(triton.cdiv(n, rb), Hk)](
+            qc, k, v, op, lc,
+            q_pos0 + r0, n, Tk, init_blocks, local_blocks, scale * LOG2E,
+            qc.stride(0), qc.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            op.stride(0), op.stride(1), lc.stride(0),
+            G=G, GP=GP, RB=rb, D=D, BD=BD, BS=block_size, PREC=prec, num_warps=8, num_stages=2,
+        )
+        _fwd_kernel[(n, Hk, 1)](
+            qc, k, v, ic, oc, lc, op, lc,
+            q_pos0 + r0, Tk, S, S, scale * LOG2E,
+            qc.stride(0), qc.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            ic.stride(0), ic.stride(1), oc.stride(0), oc.stride(1),
+            0, op.stride(0), op.stride(1), 0, lc.stride(0),
+            init_blocks, local_blocks,
+            G=G, GP=GP, D=D, BD=BD, BS=block_size, PREC=prec, SPLIT=False, REST=True,
+            SP2=triton.next_power_of_2(S), num_warps=4, num_stages=2,
+        )
     return o, lse
 
 
@@ -211,8 +395,9 @@ def _inverted_index(topk_idx: torch.Tensor, n_blocks: int):
     return rows, offs
 
 
-def sparse_attn_backward(do, q, k, v, o, lse, topk_idx, q_pos0, block_size, scale):
-    """Backward of :func:`sparse_attn_forward`: (dq, dk, dv) in the input dtypes."""
+def sparse_attn_backward(do, q, k, v, o, lse, topk_idx, q_pos0, block_size, scale, forced=None,
+                         rows_per_pass=1 << 16):
+    """Backward of :func:`sparse_attn_forward`: (dq, dk, dv) in the input dtypes (``forced``: as there)."""
     R, Hq, D = q.shape
     Tk, Hk = k.shape[0], k.shape[1]
     G = Hq // Hk
@@ -222,13 +407,40 @@ def sparse_attn_backward(do, q, k, v, o, lse, topk_idx, q_pos0, block_size, scal
     delta = (o.float() * do.float()).sum(-1).contiguous()  # [R, Hq]
     prec = _precision(q.dtype)
     dq = torch.empty_like(q)
-    _bwd_dq_kernel[(R, Hk)](
-        q, k, v, topk_idx, do, lse, delta, dq,
-        q_pos0, Tk, S, scale * LOG2E, scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        topk_idx.stride(0), topk_idx.stride(1), do.stride(0), do.stride(1), lse.stride(0),
-        G=G, GP=GP, D=D, BD=BD, BS=block_size, PREC=prec, num_warps=4, num_stages=2,
-    )
+    if forced is None:
+        _bwd_dq_kernel[(R, Hk)](
+            q, k, v, topk_idx, do, lse, delta, dq,
+            q_pos0, Tk, S, scale * LOG2E, scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            topk_idx.stride(0), topk_idx.stride(1), do.stride(0), do.stride(1), lse.stride(0),
+            dq, 0, 0, 0, 0,
+            G=G, GP=GP, D=D, BD=BD, BS=block_size, PREC=prec, REST=False, SP2=1, num_warps=4, num_stages=2,
+        )
+    else:
+        init_blocks, local_blocks = forced
+        step = min(R, rows_per_pass)
+        dqp = torch.empty(step, Hq, D, device=q.device, dtype=torch.float32)
+        rb = max(1, 128 // GP)
+        for r0 in range(0, R, step):
+            r1 = min(R, r0 + step)
+            n = r1 - r0
+            qc, dqc, doc, lc, dc, ic = q[r0:r1], dq[r0:r1], do[r0:r1], lse[r0:r1], delta[r0:r1], topk_idx[:, r0:r1]
+            _bwd_dq_forced_kernel[(triton.cdiv(n, rb), Hk)](
+                qc, k, v, doc, lc, dc, dqp,
+                q_pos0 + r0, n, Tk, init_blocks, local_blocks, scale * LOG2E,
+                qc.stride(0), qc.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                doc.stride(0), doc.stride(1), lc.stride(0), dqp.stride(0), dqp.stride(1),
+                G=G, GP=GP, RB=rb, D=D, BD=BD, BS=block_size, PREC=prec, num_warps=8, num_stages=2,
+            )
+            _bwd_dq_kernel[(n, Hk)](
+                qc, k, v, ic, doc, lc, dc, dqc,
+                q_pos0 + r0, Tk, S, scale * LOG2E, scale,
+                qc.stride(0), qc.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                ic.stride(0), ic.stride(1), doc.stride(0), doc.stride(1), lc.stride(0),
+                dqp, dqp.stride(0), dqp.stride(1), init_blocks, local_blocks,
+                G=G, GP=GP, D=D, BD=BD, BS=block_size, PREC=prec, REST=True, SP2=triton.next_power_of_2(S),
+                num_warps=4, num_stages=2,
+            )
     n_blocks = triton.cdiv(Tk, block_size)
     rows, offs = _inverted_index(topk_idx, n_blocks)
     dk = torch.empty_like(k)
@@ -249,24 +461,25 @@ class BlockSparseAttention(torch.autograd.Function):
     """Stage 2 with gradients for q, k, v (the selection is an input, not differentiated)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, topk_idx, q_pos0, block_size, scale):
+    def forward(ctx, q, k, v, topk_idx, q_pos0, block_size, scale, forced=None):
         idx = topk_idx.contiguous()
-        o, lse = sparse_attn_forward(q, k, v, idx, q_pos0, block_size, scale)
+        o, lse = sparse_attn_forward(q, k, v, idx, q_pos0, block_size, scale, forced=forced)
         ctx.save_for_backward(q, k, v, o, lse, idx)
-        ctx.args = (q_pos0, block_size, scale)
+        ctx.args = (q_pos0, block_size, scale, forced)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, idx = ctx.saved_tensors
-        q_pos0, block_size, scale = ctx.args
+        q_pos0, block_size, scale, forced = ctx.args
         dq, dk, dv = sparse_attn_backward(do, q.contiguous(), k.contiguous(), v.contiguous(), o, lse, idx,
-                                          q_pos0, block_size, scale)
-        return dq, dk, dv, None, None, None, None
+                                          q_pos0, block_size, scale, forced=forced)
+        return dq, dk, dv, None, None, None, None, None
 
 
-def block_sparse_attention_triton(q, k, v, topk_idx, q_pos0, block_size, scale, splits=1):
-    """Stage 2 for one sequence; differentiable in q, k, v when they require grad (splits must be 1)."""
+def block_sparse_attention_triton(q, k, v, topk_idx, q_pos0, block_size, scale, splits=1, forced=None):
+    """Stage 2 for one sequence; differentiable in q, k, v when they require grad (splits must be 1).
+    ``forced``: see :func:`sparse_attn_forward`."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return BlockSparseAttention.apply(q, k, v, topk_idx, q_pos0, block_size, scale)
-    return sparse_attn_forward(q, k, v, topk_idx, q_pos0, block_size, scale, splits=splits)[0]
+        return BlockSparseAttention.apply(q, k, v, topk_idx, q_pos0, block_size, scale, forced)
+    return sparse_attn_forward(q, k, v, topk_idx, q_pos0, block_size, scale, splits=splits, forced=forced)[0]

@@ -1,0 +1,210 @@
+"""InfLLM-V2 Triton kernels against the reference ops (sala.ops.infllmv2_reference).
+
+Without CUDA the kernels run through the Triton interpreter (TRITON_INTERPRET=1, set here before any Triton
+kernel is defined) at small shapes; with CUDA the same checks run compiled at the release shape.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from sala.ops import infllmv2_reference as ref  # noqa: E402
+from sala.ops import infllmv2_triton_attn as ta  # noqa: E402
+from sala.ops import infllmv2_triton_select as ts  # noqa: E402
+from sala.ops.infllmv2_triton import infllmv2_attention_triton, infllmv2_varlen_triton, select_blocks_triton  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+if CUDA:  # release settings and shape
+    P = ref.SparseParams(kernel_size=32, kernel_stride=16, block_size=64, init_blocks=1, window_size=2048, topk=64)
+    T_LONG, D = 8192 + 63, 128
+else:  # same structure at toy size: pool stride 4, 2 local blocks, 5 selected
+    P = ref.SparseParams(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, window_size=32, topk=3)
+    T_LONG, D = 127, 16  # 127 % 4 == 3 and 127 % 16 == 15: the visibility quirk on both levels
+
+
+def make(T, Hq, Hk, Tq=None, dtype=torch.float32, seed=0, d=D):
+    g = torch.Generator().manual_seed(seed)
+    Tq = Tq or T
+    q = torch.randn(Tq, Hq, d, generator=g) * 1.5
+    k = torch.randn(T, Hk, d, generator=g)
+    v = torch.randn(T, Hk, d, generator=g)
+    return (x.to(DEV, dtype) for x in (q, k, v))
+
+
+def reference_selection(q, k, params=P, decode=False):
+    Tq, T = q.shape[0], k.shape[0]
+    scale = q.shape[-1] ** -0.5
+    k1 = ref.compress_keys(k, params.kernel_size, params.kernel_stride)
+    k2 = ref.compress_keys(k, params.kernel_size2, params.kernel_stride2)
+    pos = torch.arange(T - Tq, T, device=q.device)
+    if decode:
+        v1 = v2 = None
+    else:
+        v1 = ref.visible_counts(pos, T, k1.shape[0], params.kernel_stride)
+        v2 = ref.visible_counts(pos, T, k2.shape[0], params.kernel_stride2)
+    s1 = ref.stage1_scores(q, k1, k2, scale, v1, v2)
+    qb = pos // params.block_size
+    bsc = ref.block_scores(s1, qb, -(-T // params.block_size), params)
+    idx = ref.select_blocks(bsc, qb, params.n_select)
+    return k1, k2, s1, bsc, idx
+
+
+# ---------------------------------------------------------------- stage 1, pooling, selection
+
+
+@pytest.mark.parametrize(
+    "T,Hq,Hk,Tq,decode",
+    [(T_LONG, 8, 2, None, False), (T_LONG - 20, 12, 1, 40, False), (T_LONG, 16, 1, 1, True), (T_LONG - 1, 3, 1, 33, False)],
+)
+def test_stage1_scores_and_selection_match_reference(T, Hq, Hk, Tq, decode):
+    q, k, _ = make(T, Hq, Hk, Tq, seed=T + Hq)
+    k1, k2, s1, bsc, idx_ref = reference_selection(q, k, decode=decode)
+    scores = torch.zeros(k.shape[1], q.shape[0], k1.shape[0], device=DEV)
+    idx = ts.select_blocks_chunk(q, k1, k2, q.shape[-1] ** -0.5, P, T - q.shape[0], T, decode=decode,
+                                 scores_out=scores, lse_splits=3 if decode else 1)
+    torch.testing.assert_close(scores, s1, rtol=2e-5, atol=1e-6)
+    assert torch.equal(idx, idx_ref)
+    # the pooled block scores carried by the keys, where the kernel keeps them (blocks up to the query's own)
+    keys = ts.block_keys(q, k1, ts.k2_lse(q, k2, q.shape[-1] ** -0.5, T - q.shape[0],
+                                          ts.visibility_offsets(T, k2.shape[0], P.kernel_stride2, decode),
+                                          P.kernel_stride2),
+                         q.shape[-1] ** -0.5, T - q.shape[0],
+                         ts.visibility_offsets(T, k1.shape[0], P.kernel_stride, decode), P, bsc.shape[-1])
+    mine = ts.keys_to_scores(keys)
+    qb = torch.arange(T - q.shape[0], T, device=DEV) // P.block_size
+    past = torch.arange(bsc.shape[-1], device=DEV)[None, :] <= qb[:, None]
+    torch.testing.assert_close(mine[:, past], bsc.float()[:, past], rtol=2e-5, atol=1e-6)
+    assert torch.all(mine[:, ~past & (torch.arange(bsc.shape[-1], device=DEV)[None, :] >= P.init_blocks)] == float("-inf"))
+
+
+@pytest.mark.parametrize("pattern", ["all_equal", "pairs"])
+def test_selection_exact_ties_go_to_lower_block(pattern):
+    """Keys built so that block scores tie exactly: the lower block index must win, as in the reference."""
+    T, Hq, Hk = T_LONG, 8, 1
+    q, k, _ = make(T, Hq, Hk, seed=3)
+    if pattern == "all_equal":  # every K1 chunk identical -> every non-forced block ties
+        k = k[:1].expand(T, Hk, D).contiguous()
+    else:  # keys repeat every two blocks -> blocks 2i+1 and 2i+3 tie, and so on
+        period = 2 * P.block_size
+        k = k[:period].repeat(T // period + 1, 1, 1)[:T].contiguous()
+    k1, k2, s1, bsc, idx_ref = reference_selection(q, k)
+    idx = select_blocks_triton(q, k1, k2, P, D ** -0.5, T)
+    # the reference really has ties at the selection boundary on many rows
+    qb = torch.arange(T, device=DEV) // P.block_size
+    cand = bsc.float().masked_fill(torch.arange(bsc.shape[-1], device=DEV)[None, None, :] > qb[None, :, None], float("-inf"))
+    top = cand.sort(-1, descending=True).values
+    n_sel = idx_ref.shape[-1]
+    tie_rows = (top[..., n_sel - 1] == top[..., n_sel]) & torch.isfinite(top[..., n_sel])
+    assert tie_rows.sum() >= 5
+    assert torch.equal(idx, idx_ref)
+
+
+def test_selection_bf16_rounds_scores_like_reference():
+    """bf16 inputs: scores are rounded to bf16 before pooling; flips only between blocks whose reference
+    scores are within one bf16 rounding step."""
+    T, Hq, Hk = T_LONG, 8, 1
+    q, k, _ = make(T, Hq, Hk, dtype=torch.bfloat16, seed=7)
+    k1, k2, s1, bsc, idx_ref = reference_selection(q, k)
+    scores = torch.zeros(Hk, T, k1.shape[0], device=DEV)
+    idx = ts.select_blocks_chunk(q, k1, k2, D ** -0.5, P, 0, T, scores_out=scores)
+    assert torch.all(scores == scores.bfloat16().float())  # rounded like the release kernel
+    torch.testing.assert_close(scores, s1.float(), rtol=1e-2, atol=1e-3)
+    diff = (idx != idx_ref).any(-1)
+    assert diff.float().mean() < 0.2
+    for h, r in diff.nonzero().tolist():
+        a = bsc[h, r, idx[h, r][idx[h, r] >= 0].long()].float().sort().values
+        b = bsc[h, r, idx_ref[h, r][idx_ref[h, r] >= 0].long()].float().sort().values
+        assert torch.allclose(a, b, rtol=1.6e-2, atol=0)
+
+
+def test_chunked_selection_equals_unchunked():
+    T, Hq, Hk = T_LONG, 8, 2
+    q, k, _ = make(T, Hq, Hk, seed=11)
+    k1 = ref.compress_keys(k, P.kernel_size, P.kernel_stride)
+    k2 = ref.compress_keys(k, P.kernel_size2, P.kernel_stride2)
+    whole = select_blocks_triton(q, k1, k2, P, D ** -0.5, T)
+    n_blocks = -(-T // P.block_size)
+    chunked = select_blocks_triton(q, k1, k2, P, D ** -0.5, T, key_budget=Hk * n_blocks * P.block_size)
+    assert torch.equal(whole, chunked)
+
+
+# ---------------------------------------------------------------- stage 2
+
+
+def _stage2_inputs(T, Hq, Hk, Tq=None, dtype=torch.float32, seed=0):
+    q, k, v = make(T, Hq, Hk, Tq, dtype=dtype, seed=seed)
+    idx = reference_selection(q, k)[-1]
+    return q, k, v, idx
+
+
+@pytest.mark.parametrize("T,Hq,Hk,Tq", [(T_LONG, 8, 2, 48), (T_LONG - 5, 3, 1, 37)])
+def test_stage2_forward_matches_reference(T, Hq, Hk, Tq):
+    q, k, v, idx = _stage2_inputs(T, Hq, Hk, Tq, seed=5)
+    Tq = q.shape[0]
+    pos = torch.arange(T - Tq, T, device=DEV)
+    o_ref = ref.block_sparse_attention(q, k, v, idx, pos, P.block_size, D ** -0.5)
+    o, lse = ta.sparse_attn_forward(q, k, v, idx, T - Tq, P.block_size, D ** -0.5)
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
+    o2, lse2 = ta.sparse_attn_forward(q, k, v, idx, T - Tq, P.block_size, D ** -0.5,
+                                      forced=(P.init_blocks, P.local_blocks), rows_per_pass=max(1, Tq // 3))
+    torch.testing.assert_close(o2, o_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse2, lse, rtol=1e-5, atol=1e-5)
+    o3, _ = ta.sparse_attn_forward(q, k, v, idx, T - Tq, P.block_size, D ** -0.5, splits=3)
+    torch.testing.assert_close(o3, o_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_stage2_gradients_match_reference_autograd():
+    T, Hq, Hk = T_LONG, 8, 1
+    q, k, v, idx = _stage2_inputs(T, Hq, Hk, seed=9)
+    pos = torch.arange(T, device=DEV)
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    o_ref = ref.block_sparse_attention(qr, kr, vr, idx, pos, P.block_size, D ** -0.5)
+    do = torch.randn_like(o_ref)
+    o_ref.backward(do)
+    qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
+    o = ta.block_sparse_attention_triton(qt, kt, vt, idx, 0, P.block_size, D ** -0.5,
+                                         forced=(P.init_blocks, P.local_blocks))
+    o.backward(do)
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
+    for mine, want in ((qt.grad, qr.grad), (kt.grad, kr.grad), (vt.grad, vr.grad)):
+        torch.testing.assert_close(mine, want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- whole op, decode, varlen
+
+
+@pytest.mark.parametrize("T,Hq,Hk,Tq", [(T_LONG, 8, 2, None), (T_LONG - 30, 12, 1, 20)])
+def test_full_op_matches_reference(T, Hq, Hk, Tq):
+    q, k, v = make(T, Hq, Hk, Tq, seed=13)
+    o_ref = ref.infllmv2_attention(q, k, v, P, D ** -0.5)
+    o = infllmv2_attention_triton(q, k, v, P, D ** -0.5, key_budget=Hk * 2 * P.block_size * (-(-T // P.block_size)))
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_with_cached_compressed_keys_matches_reference():
+    T, Hq, Hk = T_LONG + 1, 16, 1
+    q, k, v = make(T, Hq, Hk, 1, seed=17)
+    k1 = ref.compress_keys(k, P.kernel_size, P.kernel_stride)
+    k2 = ref.compress_keys(k, P.kernel_size2, P.kernel_stride2)
+    got: dict = {}
+    o_ref = ref.infllmv2_attention(q, k, v, P, D ** -0.5, k1=k1, k2=k2, decode=True, internals=got)
+    o = infllmv2_attention_triton(q, k, v, P, D ** -0.5, k1=k1, k2=k2, decode=True)
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(select_blocks_triton(q, k1, k2, P, D ** -0.5, T, decode=True), got["topk_idx"])
+
+
+def test_varlen_batch_equals_each_sequence():
+    Hq, Hk = 4, 1
+    lens = [70, 45] if not CUDA else [5000, 3000]
+    qs, ks, vs = zip(*(make(L, Hq, Hk, seed=L) for L in lens))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=DEV, dtype=torch.int32)
+    o = infllmv2_varlen_triton(torch.cat(qs), torch.cat(ks), torch.cat(vs), cu, cu, P, D ** -0.5)
+    want = torch.cat([ref.infllmv2_attention(a, b, c, P, D ** -0.5) for a, b, c in zip(qs, ks, vs)])
+    torch.testing.assert_close(o, want, rtol=1e-4, atol=1e-5)
