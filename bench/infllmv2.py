@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from sala.ops import infllmv2_reference as ref  # noqa: E402
+from sala.ops import infllmv2_triton as tri  # noqa: E402
+from sala.ops import infllmv2_triton_select as tsel  # noqa: E402
 from sala.ops.infllmv2_dense import dense_attention_sdpa  # noqa: E402
 from sala.ops.infllmv2_triton import infllmv2_attention_triton, select_blocks_triton  # noqa: E402
 from sala.ops.infllmv2_triton_attn import sparse_attn_backward, sparse_attn_forward  # noqa: E402
@@ -197,6 +199,36 @@ def correctness(res: Results):
     return ok
 
 
+def tune(res, T=65536):
+    """Pick, on this card, the stage-1 rows per program and whether stage 2 shares the forced blocks;
+    the choice and the times are recorded under "tuning" and used for every case below."""
+    q, k, v = inputs(T, seed=4)
+    k1 = ref.compress_keys(k, 32, 16)
+    k2 = ref.compress_keys(k, 128, 64)
+    t = {}
+    for rows in (4, 8):
+        tsel.TILE_ROWS = rows
+        t[f"select_rows{rows}"] = timeit(lambda: select_blocks_triton(q, k1, k2, PARAMS, SCALE, T))
+    rows = min((4, 8), key=lambda r: t[f"select_rows{r}"])
+    tsel.TILE_ROWS = rows
+    idx = select_blocks_triton(q, k1, k2, PARAMS, SCALE, T)
+    forced = (PARAMS.init_blocks, PARAMS.local_blocks)
+    t["stage2_fwd_forced"] = timeit(lambda: sparse_attn_forward(q, k, v, idx, 0, 64, SCALE, forced=forced))
+    t["stage2_fwd_per_row"] = timeit(lambda: sparse_attn_forward(q, k, v, idx, 0, 64, SCALE))
+    o, lse = sparse_attn_forward(q, k, v, idx, 0, 64, SCALE)
+    do = torch.randn_like(q)
+    t["stage2_bwd_forced"] = timeit(lambda: sparse_attn_backward(do, q, k, v, o, lse, idx, 0, 64, SCALE, forced=forced), reps=3)
+    t["stage2_bwd_per_row"] = timeit(lambda: sparse_attn_backward(do, q, k, v, o, lse, idx, 0, 64, SCALE), reps=3)
+    tri.FORCED_SPLIT["fwd"] = t["stage2_fwd_forced"] <= t["stage2_fwd_per_row"]
+    tri.FORCED_SPLIT["bwd"] = t["stage2_bwd_forced"] <= t["stage2_bwd_per_row"]
+    res.extra["tuning"] = {"T": T, "ms": {k_: round(v_, 3) for k_, v_ in t.items()}, "tile_rows": rows,
+                           "forced_split": dict(tri.FORCED_SPLIT)}
+    log("tuning", res.extra["tuning"])
+    res.dump()
+    del q, k, v, o, do
+    torch.cuda.empty_cache()
+
+
 def dense_fn(q, k, v, backend):
     return dense_attention_sdpa(q, k, v, SCALE, backends=(backend,))
 
@@ -265,7 +297,7 @@ def bench_fwdbwd(res, T, ok):
         q.grad = k.grad = v.grad = None
         dense_fn(q, k, v, b).backward(do)
 
-    for b in ("cudnn", "flash"):
+    for b in ("cudnn", "flash") if T < 262144 else ("cudnn",):  # flash: 1.7x slower at 128K (run 1)
         try:
             base[b] = timeit(lambda: dense_step(b), reps=3)
         except Exception as e:  # noqa: BLE001
@@ -337,7 +369,9 @@ def write_md(res: Results, path: Path):
     for r in res.rows:
         lines.append(f"| {r['case']} | {r['ms']} | {r.get('baseline')} | {r.get('baseline_ms')} | {r.get('speedup')} | "
                      f"{r.get('correct')} | {r.get('stages_ms', '')} | {r.get('dense_ms', '')} | {r.get('peak_extra_gib', '')} |")
-    lines += ["", "Correctness: " + json.dumps(res.extra.get("correctness")), ""]
+    lines += ["", "Correctness: " + json.dumps(res.extra.get("correctness")), "",
+              "Tuning (chosen on this card before the timed cases): " + json.dumps(res.extra.get("tuning")), "",
+              "Skipped/failed: " + json.dumps({k_: res.extra.get(k_) for k_ in ("skipped", "failed")}), ""]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -358,6 +392,10 @@ def main():
         ok = False
     log("correct:", ok)
     lens = [16384, 65536] if args.quick else [16384, 65536, 131072, 262144]
+    try:
+        tune(res)
+    except Exception as e:  # noqa: BLE001
+        log("tuning FAILED", repr(e)[:400])
     plan = [("decode", 131072), ("decode", 1 << 20)]
     plan += [("fwd", T) for T in lens]
     plan += [("fwd_sparse", T) for T in ([] if args.quick else [1 << 19, 1 << 20])]

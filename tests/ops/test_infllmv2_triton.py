@@ -168,13 +168,14 @@ def test_stage2_gradients_match_reference_autograd():
     o_ref = ref.block_sparse_attention(qr, kr, vr, idx, pos, P.block_size, D ** -0.5)
     do = torch.randn_like(o_ref)
     o_ref.backward(do)
-    qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
-    o = ta.block_sparse_attention_triton(qt, kt, vt, idx, 0, P.block_size, D ** -0.5,
-                                         forced=(P.init_blocks, P.local_blocks))
-    o.backward(do)
-    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
-    for mine, want in ((qt.grad, qr.grad), (kt.grad, kr.grad), (vt.grad, vr.grad)):
-        torch.testing.assert_close(mine, want, rtol=1e-4, atol=1e-4)
+    forced = (P.init_blocks, P.local_blocks)
+    for fwd, bwd in ((forced, forced), (None, None)):  # forced blocks in a shared pass, or all per row
+        qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
+        o = ta.block_sparse_attention_triton(qt, kt, vt, idx, 0, P.block_size, D ** -0.5, forced=fwd, forced_bwd=bwd)
+        o.backward(do)
+        torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
+        for mine, want in ((qt.grad, qr.grad), (kt.grad, kr.grad), (vt.grad, vr.grad)):
+            torch.testing.assert_close(mine, want, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------- whole op, decode, varlen

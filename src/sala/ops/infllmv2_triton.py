@@ -19,7 +19,11 @@ from . import infllmv2_reference as _ref
 from .infllmv2_triton_attn import block_sparse_attention_triton
 from .infllmv2_triton_select import select_blocks_chunk
 
-__all__ = ["infllmv2_attention_triton", "select_blocks_triton", "infllmv2_varlen_triton"]
+__all__ = ["infllmv2_attention_triton", "select_blocks_triton", "infllmv2_varlen_triton", "FORCED_SPLIT"]
+
+# Stage 2 computes the forced blocks (shared by the rows of a query block) in a separate multi-row pass:
+# on for forward and backward dq unless the bench measured it slower on the card.
+FORCED_SPLIT = {"fwd": True, "bwd": True}
 
 
 def _nonempty(x: torch.Tensor) -> torch.Tensor:
@@ -71,11 +75,12 @@ def infllmv2_attention_triton(q, k, v, params, scale, k1=None, k2=None, decode=F
     if k2 is None:
         k2 = _ref.compress_keys(k.detach(), params.kernel_size2, params.kernel_stride2)
     idx = select_blocks_triton(q, k1, k2, params, scale, Tk, decode=decode, key_budget=key_budget)
-    splits = 8 if decode else 1
+    splits = 16 if decode else 1
     # every forced block is selected when topk > init_blocks: stage 2 then shares them across rows
     forced = (params.init_blocks, params.local_blocks) if params.topk > params.init_blocks else None
     return block_sparse_attention_triton(q, k, v, idx, Tk - Tq, params.block_size, scale, splits=splits,
-                                         forced=forced)
+                                         forced=forced if FORCED_SPLIT["fwd"] else None,
+                                         forced_bwd=forced if FORCED_SPLIT["bwd"] else None)
 
 
 def infllmv2_varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, params, scale, decode=False):

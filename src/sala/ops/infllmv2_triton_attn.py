@@ -289,6 +289,20 @@ def _bwd_dkdv_kernel(
     tl.store(DV + kpos[:, None] * s_vt + hk * s_vh + d[None, :], dv.to(DV.dtype.element_ty), mask=om)
 
 
+@triton.jit
+def _merge_splits_kernel(OP, LP, O, n_splits, s_ps, s_pr, s_ls, s_or, D: tl.constexpr, BD: tl.constexpr, SPP: tl.constexpr):
+    """Merge the split partials (o_s, lse_s) of one (row, q head) into o (decode, flash-decoding style)."""
+    rh = tl.program_id(0).to(tl.int64)
+    sp = tl.arange(0, SPP)
+    d = tl.arange(0, BD)
+    lp = tl.load(LP + sp * s_ls + rh, mask=sp < n_splits, other=float("-inf"))
+    mx = tl.max(lp, axis=0)
+    w = tl.where(lp > float("-inf"), tl.exp2(lp - mx), 0.0)
+    op = tl.load(OP + sp[:, None] * s_ps + rh * s_pr + d[None, :], mask=(sp[:, None] < n_splits) & (d[None, :] < D), other=0.0)
+    o = tl.sum(op * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(O + rh * s_or + d, o.to(O.dtype.element_ty), mask=d < D)
+
+
 def _cfg(G: int, D: int):
     return group_pad(G), pad_dim(D)
 
@@ -334,9 +348,9 @@ def sparse_attn_forward(q, k, v, topk_idx, q_pos0, block_size, scale, splits=1, 
         num_warps=4, num_stages=2,
     )
     if split:
-        lse = torch.logsumexp(lp * (1 / LOG2E), dim=0) * LOG2E  # [R, Hq]
-        w = torch.exp2(lp - lse[None]).nan_to_num(0.0)
-        o = (w[..., None] * op).sum(0).to(q.dtype)
+        _merge_splits_kernel[(R * Hq,)](op, lp, o, splits, op.stride(0), op.stride(2), lp.stride(0), o.stride(1),
+                                        D=D, BD=BD, SPP=triton.next_power_of_2(max(splits, 2)), num_warps=1)
+        lse = None  # not needed by decode; the split path has no backward
     return o, lse
 
 
@@ -461,11 +475,11 @@ class BlockSparseAttention(torch.autograd.Function):
     """Stage 2 with gradients for q, k, v (the selection is an input, not differentiated)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, topk_idx, q_pos0, block_size, scale, forced=None):
+    def forward(ctx, q, k, v, topk_idx, q_pos0, block_size, scale, forced=None, forced_bwd=None):
         idx = topk_idx.contiguous()
         o, lse = sparse_attn_forward(q, k, v, idx, q_pos0, block_size, scale, forced=forced)
         ctx.save_for_backward(q, k, v, o, lse, idx)
-        ctx.args = (q_pos0, block_size, scale, forced)
+        ctx.args = (q_pos0, block_size, scale, forced_bwd)
         return o
 
     @staticmethod
@@ -474,12 +488,13 @@ class BlockSparseAttention(torch.autograd.Function):
         q_pos0, block_size, scale, forced = ctx.args
         dq, dk, dv = sparse_attn_backward(do, q.contiguous(), k.contiguous(), v.contiguous(), o, lse, idx,
                                           q_pos0, block_size, scale, forced=forced)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def block_sparse_attention_triton(q, k, v, topk_idx, q_pos0, block_size, scale, splits=1, forced=None):
+def block_sparse_attention_triton(q, k, v, topk_idx, q_pos0, block_size, scale, splits=1, forced=None,
+                                  forced_bwd=None):
     """Stage 2 for one sequence; differentiable in q, k, v when they require grad (splits must be 1).
-    ``forced``: see :func:`sparse_attn_forward`."""
+    ``forced`` / ``forced_bwd``: see :func:`sparse_attn_forward` (forward / backward dq)."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return BlockSparseAttention.apply(q, k, v, topk_idx, q_pos0, block_size, scale, forced)
+        return BlockSparseAttention.apply(q, k, v, topk_idx, q_pos0, block_size, scale, forced, forced_bwd)
     return sparse_attn_forward(q, k, v, topk_idx, q_pos0, block_size, scale, splits=splits, forced=forced)[0]

@@ -48,6 +48,15 @@ def group_pad(g: int, rows: int = 1) -> int:
     return gp
 
 
+# query rows per stage-1 program (times the padded group = the dot's M); None: 64 // G. The bench measures
+# 4 and 8 on the card and sets the faster before timing (bench/infllmv2.py, "tuning" in its results).
+TILE_ROWS: int | None = None
+
+
+def _tile_rows(G: int) -> int:
+    return TILE_ROWS or max(1, 64 // triton.next_power_of_2(G))
+
+
 def _precision(dtype: torch.dtype) -> str:
     """Full float32 products for float32 inputs; "ieee_f32" marks the interpreter (its bf16 dot is
     broken, so operands are upcast there; compiled kernels use the tensor cores in the input dtype)."""
@@ -124,8 +133,8 @@ def _group_scores(q, kt, lse, vis, j, n1, valid_m, qk_scale2,
 def _block_key_kernel(
     Q, K1, LSE, KEYS, SCORES,
     q_pos0, n_rows, n1, vis_off1, n_cols, tiles_per_split, qk_scale2,
-    block_size, init_blocks, local_blocks,
-    s_qr, s_qh, s_kn, s_kh, s_lr, s_yh, s_yr, s_sh, s_sr,
+    block_size, init_blocks, local_blocks, n_lse,
+    s_qr, s_qh, s_kn, s_kh, s_ls, s_lr, s_yh, s_yr, s_sh, s_sr,
     G: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     NBT: tl.constexpr, POOL: tl.constexpr, STRIDE1: tl.constexpr, OUT_T: tl.constexpr,
     PREC: tl.constexpr, WRITE_SCORES: tl.constexpr,
@@ -142,7 +151,16 @@ def _block_key_kernel(
     d = tl.arange(0, BD)
     q = tl.load(Q + row_m[:, None] * s_qr + (hk * G + head)[:, None] * s_qh + d[None, :],
                 mask=valid_m[:, None] & (d[None, :] < D), other=0.0)
-    lse = tl.load(LSE + row_m * s_lr + hk * G + head, mask=valid_m, other=float("-inf"))
+    # merge the K2-LSE partials of the n_lse splits (decode splits the K2 range over programs)
+    mx = tl.full([BM], float("-inf"), tl.float32)
+    for sp in range(0, n_lse):
+        mx = tl.maximum(mx, tl.load(LSE + sp * s_ls + row_m * s_lr + hk * G + head, mask=valid_m, other=float("-inf")))
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    tot = tl.zeros([BM], tl.float32)
+    for sp in range(0, n_lse):
+        part = tl.load(LSE + sp * s_ls + row_m * s_lr + hk * G + head, mask=valid_m, other=float("-inf"))
+        tot += tl.exp2(part - mx_safe)
+    lse = tl.where(tot > 0, mx_safe + tl.log2(tot), float("-inf"))
     vis = tl.minimum(tl.maximum((q_pos0 + row_m + 1) // STRIDE1 + vis_off1, 0), n1)
     rr = pid_r * ROWS + tl.arange(0, ROWS)
     row_ok = rr < n_rows
@@ -151,44 +169,51 @@ def _block_key_kernel(
     t_lo = pid_t * tiles_per_split
     t_hi = tl.minimum(t_lo + tiles_per_split, tl.cdiv(n_cols, NBT))
     t_mid = tl.maximum(tl.minimum(t_hi, qb_max // NBT + 1), t_lo)
-    for t in range(t_lo, t_hi):
+    for t in range(t_lo, t_mid):  # tiles with at least one block at or before some row's own block
         b = t * NBT + tl.arange(0, NBT)
-        if t < t_mid:
-            j = t * BN + tl.arange(0, BN)
-            kt = tl.load(K1 + j[None, :] * s_kn + hk * s_kh + d[:, None],
-                         mask=(j[None, :] < n1) & (d[:, None] < D), other=0.0)
-            sc = _group_scores(q, kt, lse, vis, j, n1, valid_m, qk_scale2, ROWS, GP, BN, OUT_T, PREC)
-            if WRITE_SCORES:
-                tl.store(SCORES + hk * s_sh + rr[:, None] * s_sr + j[None, :], sc,
-                         mask=row_ok[:, None] & (j[None, :] < n1))
-            pooled = tl.max(tl.reshape(sc, (ROWS, NBT, POOL)), axis=2)
-            je = b * POOL - 1
-            ke = tl.load(K1 + je[None, :] * s_kn + hk * s_kh + d[:, None],
-                         mask=(je[None, :] >= 0) & (je[None, :] < n1) & (d[:, None] < D), other=0.0)
-            se = _group_scores(q, ke, lse, vis, je, n1, valid_m, qk_scale2, ROWS, GP, NBT, OUT_T, PREC)
-            pooled = tl.maximum(pooled, se)
-        else:
-            pooled = tl.full([ROWS, NBT], float("-inf"), tl.float32)
-        pooled = tl.where(b[None, :] > qb[:, None], float("-inf"), pooled)
-        forced = (b[None, :] < init_blocks) | ((b[None, :] >= qb[:, None] - local_blocks) & (b[None, :] <= qb[:, None]))
-        pooled = tl.where(forced, float("inf"), pooled)
-        bits = pooled.to(tl.int32, bitcast=True).to(tl.int64)
-        key = bits * (1 << 24) + ((1 << 24) - 1 - b[None, :]).to(tl.int64)
-        tl.store(KEYS + hk * s_yh + rr[:, None] * s_yr + b[None, :], key,
-                 mask=row_ok[:, None] & (b[None, :] < n_cols))
+        j = t * BN + tl.arange(0, BN)
+        kt = tl.load(K1 + j[None, :] * s_kn + hk * s_kh + d[:, None],
+                     mask=(j[None, :] < n1) & (d[:, None] < D), other=0.0)
+        sc = _group_scores(q, kt, lse, vis, j, n1, valid_m, qk_scale2, ROWS, GP, BN, OUT_T, PREC)
+        if WRITE_SCORES:
+            tl.store(SCORES + hk * s_sh + rr[:, None] * s_sr + j[None, :], sc,
+                     mask=row_ok[:, None] & (j[None, :] < n1))
+        pooled = tl.max(tl.reshape(sc, (ROWS, NBT, POOL)), axis=2)
+        je = b * POOL - 1
+        ke = tl.load(K1 + je[None, :] * s_kn + hk * s_kh + d[:, None],
+                     mask=(je[None, :] >= 0) & (je[None, :] < n1) & (d[:, None] < D), other=0.0)
+        se = _group_scores(q, ke, lse, vis, je, n1, valid_m, qk_scale2, ROWS, GP, NBT, OUT_T, PREC)
+        pooled = tl.maximum(pooled, se)
+        _store_keys(KEYS, pooled, b, qb, rr, row_ok, hk, n_cols, init_blocks, local_blocks, s_yh, s_yr)
+    for t in range(t_mid, t_hi):  # tiles entirely in every row's future: no scores needed
+        b = t * NBT + tl.arange(0, NBT)
+        pooled = tl.full([ROWS, NBT], float("-inf"), tl.float32)
+        _store_keys(KEYS, pooled, b, qb, rr, row_ok, hk, n_cols, init_blocks, local_blocks, s_yh, s_yr)
+
+
+@triton.jit
+def _store_keys(KEYS, pooled, b, qb, rr, row_ok, hk, n_cols, init_blocks, local_blocks, s_yh, s_yr):
+    """Future blocks -> -inf, forced blocks -> +inf, then the unique int64 key per (row, block)."""
+    pooled = tl.where(b[None, :] > qb[:, None], float("-inf"), pooled)
+    forced = (b[None, :] < init_blocks) | ((b[None, :] >= qb[:, None] - local_blocks) & (b[None, :] <= qb[:, None]))
+    pooled = tl.where(forced, float("inf"), pooled)
+    bits = pooled.to(tl.int32, bitcast=True).to(tl.int64)
+    key = bits * (1 << 24) + ((1 << 24) - 1 - b[None, :]).to(tl.int64)
+    tl.store(KEYS + hk * s_yh + rr[:, None] * s_yr + b[None, :], key, mask=row_ok[:, None] & (b[None, :] < n_cols))
 
 
 def _grid_rows(n_rows: int, rows: int) -> int:
     return triton.cdiv(n_rows, rows)
 
 
-def k2_lse(q, k2, scale, q_pos0, vis_off2, stride2, rows=None, splits=1, n2=None):
-    """LSE (log2 units) of scale q.K2 over the visible K2 chunks: ``[n_rows, Hq]`` float32 (-inf = none)."""
+def k2_lse(q, k2, scale, q_pos0, vis_off2, stride2, rows=None, splits=1, n2=None, combine=True):
+    """LSE (log2 units) of scale q.K2 over the visible K2 chunks: ``[n_rows, Hq]`` float32 (-inf = none);
+    ``combine=False`` returns the per-split partials ``[splits, n_rows, Hq]`` (block_keys merges them)."""
     R, Hq, D = q.shape
     Hk = k2.shape[1]
     n2 = k2.shape[0] if n2 is None else n2
     G = Hq // Hk
-    rows = rows or max(1, 64 // triton.next_power_of_2(G))
+    rows = rows or _tile_rows(G)
     GP = group_pad(G, rows)
     BN = 64
     per = triton.cdiv(max(n2, 1), splits)
@@ -202,8 +227,10 @@ def k2_lse(q, k2, scale, q_pos0, vis_off2, stride2, rows=None, splits=1, n2=None
         q, k2, out, q_pos0, R, n2, vis_off2, per, scale * LOG2E,
         q.stride(0), q.stride(1), k2.stride(0), k2.stride(1), out.stride(0), out.stride(1),
         G=G, GP=GP, ROWS=rows, D=D, BD=pad_dim(D), BN=BN, STRIDE2=stride2, PREC=_precision(q.dtype),
-        num_warps=4,
+        num_warps=4 if rows * GP <= 64 else 8,
     )
+    if not combine:
+        return out
     if splits == 1:
         return out[0]
     return torch.logsumexp(out * (1 / LOG2E), dim=0) * LOG2E
@@ -216,12 +243,13 @@ def _out_type(dtype: torch.dtype):
 def block_keys(q, k1, lse2, scale, q_pos0, vis_off1, params, n_cols, rows=None, splits=None,
                scores_out=None, n1=None):
     """Int64 block keys ``[Hk, n_rows, n_cols]`` (see module doc); optionally the raw group-summed
-    stage-1 scores into ``scores_out [Hk, n_rows, n1]`` (tests only)."""
+    stage-1 scores into ``scores_out [Hk, n_rows, n1]`` (tests only). ``lse2``: ``[n_rows, Hq]`` or the
+    split partials ``[splits, n_rows, Hq]``."""
     R, Hq, D = q.shape
     Hk = k1.shape[1]
     n1 = k1.shape[0] if n1 is None else n1
     G = Hq // Hk
-    rows = rows or max(1, 64 // triton.next_power_of_2(G))
+    rows = rows or _tile_rows(G)
     GP = group_pad(G, rows)
     pool = params.block_size // params.kernel_stride
     nbt = 16
@@ -236,11 +264,13 @@ def block_keys(q, k1, lse2, scale, q_pos0, vis_off1, params, n_cols, rows=None, 
     sc = scores_out if write else keys
     q = q.contiguous()
     k1 = k1.contiguous()
+    if lse2.dim() == 2:
+        lse2 = lse2[None]
     _block_key_kernel[(r_tiles, Hk, splits)](
         q, k1, lse2, keys, sc,
         q_pos0, R, n1, vis_off1, n_cols, per, scale * LOG2E,
-        params.block_size, params.init_blocks, params.local_blocks,
-        q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), lse2.stride(0),
+        params.block_size, params.init_blocks, params.local_blocks, lse2.shape[0],
+        q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), lse2.stride(0), lse2.stride(1),
         keys.stride(0), keys.stride(1), sc.stride(0), sc.stride(1),
         G=G, GP=GP, ROWS=rows, D=D, BD=pad_dim(D), NBT=nbt, POOL=pool, STRIDE1=params.kernel_stride,
         OUT_T=_out_type(q.dtype), PREC=_precision(q.dtype), WRITE_SCORES=write,
@@ -256,15 +286,16 @@ def keys_to_scores(keys: torch.Tensor) -> torch.Tensor:
 
 def select_from_keys(keys, q_blocks, n_select, width):
     """Top-``n_select`` of the unique keys, sorted block indices, -1 after the row's block, padded with -1
-    to ``width`` columns: int32 ``[Hk, R, width]``."""
+    to ``width`` columns: int32 ``[Hk, R, width]``. ``q_blocks``: ``[R]`` or an int (one row)."""
     Hk, R, n_cols = keys.shape
     if n_cols > n_select:
         top = torch.topk(keys, n_select, dim=-1, sorted=False).values
-        idx = _IDX_MASK - (top & _IDX_MASK)
+        idx = (_IDX_MASK - (top & _IDX_MASK)).to(torch.int32)
     else:
-        idx = torch.arange(n_cols, device=keys.device).expand(Hk, R, n_cols)
+        idx = torch.arange(n_cols, device=keys.device, dtype=torch.int32).expand(Hk, R, n_cols)
     idx = torch.sort(idx, dim=-1).values
-    idx = idx.masked_fill(idx > q_blocks[None, :, None], -1).to(torch.int32)
+    qb = q_blocks if isinstance(q_blocks, int) else q_blocks[None, :, None]
+    idx = idx.masked_fill(idx > qb, -1)
     if idx.shape[-1] < width:
         idx = torch.nn.functional.pad(idx, (0, width - idx.shape[-1]), value=-1)
     return idx
@@ -289,13 +320,17 @@ def select_blocks_chunk(q, k1, k2, scale, params, q_pos0, total_len, decode=Fals
     width = min(params.n_select, n_blocks)
     off1 = visibility_offsets(total_len, n1, params.kernel_stride, decode)
     off2 = visibility_offsets(total_len, n2, params.kernel_stride2, decode)
+    rows = 1 if R == 1 else None  # decode: one query row, M = the padded group only
     if n2 > 0:
-        lse2 = k2_lse(q, k2, scale, q_pos0, off2, params.kernel_stride2, splits=lse_splits, n2=n2)
+        lse2 = k2_lse(q, k2, scale, q_pos0, off2, params.kernel_stride2, splits=lse_splits, n2=n2, combine=False,
+                      rows=rows)
     else:
         lse2 = torch.full((R, q.shape[1]), float("-inf"), device=q.device, dtype=torch.float32)
     qb_last = (q_pos0 + R - 1) // bs
     n_cols = min(n_blocks, max(qb_last + 1, params.init_blocks))
     keys = block_keys(q, k1, lse2, scale, q_pos0, off1, params, n_cols, splits=key_splits,
-                      scores_out=scores_out, n1=n1)
+                      scores_out=scores_out, n1=n1, rows=rows)
+    if R == 1:
+        return select_from_keys(keys, q_pos0 // bs, params.n_select, width)
     q_blocks = (q_pos0 + torch.arange(R, device=q.device)) // bs
     return select_from_keys(keys, q_blocks, params.n_select, width)
