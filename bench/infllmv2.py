@@ -213,16 +213,28 @@ def tune(res, T=65536):
     tsel.TILE_ROWS = rows
     idx = select_blocks_triton(q, k1, k2, PARAMS, SCALE, T)
     forced = (PARAMS.init_blocks, PARAMS.local_blocks)
-    t["stage2_fwd_forced"] = timeit(lambda: sparse_attn_forward(q, k, v, idx, 0, 64, SCALE, forced=forced))
-    t["stage2_fwd_per_row"] = timeit(lambda: sparse_attn_forward(q, k, v, idx, 0, 64, SCALE))
     o, lse = sparse_attn_forward(q, k, v, idx, 0, 64, SCALE)
     do = torch.randn_like(q)
+    from sala.ops import infllmv2_triton_attn as tatt
+
+    cfgs = [(4, 2), (4, 3), (4, 1), (2, 2), (8, 2)]
+    for w, st in cfgs:
+        tatt.PER_ROW_CFG = {"num_warps": w, "num_stages": st}
+        try:
+            t[f"stage2_fwd_forced_w{w}s{st}"] = timeit(lambda: sparse_attn_forward(q, k, v, idx, 0, 64, SCALE, forced=forced))
+        except Exception as e:  # noqa: BLE001
+            log("cfg", w, st, "failed", repr(e)[:200])
+    w, st = min((c for c in cfgs if f"stage2_fwd_forced_w{c[0]}s{c[1]}" in t),
+                key=lambda c: t[f"stage2_fwd_forced_w{c[0]}s{c[1]}"])
+    tatt.PER_ROW_CFG = {"num_warps": w, "num_stages": st}
+    t["stage2_fwd_forced"] = t[f"stage2_fwd_forced_w{w}s{st}"]
+    t["stage2_fwd_per_row"] = timeit(lambda: sparse_attn_forward(q, k, v, idx, 0, 64, SCALE))
     t["stage2_bwd_forced"] = timeit(lambda: sparse_attn_backward(do, q, k, v, o, lse, idx, 0, 64, SCALE, forced=forced), reps=3)
     t["stage2_bwd_per_row"] = timeit(lambda: sparse_attn_backward(do, q, k, v, o, lse, idx, 0, 64, SCALE), reps=3)
     tri.FORCED_SPLIT["fwd"] = t["stage2_fwd_forced"] <= t["stage2_fwd_per_row"]
     tri.FORCED_SPLIT["bwd"] = t["stage2_bwd_forced"] <= t["stage2_bwd_per_row"]
     res.extra["tuning"] = {"T": T, "ms": {k_: round(v_, 3) for k_, v_ in t.items()}, "tile_rows": rows,
-                           "forced_split": dict(tri.FORCED_SPLIT)}
+                           "forced_split": dict(tri.FORCED_SPLIT), "per_row_cfg": dict(tatt.PER_ROW_CFG)}
     log("tuning", res.extra["tuning"])
     res.dump()
     del q, k, v, o, do

@@ -20,6 +20,9 @@ import triton.language as tl
 
 from .infllmv2_triton_select import LOG2E, _precision, group_pad, mma, pad_dim
 
+# Launch settings of the per-row kernels (forward, dq); the bench picks them on the card ("tuning").
+PER_ROW_CFG = {"num_warps": 4, "num_stages": 2}
+
 __all__ = ["sparse_attn_forward", "sparse_attn_backward", "BlockSparseAttention", "block_sparse_attention_triton"]
 
 
@@ -387,7 +390,7 @@ def _forward_two_pass(q, k, v, topk_idx, q_pos0, block_size, scale, forced, rows
             0, op.stride(0), op.stride(1), 0, lc.stride(0),
             init_blocks, local_blocks,
             G=G, GP=GP, D=D, BD=BD, BS=block_size, PREC=prec, SPLIT=False, REST=True,
-            SP2=triton.next_power_of_2(S), num_warps=4, num_stages=2,
+            SP2=triton.next_power_of_2(S), **PER_ROW_CFG,
         )
     return o, lse
 
@@ -428,7 +431,7 @@ def sparse_attn_backward(do, q, k, v, o, lse, topk_idx, q_pos0, block_size, scal
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             topk_idx.stride(0), topk_idx.stride(1), do.stride(0), do.stride(1), lse.stride(0),
             dq, 0, 0, 0, 0,
-            G=G, GP=GP, D=D, BD=BD, BS=block_size, PREC=prec, REST=False, SP2=1, num_warps=4, num_stages=2,
+            G=G, GP=GP, D=D, BD=BD, BS=block_size, PREC=prec, REST=False, SP2=1, **PER_ROW_CFG,
         )
     else:
         init_blocks, local_blocks = forced
@@ -453,7 +456,7 @@ def sparse_attn_backward(do, q, k, v, o, lse, topk_idx, q_pos0, block_size, scal
                 ic.stride(0), ic.stride(1), doc.stride(0), doc.stride(1), lc.stride(0),
                 dqp, dqp.stride(0), dqp.stride(1), init_blocks, local_blocks,
                 G=G, GP=GP, D=D, BD=BD, BS=block_size, PREC=prec, REST=True, SP2=triton.next_power_of_2(S),
-                num_warps=4, num_stages=2,
+                **PER_ROW_CFG,
             )
     n_blocks = triton.cdiv(Tk, block_size)
     rows, offs = _inverted_index(topk_idx, n_blocks)
