@@ -1,6 +1,6 @@
 import json
 
-from sala.eval.report import fmt_len, task_table, write_report
+from sala.eval.report import depth_table, fmt_len, task_table, write_report
 
 
 def _results():
@@ -8,8 +8,9 @@ def _results():
     for m, base in (("dense", 90.0), ("hybrid", 70.0)):
         for t in ("passkey", "vt"):
             for i, L in enumerate((1024, 4096)):
+                samples = [{"depths": [0.0], "score": 1.0}, {"depths": [1.0, 0.3], "score": 0.5 if t == "vt" else 0.0}]
                 tasks.append({"model": m, "task": t, "length": L, "score": base - 10 * i - (5 if t == "vt" else 0),
-                              "n_samples": 2, "samples": []})
+                              "n_samples": 2, "samples": samples})
     ppl = [{"model": m, "length": L, "ppl": p, "nll_per_token": 1.0, "scored_tokens": 10, "windows": 2}
            for m, p0 in (("dense", 20.0), ("hybrid", 25.0)) for L, p in ((1024, p0), (4096, p0 - 1))]
     speed = [{"model": m, "length": L, "ttft_s": 0.1 * L / 1024, "decode_tokens_per_s": 50.0, "decode_tokens": 8,
@@ -39,6 +40,7 @@ def test_write_report_files(tmp_path):
     assert "| hybrid | 25.00 | 24.00 |" in md
     assert "random weights" in md and "out of memory" in md
     assert "![accuracy vs length](accuracy_vs_length.png)" in md
+    assert "| dense | 1.00 | 25 | 25 |" in md
 
 
 def test_report_without_sections(tmp_path):
@@ -51,3 +53,9 @@ def test_report_without_sections(tmp_path):
 
 def test_fmt_len():
     assert [fmt_len(n) for n in (1000, 1024, 4096, 131072, 1 << 20)] == ["1000", "1K", "4K", "128K", "1M"]
+
+
+def test_depth_table_pools_needle_tasks_by_first_needle_depth():
+    d = depth_table(_results())
+    assert d["dense"][0.0] == {1024: 100.0, 4096: 100.0}
+    assert d["hybrid"][1.0] == {1024: 25.0, 4096: 25.0}  # passkey 0 and vt 0.5 at depth 1.0

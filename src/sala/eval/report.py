@@ -37,6 +37,19 @@ def task_table(results: dict) -> tuple[list[int], dict[tuple[str, str], dict[int
     return lengths, dict(table)
 
 
+def depth_table(results: dict) -> dict[str, dict[float, dict[int, float]]]:
+    """{model: {depth: {length: mean score (%)}}} over the needle tasks (depth of each sample's first needle)."""
+    acc: dict[tuple[str, float, int], list[float]] = defaultdict(list)
+    for r in results.get("tasks", []):
+        for s in r.get("samples", []):
+            if s.get("depths"):
+                acc[(r["model"], round(s["depths"][0], 2), r["length"])].append(s["score"])
+    out: dict[str, dict[float, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for (m, d, n), scores in acc.items():
+        out[m][d][n] = 100.0 * sum(scores) / len(scores)
+    return {m: dict(v) for m, v in out.items()}
+
+
 def write_json(results: dict, path: Path) -> Path:
     path.write_text(json.dumps(results, indent=1, default=str))
     return path
@@ -145,6 +158,15 @@ def markdown(results: dict, images: dict[str, Path | None]) -> str:
             lines.append(f"| {m} | {name} | " + " | ".join(cells) + " |")
         if images.get("accuracy"):
             lines += ["", f"![accuracy vs length]({images['accuracy'].name})"]
+        depths = depth_table(results)
+        if depths:
+            lines += ["", "### Accuracy by needle depth (%, needle tasks pooled; depth 0 = start of the text)", ""]
+            lines.append("| model | depth | " + " | ".join(fmt_len(n) for n in lengths) + " |")
+            lines.append("|---|---|" + "---|" * len(lengths))
+            for m in sorted(depths):
+                for d in sorted(depths[m]):
+                    row = depths[m][d]
+                    lines.append(f"| {m} | {d:.2f} | " + " | ".join(f"{row[n]:.0f}" if n in row else "" for n in lengths) + " |")
     ppl = results.get("perplexity", [])
     if ppl:
         plens = sorted({r["length"] for r in ppl})
