@@ -26,7 +26,7 @@ def _split(values: list[str] | None) -> list[str]:
 
 
 def eval_command(
-    model: list[str] = typer.Option(..., "--model", "-m", help="[label=]path: a checkpoint folder or a .gguf file. Repeat to compare models."),
+    model: list[str] = typer.Option(..., "--model", "-m", help="PATH or LABEL=PATH: a checkpoint folder or a .gguf file. Repeat to compare models."),
     out: Path = typer.Option(Path("eval_out"), "--out", "-o", help="Output folder (results.json, report.md, PNGs)."),
     task: list[str] = typer.Option(None, "--task", "-t", help="Tasks (repeat or comma-separate); default: all. 'none' skips tasks."),
     length: list[str] = typer.Option(["4K"], "--length", "-l", help="Context lengths for tasks (and ppl/speed unless set)."),
