@@ -74,6 +74,20 @@ def test_ieee_precision_is_tight():
     assert rel(o, ro) < 1e-5 and rel(s, rs) < 1e-5
 
 
+def test_strong_and_zero_decay_take_the_exact_path():
+    """|g| C / 2 past float32's exp range disables the factored intra-chunk decay; g = 0 is no decay."""
+    from sala.ops.lightning_triton import factored_decay_ok
+
+    g = torch.tensor([-3.0, -0.01, 0.0], device=DEV)
+    assert not factored_decay_ok(g) and factored_decay_ok(g[1:])
+    T, _, D, seg = SHAPES[0]
+    q, k, v = inputs(1, T, 3, D, torch.float32, seed=15)
+    for gg in (g, g[1:].repeat(2)[:3]):
+        o, s = lightning_attn_triton(q, k, v, gg, precision="ieee", segment_len=seg)
+        ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), gg)
+        assert rel(o, ro) < 1e-5 and rel(s, rs) < 1e-5
+
+
 def test_bf16_output_dtype_and_segment_lengths_agree():
     T, H, D, _ = SHAPES[0]
     q, k, v = inputs(1, T, H, D, torch.bfloat16, seed=3)
@@ -84,15 +98,13 @@ def test_bf16_output_dtype_and_segment_lengths_agree():
     assert rel(o1, o2) < 1e-2 and rel(s1, s2) < 1e-4
 
 
-def varlen_case(T_total_scale):
-    # an empty sequence, a single token, exact chunk multiples and partial chunks
-    lens = [70, 0, 1, 129, 64] if not CUDA else [1500, 0, 1, 2049, 64, 777]
-    return lens
+# an empty sequence, a single token, exact chunk multiples and partial chunks
+VARLEN = [70, 0, 1, 129, 64] if not CUDA else [1500, 0, 1, 2049, 64, 777]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_varlen_matches_reference(dtype):
-    lens = varlen_case(1)
+    lens = VARLEN
     H, D = (3, 32) if not CUDA else (9, 128)
     T = sum(lens)
     cu = torch.tensor([0] + lens, device=DEV).cumsum(0)
@@ -115,7 +127,7 @@ def grads_of(fn, leaves, do, dht):
 def test_backward_matches_reference_autograd(case):
     H, D = (3, 32) if not CUDA else (9, 64)
     if case == "varlen":
-        lens = varlen_case(1)
+        lens = VARLEN
         cu = torch.tensor([0] + lens, device=DEV).cumsum(0)
         B, T, N = 1, sum(lens), len(lens)
     else:

@@ -39,9 +39,9 @@ def _pad_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-# (V block, warps, pipeline stages) per input dtype: float32 tiles are twice as large, so they take
-# narrower V blocks over more warps to stay within 255 registers (checked with the compiler's report)
-_DEFAULT_CFG = {torch.float32: (32, 8, 2), torch.bfloat16: (64, 4, 2), torch.float16: (64, 4, 2)}
+# (V block, warps, pipeline stages) per input dtype: the fastest of the sweep at T=131072 on an H100
+# (bench/results/lightning.md); float32 tiles are twice as large and take 8 warps
+_DEFAULT_CFG = {torch.float32: (64, 8, 2), torch.bfloat16: (64, 4, 2), torch.float16: (64, 4, 2)}
 
 
 def _launch_cfg(vd: int, dtype: torch.dtype) -> dict:
@@ -66,8 +66,21 @@ def choose_segment_len(total_tokens: int, n_heads: int) -> int:
     return int(min(4096, max(CHUNK, seg)))
 
 
+_TABLES: dict = {}
+
+
 def _segment_table(lens: list[int], seg: int, device) -> tuple[torch.Tensor, ...]:
-    """int64 tables: per segment (sequence, start); per sequence (bos, length, first segment)."""
+    """int64 tables: per segment (sequence, start); per sequence (bos, length, first segment).
+    Cached per (lengths, segment length, device): rebuilding means host work and five copies."""
+    key = (tuple(lens), seg, str(device))
+    if key not in _TABLES:
+        if len(_TABLES) >= 64:
+            _TABLES.clear()
+        _TABLES[key] = _build_segment_table(lens, seg, device)
+    return _TABLES[key]
+
+
+def _build_segment_table(lens: list[int], seg: int, device) -> tuple[torch.Tensor, ...]:
     lens_t = torch.tensor(lens, dtype=torch.int64)
     bos = torch.zeros_like(lens_t)
     if len(lens) > 1:
@@ -92,6 +105,12 @@ def _sequence_lengths(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[i
     return (bounds[1:] - bounds[:-1]).tolist()
 
 
+def factored_decay_ok(g: torch.Tensor) -> bool:
+    """Whether the intra-chunk decay may be factored as exp(g (i - C/2)) exp(-g (j - C/2)): needs
+    exp(|g| C / 2) far from float32 overflow (e^88). Reads g on the host (one sync for a GPU tensor)."""
+    return float(g.detach().abs().max()) * (CHUNK // 2) < 60.0
+
+
 def lightning_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -106,8 +125,12 @@ def lightning_forward(
     output_final_state: bool = True,
     precision: str = "tf32",
     segment_len: int | None = None,
+    factored_decay: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Raw forward (no autograd). q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, all one dtype, contiguous."""
+    """Raw forward (no autograd). q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, all one dtype, contiguous.
+
+    ``factored_decay`` (see :func:`factored_decay_ok`) is computed from ``g`` when not given; callers
+    that run several passes with one ``g`` pass it to save a device-to-host sync per pass."""
     B, T, H, KD = q.shape
     VD = v.shape[-1]
     lens = _sequence_lengths(B, T, cu_seqlens)
@@ -145,8 +168,7 @@ def lightning_forward(
             DYN_LOOP=not _INTERPRET, MAX_SEGS=max_segs if _INTERPRET else 1,
         )
     if nseg:
-        # factored intra-chunk decay needs exp(|g| C / 2) far from float32 overflow (e^88)
-        factored = float(g.abs().max()) * (CHUNK // 2) < 60.0
+        factored = factored_decay_ok(g) if factored_decay is None else factored_decay
         _kn._segment_output_kernel[(nseg * H * NV,)](
             q, k, v, g, delta, o, seg_seq, seg_tau0, seq_bos, seq_len, float(scale), **common, **warps,
             FACTORED_DECAY=factored,
@@ -167,19 +189,21 @@ class _LightningAttn(torch.autograd.Function):
     def forward(ctx, q, k, v, g, scale, initial_state, cu_seqlens, out_dtype, precision, segment_len):
         ctx.set_materialize_grads(False)
         qc, kc, vc = _prepare(q, k, v)
+        factored = factored_decay_ok(g)
         o, ht = lightning_forward(
             qc, kc, vc, g, scale, initial_state, cu_seqlens,
-            out_dtype=out_dtype, precision=precision, segment_len=segment_len,
+            out_dtype=out_dtype, precision=precision, segment_len=segment_len, factored_decay=factored,
         )
         ctx.save_for_backward(qc, kc, vc, g, initial_state, cu_seqlens)
-        ctx.scale, ctx.precision, ctx.segment_len = scale, precision, segment_len
+        ctx.scale, ctx.precision, ctx.segment_len, ctx.factored = scale, precision, segment_len, factored
         ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, g, h0, cu = ctx.saved_tensors
-        scale, kw = ctx.scale, dict(precision=ctx.precision, segment_len=ctx.segment_len)
+        scale = ctx.scale
+        kw = dict(precision=ctx.precision, segment_len=ctx.segment_len, factored_decay=ctx.factored)
         gf = g.to(device=q.device, dtype=torch.float32)
         if do is None:
             do = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
