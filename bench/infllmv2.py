@@ -387,14 +387,78 @@ def write_md(res: Results, path: Path):
     path.write_text("\n".join(lines) + "\n")
 
 
+def profile(out: Path):
+    """Short diagnostic run: stage-1 unmasked tiles on/off at 128K (same run, same card) and a per-kernel
+    CUDA time breakdown of the forward at 128K and of a decode step at 1M (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprof
+
+    rep: dict = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                 "commit": os.environ.get("SALA_COMMIT"), "command": "python bench/infllmv2.py --profile"}
+    tsel.TILE_ROWS = 8  # chosen by the tuning of the full run
+    T = 131072
+    q, k, v = inputs(T)
+    k1 = ref.compress_keys(k, 32, 16)
+    k2 = ref.compress_keys(k, 128, 64)
+    sel = {}
+    for fast in (False, True):
+        tsel.FAST_TILES = fast
+        sel[fast] = select_blocks_triton(q, k1, k2, PARAMS, SCALE, T)
+        rep[f"select_ms_fast_{fast}"] = timeit(lambda: select_blocks_triton(q, k1, k2, PARAMS, SCALE, T))
+    rep["select_idx_equal"] = bool(torch.equal(sel[True], sel[False]))
+    rep["fwd_ms"] = timeit(lambda: infllmv2_attention_triton(q, k, v, PARAMS, SCALE))
+    log(rep)
+
+    def kernels(fn, n=1):
+        fn()
+        torch.cuda.synchronize()
+        with tprof(activities=[ProfilerActivity.CUDA]) as pr:
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+        rows = []
+        for e in pr.key_averages():
+            ms = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1000 / n
+            if ms > 0:
+                rows.append((e.key[:90], round(ms, 4), e.count // n))
+        rows.sort(key=lambda r: -r[1])
+        return rows[:14]
+
+    rep["fwd_T131072_kernels_ms"] = kernels(lambda: infllmv2_attention_triton(q, k, v, PARAMS, SCALE))
+    log(rep["fwd_T131072_kernels_ms"])
+    del q, k, v, sel
+    torch.cuda.empty_cache()
+    ctx = 1 << 20
+    q, k, v = inputs(ctx, seed=3)
+    q1 = q[-1:].contiguous()
+    del q
+    k1 = ref.compress_keys(k, 32, 16)
+    k2 = ref.compress_keys(k, 128, 64)
+    step = lambda: infllmv2_attention_triton(q1, k, v, PARAMS, SCALE, k1=k1, k2=k2, decode=True)  # noqa: E731
+    rep["decode_ms"] = timeit(step, reps=50, warmup=5)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(50):
+        step()
+    torch.cuda.synchronize()
+    rep["decode_wall_ms_per_step"] = (time.perf_counter() - t0) / 50 * 1000
+    rep["decode_ctx1048576_kernels_ms"] = kernels(step, n=20)
+    log(rep["decode_ctx1048576_kernels_ms"])
+    (out / "infllmv2_profile.json").write_text(json.dumps(rep, indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--quick", action="store_true", help="small lengths only (smoke test)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new cases after this")
+    ap.add_argument("--profile", action="store_true", help="short diagnostic run only (see profile())")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        profile(out)
+        return
     res = Results(out, "python bench/infllmv2.py" + (" --quick" if args.quick else ""))
     try:
         ok = correctness(res)

@@ -84,6 +84,24 @@ def test_stage1_scores_and_selection_match_reference(T, Hq, Hk, Tq, decode):
     assert torch.all(mine[:, ~past & (torch.arange(bsc.shape[-1], device=DEV)[None, :] >= P.init_blocks)] == float("-inf"))
 
 
+@pytest.mark.parametrize("decode", [False, True])
+def test_unmasked_tiles_match_masked_and_reference(decode, monkeypatch):
+    """Rows far enough from the start take the unmasked K1 tiles (64 chunks each): same scores and blocks."""
+    T = 4 * 64 * P.kernel_stride + 37 if not CUDA else 3 * T_LONG
+    Tq = 1 if decode else 6
+    q, k, _ = make(T, 4, 1, Tq, seed=21)
+    k1, k2, s1, bsc, idx_ref = reference_selection(q, k, decode=decode)
+    out = {}
+    for fast in (True, False):
+        monkeypatch.setattr(ts, "FAST_TILES", fast)
+        scores = torch.zeros(1, Tq, k1.shape[0], device=DEV)
+        idx = ts.select_blocks_chunk(q, k1, k2, D ** -0.5, P, T - Tq, T, decode=decode, scores_out=scores)
+        torch.testing.assert_close(scores, s1, rtol=2e-5, atol=1e-6)
+        assert torch.equal(idx, idx_ref)
+        out[fast] = scores
+    assert torch.equal(out[True], out[False])
+
+
 @pytest.mark.parametrize("pattern", ["all_equal", "pairs"])
 def test_selection_exact_ties_go_to_lower_block(pattern):
     """Keys built so that block scores tie exactly: the lower block index must win, as in the reference."""

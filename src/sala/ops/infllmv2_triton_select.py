@@ -53,6 +53,10 @@ def group_pad(g: int, rows: int = 1) -> int:
 TILE_ROWS: int | None = None
 
 
+# Unmasked path for the K1 tiles below the causal diagonal (False: every tile masked, the first version).
+FAST_TILES = True
+
+
 def _tile_rows(G: int) -> int:
     return TILE_ROWS or max(1, 64 // triton.next_power_of_2(G))
 
@@ -117,16 +121,47 @@ def _k2_lse_kernel(
 
 
 @triton.jit
-def _group_scores(q, kt, lse, vis, j, n1, valid_m, qk_scale2,
+def _group_scores(q, kt, lse, vis, j, n1, qk_scale2,
                   ROWS: tl.constexpr, GP: tl.constexpr, NCOL: tl.constexpr, OUT_T: tl.constexpr,
-                  PREC: tl.constexpr):
-    """Stage-1 score of NCOL K1 chunks ``j`` summed over the group, rounded to OUT_T: ``[ROWS, NCOL]``."""
-    s = mma(q, kt, PREC) * qk_scale2
-    ok = (j[None, :] < vis[:, None]) & (lse[:, None] > float("-inf")) & valid_m[:, None]
-    p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+                  PREC: tl.constexpr, MASKED: tl.constexpr):
+    """Stage-1 score of NCOL K1 chunks ``j`` summed over the group, rounded to OUT_T: ``[ROWS, NCOL]``.
+
+    ``lse`` is +inf on rows that must score 0 (padding, no visible K2), so exp2 gives 0 there without a
+    mask; ``MASKED`` adds the per-chunk visibility and range masks (tiles on the causal diagonal or at
+    either end of the K1 range)."""
+    p = tl.exp2(mma(q, kt, PREC) * qk_scale2 - lse[:, None])
+    if MASKED:
+        p = tl.where(j[None, :] < vis[:, None], p, 0.0)
     g = tl.sum(tl.reshape(p, (ROWS, GP, NCOL)), axis=1)
     g = g.to(OUT_T).to(tl.float32)
-    return tl.where((j[None, :] < n1) & (j[None, :] >= 0), g, float("-inf"))
+    if MASKED:
+        g = tl.where((j[None, :] < n1) & (j[None, :] >= 0), g, float("-inf"))
+    return g
+
+
+@triton.jit
+def _score_tile(t, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
+                init_blocks, local_blocks, s_kn, s_kh, s_yh, s_yr, s_sh, s_sr, d,
+                D: tl.constexpr, NBT: tl.constexpr, POOL: tl.constexpr, ROWS: tl.constexpr, GP: tl.constexpr,
+                OUT_T: tl.constexpr, PREC: tl.constexpr, WRITE_SCORES: tl.constexpr, MASKED: tl.constexpr):
+    """Block keys of the NBT blocks of tile t (K1 chunks [t*NBT*POOL, (t+1)*NBT*POOL) and chunk POOL*b-1)."""
+    BN: tl.constexpr = NBT * POOL
+    b = t * NBT + tl.arange(0, NBT)
+    j = t * BN + tl.arange(0, BN)
+    if MASKED:
+        kt = tl.load(K1 + j[None, :] * s_kn + hk * s_kh + d[:, None], mask=(j[None, :] < n1) & (d[:, None] < D), other=0.0)
+    else:
+        kt = tl.load(K1 + j[None, :] * s_kn + hk * s_kh + d[:, None], mask=d[:, None] < D, other=0.0)
+    sc = _group_scores(q, kt, lse, vis, j, n1, qk_scale2, ROWS, GP, BN, OUT_T, PREC, MASKED)
+    if WRITE_SCORES:
+        tl.store(SCORES + hk * s_sh + rr[:, None] * s_sr + j[None, :], sc, mask=row_ok[:, None] & (j[None, :] < n1))
+    pooled = tl.max(tl.reshape(sc, (ROWS, NBT, POOL)), axis=2)
+    je = b * POOL - 1
+    ke = tl.load(K1 + je[None, :] * s_kn + hk * s_kh + d[:, None],
+                 mask=(je[None, :] >= 0) & (je[None, :] < n1) & (d[:, None] < D), other=0.0)
+    se = _group_scores(q, ke, lse, vis, je, n1, qk_scale2, ROWS, GP, NBT, OUT_T, PREC, MASKED)
+    pooled = tl.maximum(pooled, se)
+    _store_keys(KEYS, pooled, b, qb, rr, row_ok, hk, n_cols, init_blocks, local_blocks, s_yh, s_yr)
 
 
 @triton.jit
@@ -137,7 +172,7 @@ def _block_key_kernel(
     s_qr, s_qh, s_kn, s_kh, s_ls, s_lr, s_yh, s_yr, s_sh, s_sr,
     G: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     NBT: tl.constexpr, POOL: tl.constexpr, STRIDE1: tl.constexpr, OUT_T: tl.constexpr,
-    PREC: tl.constexpr, WRITE_SCORES: tl.constexpr,
+    PREC: tl.constexpr, WRITE_SCORES: tl.constexpr, FAST: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     hk = tl.program_id(1)
@@ -160,7 +195,8 @@ def _block_key_kernel(
     for sp in range(0, n_lse):
         part = tl.load(LSE + sp * s_ls + row_m * s_lr + hk * G + head, mask=valid_m, other=float("-inf"))
         tot += tl.exp2(part - mx_safe)
-    lse = tl.where(tot > 0, mx_safe + tl.log2(tot), float("-inf"))
+    # +inf: the row scores 0 everywhere (no visible K2 chunk yet, or a padding row/head)
+    lse = tl.where((tot > 0) & valid_m, mx_safe + tl.log2(tot), float("inf"))
     vis = tl.minimum(tl.maximum((q_pos0 + row_m + 1) // STRIDE1 + vis_off1, 0), n1)
     rr = pid_r * ROWS + tl.arange(0, ROWS)
     row_ok = rr < n_rows
@@ -169,22 +205,26 @@ def _block_key_kernel(
     t_lo = pid_t * tiles_per_split
     t_hi = tl.minimum(t_lo + tiles_per_split, tl.cdiv(n_cols, NBT))
     t_mid = tl.maximum(tl.minimum(t_hi, qb_max // NBT + 1), t_lo)
-    for t in range(t_lo, t_mid):  # tiles with at least one block at or before some row's own block
-        b = t * NBT + tl.arange(0, NBT)
-        j = t * BN + tl.arange(0, BN)
-        kt = tl.load(K1 + j[None, :] * s_kn + hk * s_kh + d[:, None],
-                     mask=(j[None, :] < n1) & (d[:, None] < D), other=0.0)
-        sc = _group_scores(q, kt, lse, vis, j, n1, valid_m, qk_scale2, ROWS, GP, BN, OUT_T, PREC)
-        if WRITE_SCORES:
-            tl.store(SCORES + hk * s_sh + rr[:, None] * s_sr + j[None, :], sc,
-                     mask=row_ok[:, None] & (j[None, :] < n1))
-        pooled = tl.max(tl.reshape(sc, (ROWS, NBT, POOL)), axis=2)
-        je = b * POOL - 1
-        ke = tl.load(K1 + je[None, :] * s_kn + hk * s_kh + d[:, None],
-                     mask=(je[None, :] >= 0) & (je[None, :] < n1) & (d[:, None] < D), other=0.0)
-        se = _group_scores(q, ke, lse, vis, je, n1, valid_m, qk_scale2, ROWS, GP, NBT, OUT_T, PREC)
-        pooled = tl.maximum(pooled, se)
-        _store_keys(KEYS, pooled, b, qb, rr, row_ok, hk, n_cols, init_blocks, local_blocks, s_yh, s_yr)
+    # tiles of K1 chunks visible to every row of the tile (and inside [0, n1)) need no mask
+    vis_min = tl.minimum(tl.maximum((q_pos0 + pid_r * ROWS + 1) // STRIDE1 + vis_off1, 0), n1)
+    if FAST:
+        f_lo = tl.maximum(t_lo, 1)
+        f_hi = tl.maximum(f_lo, tl.minimum(t_mid, vis_min // BN))
+    else:
+        f_lo = t_mid
+        f_hi = t_mid
+    for t in range(t_lo, tl.minimum(f_lo, t_mid)):
+        _score_tile(t, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
+                    init_blocks, local_blocks, s_kn, s_kh, s_yh, s_yr, s_sh, s_sr, d,
+                    D, NBT, POOL, ROWS, GP, OUT_T, PREC, WRITE_SCORES, True)
+    for t in range(f_lo, f_hi):
+        _score_tile(t, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
+                    init_blocks, local_blocks, s_kn, s_kh, s_yh, s_yr, s_sh, s_sr, d,
+                    D, NBT, POOL, ROWS, GP, OUT_T, PREC, WRITE_SCORES, False)
+    for t in range(tl.maximum(f_hi, tl.minimum(f_lo, t_mid)), t_mid):
+        _score_tile(t, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
+                    init_blocks, local_blocks, s_kn, s_kh, s_yh, s_yr, s_sh, s_sr, d,
+                    D, NBT, POOL, ROWS, GP, OUT_T, PREC, WRITE_SCORES, True)
     for t in range(t_mid, t_hi):  # tiles entirely in every row's future: no scores needed
         b = t * NBT + tl.arange(0, NBT)
         pooled = tl.full([ROWS, NBT], float("-inf"), tl.float32)
@@ -273,7 +313,7 @@ def block_keys(q, k1, lse2, scale, q_pos0, vis_off1, params, n_cols, rows=None, 
         q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), lse2.stride(0), lse2.stride(1),
         keys.stride(0), keys.stride(1), sc.stride(0), sc.stride(1),
         G=G, GP=GP, ROWS=rows, D=D, BD=pad_dim(D), NBT=nbt, POOL=pool, STRIDE1=params.kernel_stride,
-        OUT_T=_out_type(q.dtype), PREC=_precision(q.dtype), WRITE_SCORES=write,
+        OUT_T=_out_type(q.dtype), PREC=_precision(q.dtype), WRITE_SCORES=write, FAST=FAST_TILES,
         num_warps=4 if rows * GP <= 64 else 8,
     )
     return keys
