@@ -12,6 +12,14 @@ import torch
 from sala.modeling import CACHE_FIELD
 
 LOGIT_TOL = 1e-4
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.fixture(params=DEVICES)
+def model(request, tiny_model):
+    """The fixture model on each device: CPU runs the reference ops, CUDA the Triton kernels."""
+    yield tiny_model.to(request.param)
+    tiny_model.cpu()  # the session-wide model goes back to the CPU for every other test
 
 
 def _sparse_layers(model):
@@ -19,15 +27,24 @@ def _sparse_layers(model):
 
 
 @pytest.mark.parametrize("case", ["a", "a_short"])
-def test_dense_prefill(tiny_model, cases, case):
+def test_dense_prefill(model, cases, case):
     with torch.no_grad():
-        logits = tiny_model(cases[f"{case}.input_ids"]).logits
+        logits = model(cases[f"{case}.input_ids"].to(model.device)).logits.cpu()
     assert logits.dtype == torch.float32
     assert (logits - cases[f"{case}.logits"]).abs().max() < LOGIT_TOL
 
 
 @pytest.mark.parametrize("case", ["c1024", "c1151"])
+def test_sparse_prefill_logits(model, cases, case):
+    """The sparse path on each device (on CUDA: the Triton InfLLM-V2 and Lightning kernels)."""
+    with torch.no_grad():
+        logits = model(cases[f"{case}.input_ids"].to(model.device)).logits.cpu()
+    assert (logits - cases[f"{case}.logits"]).abs().max() < LOGIT_TOL
+
+
+@pytest.mark.parametrize("case", ["c1024", "c1151"])
 def test_sparse_prefill_and_internals(tiny_model, cases, case):
+    tiny_model = tiny_model.cpu()
     layers = _sparse_layers(tiny_model)
     captured = {}
     for i in layers:
@@ -58,14 +75,15 @@ def test_sparse_prefill_and_internals(tiny_model, cases, case):
 
 def _decode_case(model, cases, case, n_steps):
     """Prefill with a cache, then one token per step with a growing mask and explicit positions."""
-    ids = cases[f"{case}.prompt_ids"]
-    gen = cases[f"{case}.generated_ids"]
+    dev = model.device
+    ids = cases[f"{case}.prompt_ids"].to(dev)
+    gen = cases[f"{case}.generated_ids"].to(dev)
     T = ids.shape[1]
     layers = _sparse_layers(model)
     step_topk = {i: [] for i in layers}
     with torch.no_grad():
         out = model(ids, attention_mask=torch.ones_like(ids), use_cache=True)
-        assert (out.logits[:, -1] - cases[f"{case}.prefill_last_logits"]).abs().max() < LOGIT_TOL
+        assert (out.logits[:, -1].cpu() - cases[f"{case}.prefill_last_logits"]).abs().max() < LOGIT_TOL
         cache = getattr(out, CACHE_FIELD)
         for step in range(n_steps):
             captured = {}
@@ -74,12 +92,12 @@ def _decode_case(model, cases, case, n_steps):
                 model.model.layers[i].self_attn.capture = captured[i]
             out = model(
                 gen[:, step : step + 1],
-                attention_mask=torch.ones(1, T + step + 1, dtype=torch.long),
-                position_ids=torch.tensor([[T + step]]),
+                attention_mask=torch.ones(1, T + step + 1, dtype=torch.long, device=dev),
+                position_ids=torch.tensor([[T + step]], device=dev),
                 past_key_values=cache,
                 use_cache=True,
             )
-            assert (out.logits[:, -1] - cases[f"{case}.step_logits"][:, step]).abs().max() < LOGIT_TOL, f"step {step}"
+            assert (out.logits[:, -1].cpu() - cases[f"{case}.step_logits"][:, step]).abs().max() < LOGIT_TOL, f"step {step}"
             assert int(out.logits[0, -1].argmax()) == int(gen[0, step + 1])
             for i in layers:
                 if "topk_idx" in captured[i]:
@@ -89,32 +107,33 @@ def _decode_case(model, cases, case, n_steps):
     return step_topk
 
 
-def test_decode_dense(tiny_model, cases):
-    topk = _decode_case(tiny_model, cases, "b", 16)
+def test_decode_dense(model, cases):
+    topk = _decode_case(model, cases, "b", 16)
     assert all(len(v) == 0 for v in topk.values())  # 116 tokens < dense_len: never sparse
 
 
-def test_decode_across_dense_len(tiny_model, cases):
-    topk = _decode_case(tiny_model, cases, "d", 24)
+def test_decode_across_dense_len(model, cases):
+    topk = _decode_case(model, cases, "d", 24)
     for i, steps in topk.items():
         ref = cases[f"d.L{i}.sparse_step_topk_idx"]
         assert len(steps) == ref.shape[0] == 13  # steps 11..23 reach 512 tokens
-        assert torch.equal(torch.stack(steps).reshape(ref.shape), ref)
+        assert torch.equal(torch.stack(steps).reshape(ref.shape).cpu(), ref)
 
 
-def test_left_padded_batch(tiny_model, cases):
-    mask = cases["e.attention_mask"]
+def test_left_padded_batch(model, cases):
+    dev = model.device
+    mask, ids = cases["e.attention_mask"].to(dev), cases["e.input_ids"].to(dev)
     with torch.no_grad():
-        given = tiny_model(cases["e.input_ids"], attention_mask=mask, position_ids=cases["e.position_ids"]).logits
-        derived = tiny_model(cases["e.input_ids"], attention_mask=mask).logits  # positions from the mask
-    real = mask.bool()
+        given = model(ids, attention_mask=mask, position_ids=cases["e.position_ids"].to(dev)).logits.cpu()
+        derived = model(ids, attention_mask=mask).logits.cpu()  # positions from the mask
+    real = mask.bool().cpu()
     assert (given - cases["e.logits"])[real].abs().max() < LOGIT_TOL
     assert (derived - cases["e.logits"])[real].abs().max() < LOGIT_TOL
 
 
 @pytest.mark.parametrize("case,n", [("b", 17), ("d", 25)])
-def test_generate_greedy_matches_reference(tiny_model, cases, case, n):
-    ids = cases[f"{case}.prompt_ids"]
+def test_generate_greedy_matches_reference(model, cases, case, n):
+    ids = cases[f"{case}.prompt_ids"].to(model.device)
     with torch.no_grad():
-        out = tiny_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
-    assert torch.equal(out[:, ids.shape[1] :], cases[f"{case}.generated_ids"])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+    assert torch.equal(out[:, ids.shape[1] :].cpu(), cases[f"{case}.generated_ids"])

@@ -44,11 +44,14 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 def lightning_prefill(q, k, v, g_gamma, scale, initial_state=None, cu_seqlens=None):
     """Chunked lightning attention, ``[B, T, H, D]`` layout; returns (o float32, final states float32).
 
-    CUDA takes the Triton kernels (differentiable; TF32 products for float32 inputs, as fla does)."""
+    CUDA takes the Triton kernels (differentiable). Float32 inputs follow PyTorch's own switch for float32
+    matrix products: TF32 (what fla and so the release use) only where
+    ``torch.backends.cuda.matmul.allow_tf32`` is on, full float32 otherwise (PyTorch's default)."""
     if use_triton(q, k, v):
         from .lightning_triton import lightning_attn_triton
 
-        return lightning_attn_triton(q, k, v, g_gamma, scale, initial_state, cu_seqlens)
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return lightning_attn_triton(q, k, v, g_gamma, scale, initial_state, cu_seqlens, precision=precision)
     return _lightning_ref.lightning_attn_chunked(q, k, v, g_gamma, scale, initial_state, cu_seqlens)
 
 
