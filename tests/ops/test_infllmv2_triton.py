@@ -61,7 +61,7 @@ def reference_selection(q, k, params=P, decode=False):
 
 @pytest.mark.parametrize(
     "T,Hq,Hk,Tq,decode",
-    [(T_LONG, 8, 2, None, False), (T_LONG - 20, 12, 1, 40, False), (T_LONG, 16, 1, 1, True), (T_LONG - 1, 3, 1, 33, False)],
+    [(T_LONG, 16, 2, None, False), (T_LONG - 20, 12, 1, 40, False), (T_LONG, 16, 1, 1, True), (T_LONG - 1, 3, 1, 33, False)],
 )
 def test_stage1_scores_and_selection_match_reference(T, Hq, Hk, Tq, decode):
     q, k, _ = make(T, Hq, Hk, Tq, seed=T + Hq)
@@ -199,11 +199,11 @@ def test_stage2_gradients_match_reference_autograd():
 # ---------------------------------------------------------------- whole op, decode, varlen
 
 
-@pytest.mark.parametrize("T,Hq,Hk,Tq", [(T_LONG, 8, 2, None), (T_LONG - 30, 12, 1, 20)])
-def test_full_op_matches_reference(T, Hq, Hk, Tq):
-    q, k, v = make(T, Hq, Hk, Tq, seed=13)
-    o_ref = ref.infllmv2_attention(q, k, v, P, D ** -0.5)
-    o = infllmv2_attention_triton(q, k, v, P, D ** -0.5, key_budget=Hk * 2 * P.block_size * (-(-T // P.block_size)))
+@pytest.mark.parametrize("T,Hq,Hk,Tq,d", [(T_LONG, 8, 2, None, D), (T_LONG - 30, 12, 1, 20, D), (T_LONG - 7, 8, 1, 9, 64)])
+def test_full_op_matches_reference(T, Hq, Hk, Tq, d):
+    q, k, v = make(T, Hq, Hk, Tq, seed=13, d=d)
+    o_ref = ref.infllmv2_attention(q, k, v, P, d ** -0.5)
+    o = infllmv2_attention_triton(q, k, v, P, d ** -0.5, key_budget=Hk * 2 * P.block_size * (-(-T // P.block_size)))
     torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
 
 
