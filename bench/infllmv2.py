@@ -276,7 +276,8 @@ def bench_fwd(res, T, ok, dense=True, check=True):
     t_comp = timeit(lambda: (ref.compress_keys(k, 32, 16), ref.compress_keys(k, 128, 64)))
     t_sel = timeit(lambda: select_blocks_triton(q, k1, k2, PARAMS, SCALE, T))
     idx = select_blocks_triton(q, k1, k2, PARAMS, SCALE, T)
-    t_s2 = timeit(lambda: sparse_attn_forward(q, k, v, idx, 0, PARAMS.block_size, SCALE))
+    forced = (PARAMS.init_blocks, PARAMS.local_blocks) if tri.FORCED_SPLIT["fwd"] else None
+    t_s2 = timeit(lambda: sparse_attn_forward(q, k, v, idx, 0, PARAMS.block_size, SCALE, forced=forced))
     st = {}
     good = ok
     if check:
@@ -326,7 +327,9 @@ def bench_fwdbwd(res, T, ok):
         k2 = ref.compress_keys(k, 128, 64)
         idx = select_blocks_triton(q, k1, k2, PARAMS, SCALE, T)
         o, lse = sparse_attn_forward(q, k, v, idx, 0, PARAMS.block_size, SCALE)
-        t_bwd = timeit(lambda: sparse_attn_backward(do, q, k, v, o, lse, idx, 0, PARAMS.block_size, SCALE), reps=3)
+        fb = (PARAMS.init_blocks, PARAMS.local_blocks) if tri.FORCED_SPLIT["bwd"] else None
+        t_bwd = timeit(lambda: sparse_attn_backward(do, q, k, v, o, lse, idx, 0, PARAMS.block_size, SCALE, forced=fb),
+                       reps=3)
     valid = {k_: v_ for k_, v_ in base.items() if v_}
     bname = min(valid, key=valid.get) if valid else None
     res.add(case=f"fwdbwd_T{T}", variant="sala.infllmv2_triton", ms=round(ms, 3),
