@@ -61,3 +61,19 @@ def test_halo_sweep_end_to_end(tmp_path):
     # the sweep changes the model: a converted layer moves R or C away from the teacher's
     base = res["teacher_scores"]
     assert any((r["R"], r["C"]) != (base["R"], base["C"]) for r in res["sweep"])
+
+
+@pytest.mark.slow
+def test_passkey_recall_on_real_teacher():
+    """Task-based R (sala.eval passkey) on SmolLM2: the teacher finds short pass keys; a model with its
+    layers' attention replaced by untrained lightning layers does not."""
+    from sala.convert.select import TaskRecall
+    from sala.convert.teacher import fetch_default_teacher, load_teacher
+    from sala.convert.transfer import convert_model
+
+    teacher, tok, spec = load_teacher(fetch_default_teacher())
+    filler = " ".join(["The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."] * 40)
+    rec = TaskRecall(tok, filler, "passkey", length=200, n_samples=1, max_new_tokens=8)
+    assert rec(teacher) == 1.0
+    broken, _ = convert_model(teacher, spec, [0, 29])
+    assert rec(broken) < 1.0

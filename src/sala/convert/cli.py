@@ -74,13 +74,16 @@ def convert_select(
     probe_rows: int = typer.Option(8, help="Rows of seq_len tokens scored per layer."),
     ratio: float = typer.Option(0.25),
     force_first_last: bool = typer.Option(True),
+    recall: str = typer.Option("bigram", help="'bigram' or 'task:<name>:<length>:<samples>', e.g. task:passkey:1024:8."),
+    haystack: str = typer.Option("shakespeare", help="Corpus name or text file for task-based recall."),
 ):
     """HALO layer selection: align every layer's lightning replacement, score each layer, keep the top 25%."""
     from ..train.halo import halo_select
 
     res = halo_select(out, teacher=teacher, data=data, data_options={"max_docs": max_docs} if max_docs else {},
                       align_steps=align_steps, seq_len=seq_len, batch_size=batch_size, lr=lr,
-                      probe_rows=probe_rows, ratio=ratio, force_first_last=force_first_last, log=typer.echo)
+                      probe_rows=probe_rows, ratio=ratio, force_first_last=force_first_last, recall=recall,
+                      haystack=haystack, log=typer.echo)
     typer.echo(f"wrote {out / 'selection.json'}: attention layers {res['attention_layers']}")
 
 

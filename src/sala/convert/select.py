@@ -92,6 +92,43 @@ class RecallCommonProbe:
         return {"recall_targets": int(self.recall_t.sum()), "common_targets": int(self.common_t.sum())}
 
 
+class TaskRecall:
+    """R as the accuracy on RULER-style retrieval samples from ``sala.eval.tasks`` (e.g. passkey).
+
+    Decoding is greedy without a cache (each new token recomputes the prompt), so it works on models
+    whose layers were swapped for the sweep; answers are short, so this costs a few forwards per sample.
+    """
+
+    def __init__(self, tokenizer, haystack_text: str, task: str = "passkey", length: int = 1024,
+                 n_samples: int = 8, seed: int = 42, max_new_tokens: int | None = None):
+        from ..eval.haystack import Haystack
+        from ..eval.tasks import generate_samples
+
+        self.tokenizer = tokenizer
+        self.samples = generate_samples(task, tokenizer, Haystack(haystack_text, tokenizer), length, n_samples, seed,
+                                        max_new_tokens=max_new_tokens)
+        self.eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+
+    @torch.no_grad()
+    def __call__(self, model) -> float:
+        from ..eval.scoring import sample_score
+
+        dev = next(model.parameters()).device
+        kw = {"use_cache": False} if hasattr(model.config, "mixer_types") else {}
+        total = 0.0
+        for s in self.samples:
+            ids = torch.tensor([s.input_ids], device=dev)
+            new: list[int] = []
+            for _ in range(s.max_new_tokens):
+                nxt = int(model(input_ids=ids, **kw).logits[0, -1].argmax())
+                if nxt in self.eos:
+                    break
+                new.append(nxt)
+                ids = torch.cat([ids, ids.new_tensor([[nxt]])], dim=1)
+            total += sample_score(self.tokenizer.decode(new, skip_special_tokens=True), s.answers)
+        return total / len(self.samples)
+
+
 def layer_sweep(reference, aligned, score: Callable[[torch.nn.Module], tuple[float, float]],
                 layers: list[int] | None = None, progress=None) -> list[dict]:
     """Score ``reference`` (a SALA model equal to the teacher: all attention, RoPE, no gates) with each layer's

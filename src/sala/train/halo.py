@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..convert.select import RecallCommonProbe, layer_sweep, write_selection
+from ..convert.select import RecallCommonProbe, TaskRecall, layer_sweep, write_selection
 from ..convert.transfer import ConvertOptions, convert_model
 from .recipe import parse_recipe
 from .trainer import Trainer
@@ -17,7 +17,11 @@ from .trainer import Trainer
 def halo_select(out_dir: str | Path, teacher: str = "default", data: str = "synthetic", data_options: dict | None = None,
                 align_steps: int = 200, seq_len: int = 512, batch_size: int = 8, lr: float = 1e-3,
                 probe_rows: int = 8, probe_seq_len: int | None = None, ratio: float = 0.25,
-                force_first_last: bool = True, teacher_shape: dict | None = None, seed: int = 0, log=print) -> dict:
+                force_first_last: bool = True, teacher_shape: dict | None = None, seed: int = 0,
+                recall: str = "bigram", haystack: str = "shakespeare", log=print) -> dict:
+    """``recall``: 'bigram' (in-context bigram recall on the data) or 'task:<name>:<length>:<samples>'
+    (RULER-style retrieval from ``sala.eval.tasks`` on the ``haystack`` corpus or text file, e.g.
+    'task:passkey:1024:8'); C is always the other-token accuracy of the probe."""
     out = Path(out_dir)
     recipe = parse_recipe({
         "name": "halo_align", "teacher": teacher, "teacher_shape": teacher_shape or {}, "layers": "all-linear",
@@ -34,11 +38,23 @@ def halo_select(out_dir: str | Path, teacher: str = "default", data: str = "synt
                                  ConvertOptions(keep_rope=True, attn_output_gate=False, sparse={"dense_len": 1 << 30}))
     reference.to(tr.device).eval()
     probe = RecallCommonProbe(tr.docs, probe_seq_len or seq_len, probe_rows, tr.eos)
-    r0, c0 = probe(reference)
-    log(f"teacher: R {r0:.4f} C {c0:.4f} ({probe.counts()})")
-    rows = layer_sweep(reference, aligned, probe,
+    score = probe
+    if recall.startswith("task:"):
+        from ..data.corpora import resolve_text
+
+        _, task, length, n = recall.split(":")
+        task_recall = TaskRecall(tr.tokenizer, resolve_text(haystack, "train"), task, int(length), int(n), seed=42 + seed)
+
+        def score(model):
+            return task_recall(model), probe(model)[1]
+    elif recall != "bigram":
+        raise ValueError(f"recall={recall!r}: use 'bigram' or 'task:<name>:<length>:<samples>'")
+    r0, c0 = score(reference)
+    log(f"teacher: R {r0:.4f} C {c0:.4f} ({probe.counts()}, recall from {recall})")
+    rows = layer_sweep(reference, aligned, score,
                        progress=lambda i, r, c: log(f"layer {i:3d}: R {r:.4f} C {c:.4f}"))
     result = write_selection(out, rows, ratio, force_first_last, baseline={"R": r0, "C": c0},
-                             extra={"probe": probe.counts(), "align_steps": align_steps, "teacher": teacher})
+                             extra={"probe": probe.counts(), "recall": recall, "align_steps": align_steps,
+                                    "teacher": teacher})
     log(f"attention layers: {result['attention_layers']} (uniform: {result['uniform_baseline']})")
     return result
