@@ -123,3 +123,12 @@ def test_gradient_checkpointing_and_bf16_autocast(recipe_factory, tmp_path):
         assert abs(x["loss"] - y["loss"]) < 0.05 * x["loss"]
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in log] == [1, 2]
+
+
+def test_resume_with_another_recipe_is_refused(recipe_factory, tmp_path):
+    import pytest
+
+    Trainer(recipe_factory(), tmp_path / "r", log=lambda *a: None).run(stop_after=1)
+    other = recipe_factory(seed=1)
+    with pytest.raises(RuntimeError, match="different recipe"):
+        Trainer(other, tmp_path / "r", log=lambda *a: None).run()

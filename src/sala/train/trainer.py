@@ -15,9 +15,11 @@ interrupted run continues bit for bit.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -37,6 +39,14 @@ from .recipe import Recipe, Stage
 from .schedule import lr_at
 
 DENSE_ALWAYS = 1 << 62
+
+
+def recipe_fingerprint(recipe: Recipe) -> str:
+    """Short hash of everything in the recipe that changes what a step computes (not the logging cadence)."""
+    d = asdict(recipe)
+    for k in ("checkpoint_every", "log_every"):
+        d.pop(k)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class AlignModule(nn.Module):
@@ -184,11 +194,15 @@ class Trainer:
         many global steps with a checkpoint (used to test interruption). Returns a summary."""
         r = self.recipe
         ckpt_root = self.out / "checkpoints"
-        state = {"stage_index": 0, "stage_step": 0, "global_step": 0, "stream": None}
+        state = {"stage_index": 0, "stage_step": 0, "global_step": 0, "stream": None, "recipe": recipe_fingerprint(r)}
         opt_state = None
         latest = latest_checkpoint(ckpt_root)
+        fingerprint = recipe_fingerprint(r)
         if latest is not None:
             state, opt_state, rng = load_checkpoint(latest, self.student)
+            if state.get("recipe") not in (None, fingerprint):
+                raise RuntimeError(f"{self.out} was trained with a different recipe (fingerprint {state['recipe']} != "
+                                   f"{fingerprint}); resume with the same recipe or use a new run folder")
             set_rng_state(rng)
             self.log(f"resumed from {latest} (stage {state['stage_index']}, step {state['stage_step']})")
         else:
