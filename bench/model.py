@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--chunk", default="32K")
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--profile-decode", action="store_true", help="print where 5 decode steps spend time")
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "bench" / "results")))
     args = ap.parse_args()
     out_dir = Path(args.out)
@@ -107,6 +108,14 @@ def main() -> None:
         save()
     model = random_model(args.layers)
     chunk = parse_len(args.chunk)
+    with torch.no_grad():  # compile and autotune every kernel (prefill, dense and sparse decode) before timing
+        warm_ids = torch.randint(3, model.config.vocab_size, (1, 9000), device="cuda")
+        out, cache = prefill(model, warm_ids, chunk)
+        tok = out.logits[:, -1:].argmax(-1)
+        for _ in range(40):
+            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        del cache, out, warm_ids
+    torch.cuda.synchronize()
     for text in args.lengths:
         T = parse_len(text)
         ids = torch.randint(3, model.config.vocab_size, (1, T), device="cuda")
@@ -115,14 +124,15 @@ def main() -> None:
         row = {"case": f"ttft_T{T}", "variant": "sala", "layers": args.layers}
         try:
             with torch.no_grad():
-                if T <= 8192:  # warm-up (compilation, autotuning) on a short prefill
-                    prefill(model, ids[:, :2048], chunk)
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 out, cache = prefill(model, ids, chunk)
                 torch.cuda.synchronize()
                 ttft = time.perf_counter() - t0
                 tok = out.logits[:, -1:].argmax(-1)
+                for _ in range(4):  # untimed: new shapes of this context length
+                    out = model(tok, past_key_values=cache, use_cache=True)
+                    tok = out.logits[:, -1:].argmax(-1)
                 torch.cuda.synchronize()
                 t1 = time.perf_counter()
                 for _ in range(args.decode):
@@ -130,6 +140,14 @@ def main() -> None:
                     tok = out.logits[:, -1:].argmax(-1)
                 torch.cuda.synchronize()
                 per_tok = (time.perf_counter() - t1) / max(1, args.decode)
+                if args.profile_decode:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                        for _ in range(5):
+                            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                        torch.cuda.synchronize()
+                    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14), flush=True)
             row.update(ms=ttft * 1e3, decode_ms_per_token=per_tok * 1e3,
                        peak_gib=torch.cuda.max_memory_allocated() / 2**30, cache_gib=cache.nbytes() / 2**30,
                        baseline=None, baseline_ms=None, correct=bool(args.check) or None)

@@ -67,8 +67,12 @@ def lightning_decode(q, k, v, g_gamma, state, scale):
 def sparse_attention(q, k, v, params, scale, k1=None, k2=None, decode=False, internals=None):
     """InfLLM-V2 attention of one sequence (q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, D]``).
 
-    CUDA takes the Triton kernels; ``internals`` (a capture dict for tests) takes the reference."""
-    if internals is None and use_triton(q, k, v):
+    CUDA takes the Triton kernels for 16-bit inputs (the release's kernels only run bf16/fp16, and round the
+    stage-1 scores to that dtype); float32 inputs and ``internals`` (a capture dict for tests) take the
+    reference, whose float32 semantics are those of the released reference run in float32.
+    ``SALA_SPARSE_FP32_TRITON=1`` sends float32 to the kernels too (scores then rounded to bf16)."""
+    fp32_ok = q.dtype != torch.float32 or os.environ.get("SALA_SPARSE_FP32_TRITON", "0") == "1"
+    if internals is None and fp32_ok and use_triton(q, k, v):
         from .infllmv2_triton import infllmv2_attention_triton
 
         return infllmv2_attention_triton(q, k, v, params, scale, k1=k1, k2=k2, decode=decode)
