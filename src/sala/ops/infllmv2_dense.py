@@ -22,6 +22,10 @@ BACKENDS = {
 }
 # Order measured on H100 by bench/infllmv2.py (see bench/results/infllmv2.md).
 PREFERRED = ("cudnn", "flash", "efficient", "math")
+# Decode (one query): cuDNN builds a new execution plan for every new key length, which made each dense
+# decode step of the tiny fixture model cost ~40 ms on the H100 (bench/decode_probe.py); FlashAttention
+# has no per-shape set-up.
+PREFERRED_DECODE = ("flash", "efficient", "math")
 
 
 def dense_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -32,6 +36,8 @@ def dense_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     """
     if not q.is_cuda:
         return _ref.dense_attention(q, k, v, scale)
-    order = [BACKENDS[b] for b in (backends or PREFERRED)]
+    if backends is None:
+        backends = PREFERRED_DECODE if q.shape[0] == 1 else PREFERRED
+    order = [BACKENDS[b] for b in backends]
     with sdpa_kernel(order, set_priority=True):
         return _ref.dense_attention(q, k, v, scale)
