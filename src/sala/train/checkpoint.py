@@ -32,7 +32,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, trainer_state: dict) -> Path:
+def save_checkpoint(root: Path, step: int, model_state: dict, optimizer_state: dict | None, trainer_state: dict) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
@@ -40,8 +40,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, tr
         shutil.rmtree(tmp)
     tmp.mkdir()
     # clone: tied tensors share storage, which safetensors refuses to write twice
-    save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict() if optimizer is not None else None, tmp / "optimizer.pt")
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
     if final.exists():
@@ -61,12 +61,9 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict, dict | None, dict]:
-    """Load the model weights in place; return (trainer state, optimizer state dict, rng state)."""
+def load_checkpoint(path: Path) -> tuple[dict, dict, dict | None, dict]:
+    """(trainer state, model state dict, optimizer state dict or None, rng state) of a checkpoint folder."""
     sd = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
     opt = torch.load(path / "optimizer.pt", weights_only=False)
     rng = torch.load(path / "rng.pt", weights_only=False)
-    return json.loads((path / "trainer.json").read_text()), opt, rng
+    return json.loads((path / "trainer.json").read_text()), sd, opt, rng

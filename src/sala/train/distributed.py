@@ -49,3 +49,61 @@ def wrap(module: torch.nn.Module) -> torch.nn.Module:
 
     dev = next(module.parameters()).device
     return DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+# ------------------------------------------------------------------ FSDP2 (torch.distributed.fsdp.fully_shard)
+def shard_fsdp2(model: torch.nn.Module, inner: list[torch.nn.Module]) -> None:
+    """Shard ``model`` with FSDP2: each module of ``inner`` (and its parents in ``model.model.layers``) is
+    its own unit, the root holds the rest (embeddings, tied LM head, final norm)."""
+    from torch.distributed.fsdp import fully_shard
+
+    inner_ids = {id(m) for m in inner}
+    for layer in model.model.layers:
+        for m in layer.modules():
+            if id(m) in inner_ids:
+                fully_shard(m)
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: torch.nn.Module, sharded: bool) -> dict:
+    """Unsharded state dict (a collective call when ``sharded``)."""
+    if not sharded:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options())
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer, sharded: bool) -> dict:
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_options())
+
+
+def load_model_state(model: torch.nn.Module, state: dict, sharded: bool) -> None:
+    if not sharded:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, sharded: bool) -> None:
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -63,6 +63,7 @@ class Recipe:
     seed: int = 0
     autocast_bf16: bool = False
     gradient_checkpointing: bool = False
+    parallel: str = "ddp"  # with several processes: 'ddp' (replicas) or 'fsdp2' (fully_shard per layer)
     checkpoint_every: int = 50
     log_every: int = 1
     stages: list[Stage] = field(default_factory=list)
@@ -100,6 +101,8 @@ def parse_recipe(raw: dict) -> Recipe:
             if getattr(st, key) <= 0:
                 raise RecipeError(f"stages[{i}].{key}={getattr(st, key)} must be positive")
         rec.stages.append(st)
+    if rec.parallel not in ("ddp", "fsdp2"):
+        raise RecipeError(f"parallel={rec.parallel!r}; expected 'ddp' or 'fsdp2'")
     if not rec.stages:
         raise RecipeError("recipe has no [[stages]]")
     if len({s.name for s in rec.stages}) != len(rec.stages):

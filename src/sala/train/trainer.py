@@ -115,13 +115,24 @@ class Trainer:
                 self.student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.sharded = D.is_distributed() and r.parallel == "fsdp2"
+        self._convert_args = (attn, opts)
+        if self.rank == 0 and not (self.out / "converted" / "config.json").is_file():
+            save_converted(self.student, self.out / "converted", self.tokenizer, self.report)
+        D.barrier()
+        if self.sharded:
+            D.shard_fsdp2(self.student, [self.student.model.layers[i].self_attn for i in self.lightning])
         vocab = self.spec.vocab_size
         self.docs = load_documents(r.data, self.tokenizer, vocab_size=vocab, seed=r.seed, **r.data_options)
         self.eos = self.spec.eos_token_id if not isinstance(self.spec.eos_token_id, list) else self.spec.eos_token_id[0]
         self.pad = 0
-        if self.rank == 0 and not (self.out / "converted" / "config.json").is_file():
-            save_converted(self.student, self.out / "converted", self.tokenizer, self.report)
-        D.barrier()
+
+    def _plain_copy(self, state: dict):
+        """An unsharded student holding ``state`` (for saving a sharded run as a normal checkpoint)."""
+        attn, opts = self._convert_args
+        model, _ = convert_model(self.teacher, self.spec, attn, opts)
+        D.load_model_state(model, state, sharded=False)
+        return model
 
     # ------------------------------------------------------------------ pieces
     def _trainable(self, stage: Stage) -> list[tuple[str, nn.Parameter]]:
@@ -166,7 +177,9 @@ class Trainer:
         ids, am, labels = self._inputs(batch, stage)
         real = am.bool() if am is not None else None
         with self._autocast():
-            if stage.kind == "align":
+            if stage.kind == "align" and self.sharded:
+                s, c = self._align_through_student(module, ids, am, real)
+            elif stage.kind == "align":
                 layer_ids = self.lightning
                 store, handles = _capture_attention(self.teacher, layer_ids)
                 try:
@@ -188,6 +201,34 @@ class Trainer:
                 s, c = lm_sum(logits, labels)
         return s, torch.as_tensor(c, dtype=torch.float32, device=self.device)
 
+    def _align_through_student(self, student, ids, am, real):
+        """Alignment for a sharded student: FSDP2 gathers parameters in the root's forward, so the whole
+        student runs, with each lightning mixer's input replaced by the teacher's (teacher forcing) and its
+        output compared with the teacher's attention output. Same numbers as ``AlignModule``."""
+        store, handles = _capture_attention(self.teacher, self.lightning)
+        try:
+            with torch.no_grad():
+                self.teacher(input_ids=ids, attention_mask=am)
+        finally:
+            for h in handles:
+                h.remove()
+        outs: dict[int, torch.Tensor] = {}
+        hooks = []
+        for i in self.lightning:
+            mixer = self.student.model.layers[i].self_attn
+            hooks.append(mixer.register_forward_pre_hook(lambda m, args, i=i: (store[i][0],) + tuple(args[1:])))
+            hooks.append(mixer.register_forward_hook(lambda m, args, out, i=i: outs.__setitem__(i, out)))
+        try:
+            student(input_ids=ids, attention_mask=am, use_cache=False, logits_to_keep=1)
+        finally:
+            for h in hooks:
+                h.remove()
+        total = count = 0.0
+        for i in self.lightning:
+            s_, c_ = masked_mse_sum(outs[i], store[i][1], real)
+            total, count = total + s_, count + c_
+        return total, count
+
     # ------------------------------------------------------------------ main loop
     def run(self, stop_after: int | None = None) -> dict:
         """Train every stage (resuming from the latest checkpoint); ``stop_after`` ends the call after that
@@ -199,7 +240,8 @@ class Trainer:
         latest = latest_checkpoint(ckpt_root)
         fingerprint = recipe_fingerprint(r)
         if latest is not None:
-            state, opt_state, rng = load_checkpoint(latest, self.student)
+            state, model_state, opt_state, rng = load_checkpoint(latest)
+            D.load_model_state(self.student, model_state, self.sharded)
             if state.get("recipe") not in (None, fingerprint):
                 raise RuntimeError(f"{self.out} was trained with a different recipe (fingerprint {state['recipe']} != "
                                    f"{fingerprint}); resume with the same recipe or use a new run folder")
@@ -213,15 +255,18 @@ class Trainer:
             stage = r.stages[si]
             params = self._trainable(stage)
             self._set_sparse(stage)
-            base = AlignModule({i: self.student.model.layers[i].self_attn for i in self.lightning}) \
-                if stage.kind == "align" else self.student
-            module = D.wrap(base)
+            if self.sharded:
+                module = self.student
+            else:
+                base = AlignModule({i: self.student.model.layers[i].self_attn for i in self.lightning}) \
+                    if stage.kind == "align" else self.student
+                module = D.wrap(base)
             module.train()
             self.teacher.eval()
             opt = torch.optim.AdamW([p for _, p in params], lr=stage.lr, betas=stage.betas,
                                     weight_decay=stage.weight_decay)
             if opt_state is not None:
-                opt.load_state_dict(opt_state)
+                D.load_optimizer_state(self.student, opt, opt_state, self.sharded)
                 opt_state = None
             stream = PackedStream(self.docs, stage.seq_len, self.eos, self.pad, seed=r.seed * 1000 + si,
                                   state=StreamState(**state["stream"]) if state["stream"] else None)
@@ -242,6 +287,8 @@ class Trainer:
                 (loss_sum * (self.world / total)).backward()  # DDP averages: world * sum / total = global mean
                 gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in params], stage.grad_clip) \
                     if stage.grad_clip > 0 else torch.tensor(0.0)
+                if hasattr(gnorm, "full_tensor"):  # DTensor under FSDP2
+                    gnorm = gnorm.full_tensor()
                 opt.step()
                 loss = float(D.all_sum(loss_sum.detach().float()) / total)
                 state["stage_step"] += 1
@@ -263,17 +310,20 @@ class Trainer:
                     state.update(stage_index=si + 1, stage_step=0, stream=None)
                 stop = stop_after is not None and state["global_step"] >= stop_after
                 if stage_done or stop or state["global_step"] % r.checkpoint_every == 0:
+                    model_state = D.full_model_state(self.student, self.sharded)  # collective when sharded
+                    opt_full = None if stage_done else D.full_optimizer_state(self.student, opt, self.sharded)
                     if self.rank == 0:
-                        save_checkpoint(ckpt_root, state["global_step"], self.student,
-                                        None if stage_done else opt, dict(state))
+                        save_checkpoint(ckpt_root, state["global_step"], model_state, opt_full, dict(state))
                     D.barrier()
                 if stop:
                     return {"finished": False, "state": state, "history": history}
                 if stage_done:
                     break
+        full = D.full_model_state(self.student, self.sharded) if self.sharded else None
         if self.rank == 0:
             final = self.out / "final"
-            save_converted(self.student, final, self.tokenizer, {**self.report, "recipe": r.name,
-                                                                 "steps": state["global_step"]})
+            model = self._plain_copy(full) if self.sharded else self.student
+            save_converted(model, final, self.tokenizer, {**self.report, "recipe": r.name,
+                                                          "steps": state["global_step"]})
         D.barrier()
         return {"finished": True, "state": state, "history": history}
