@@ -64,6 +64,26 @@ def _plt():
     return plt
 
 
+_STYLES = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "-"), ("P", "--")]
+
+
+def _style(i: int) -> dict:
+    """Distinct marker and line style per model, so identical curves stay visible on top of each other."""
+    marker, ls = _STYLES[i % len(_STYLES)]
+    return {"marker": marker, "linestyle": ls, "markersize": 7 - (i % 3)}
+
+
+def _plain_log_y(ax):
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    ax.set_yscale("log")
+    fmt = ScalarFormatter()
+    fmt.set_scientific(False)
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_locator(LogLocator(subs=(2, 5)))
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+
+
 def _log2_axis(ax, lengths):
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths)
@@ -83,10 +103,10 @@ def plot_accuracy(results: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for k, task in enumerate(tasks):
         ax = axes[k // cols][k % cols]
-        for m in models:
+        for i, m in enumerate(models):
             pts = sorted(table.get((m, task), {}).items())
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m, **_style(i))
         ax.set_title(task)
         ax.set_ylim(-5, 105)
         ax.set_ylabel("score (%)")
@@ -109,12 +129,12 @@ def _plot_series(records: list[dict], keys: list[tuple[str, str, bool]], title: 
     lengths = sorted({r["length"] for r in records})
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
     for ax, (key, label, logy) in zip(axes[0], keys):
-        for m in models:
+        for i, m in enumerate(models):
             pts = sorted((r["length"], r[key]) for r in records if r["model"] == m)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m, **_style(i))
         ax.set_ylabel(label)
         if logy:
-            ax.set_yscale("log")
+            _plain_log_y(ax)
         _log2_axis(ax, lengths)
         ax.set_xlabel("context length (tokens)")
     axes[0][0].legend(fontsize=8)
