@@ -17,7 +17,7 @@ def test_eval_end_to_end(model_dirs, tmp_path):
             "-t", "passkey,niah_multikey", "-t", "vt", "-t", "cwe", "-l", "600", "-n", "2", "--max-new-tokens", "3",
             "--haystack", str(EXCERPT), "--ppl-corpus", str(EXCERPT), "--ppl-length", "128,300",
             "--ppl-windows", "2", "--ppl-score-tokens", "32", "--speed-length", "300,1100", "--speed-decode-tokens", "2",
-            "--chunk-size", "256", "-o", str(out), "--no-progress"]
+            "--chunk-size", "256", "-o", str(out)]  # progress bar on (rich, not a terminal here)
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output + repr(r.exception)
     res = json.loads((out / "results.json").read_text())
