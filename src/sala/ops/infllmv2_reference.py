@@ -229,6 +229,18 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     return o[0].transpose(0, 1)
 
 
+def check_sparse_inputs(q: torch.Tensor, k: torch.Tensor, decode: bool) -> None:
+    """The shape contract shared by every implementation of the sparse op (reference and kernels)."""
+    Tq, Hq = q.shape[0], q.shape[1]
+    Tk, Hk = k.shape[0], k.shape[1]
+    if Hq % Hk:
+        raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hk}")
+    if Tq > Tk:
+        raise ValueError(f"more queries ({Tq}) than keys ({Tk})")
+    if decode and Tq != 1:
+        raise ValueError(f"decode takes one query per sequence, got {Tq}")
+
+
 def infllmv2_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -247,14 +259,9 @@ def infllmv2_attention(
     If ``internals`` is a dict, it receives ``stage1_score``, ``block_score`` and ``topk_idx`` for every
     query row (``[Hk, Tq, *]``); only meant for small tests.
     """
-    Tq, Hq, D = q.shape
-    Tk, Hk = k.shape[0], k.shape[1]
-    if Hq % Hk:
-        raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hk}")
-    if Tq > Tk:
-        raise ValueError(f"more queries ({Tq}) than keys ({Tk})")
-    if decode and Tq != 1:
-        raise ValueError(f"decode takes one query per sequence, got {Tq}")
+    check_sparse_inputs(q, k, decode)
+    Tq, Hq = q.shape[0], q.shape[1]
+    Tk = k.shape[0]
     if k1 is None:
         k1 = compress_keys(k, params.kernel_size, params.kernel_stride)
     if k2 is None:

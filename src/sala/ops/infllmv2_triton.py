@@ -13,7 +13,6 @@ The selection ``[Hk, Tq, 96]`` int32 is the only per-row intermediate kept: O(T 
 from __future__ import annotations
 
 import torch
-import triton
 
 from . import infllmv2_reference as _ref
 from .infllmv2_triton_attn import block_sparse_attention_triton
@@ -62,14 +61,8 @@ def _select(q, k1, k2, n1, n2, scale, params, q_pos0, total_len, decode, lse_spl
 
 def infllmv2_attention_triton(q, k, v, params, scale, k1=None, k2=None, decode=False, key_budget=1 << 26):
     """InfLLM-V2 attention of one sequence on GPU (see module doc); returns ``[Tq, Hq, D]`` in q's dtype."""
-    Tq, Hq, D = q.shape
-    Tk, Hk = k.shape[0], k.shape[1]
-    if Hq % Hk:
-        raise ValueError(f"query heads {Hq} must be a multiple of kv heads {Hk}")
-    if Tq > Tk:
-        raise ValueError(f"more queries ({Tq}) than keys ({Tk})")
-    if decode and Tq != 1:
-        raise ValueError(f"decode takes one query per sequence, got {Tq}")
+    _ref.check_sparse_inputs(q, k, decode)
+    Tq, Tk = q.shape[0], k.shape[0]
     if k1 is None:
         k1 = _ref.compress_keys(k.detach(), params.kernel_size, params.kernel_stride)
     if k2 is None:

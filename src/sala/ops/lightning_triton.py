@@ -20,7 +20,6 @@ sequence back to front.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
