@@ -42,6 +42,25 @@ def _pick_cache(past_key_values, kwargs):
     return past_key_values if past_key_values is not None else cache
 
 
+def _packed_boundaries(cu_seqlens, position_ids, attention_mask, B, T):
+    """Document boundaries of a packed row as int64 ``cu_seqlens`` (None when the input is not packed)."""
+    unpadded = attention_mask is None or bool(attention_mask.all())
+    if cu_seqlens is None and B == 1 and position_ids is not None and T > 1 and unpadded:
+        starts = (position_ids[0, 1:] == 0).nonzero().flatten() + 1
+        if starts.numel():
+            cu_seqlens = torch.cat([starts.new_zeros(1), starts, starts.new_tensor([T])])
+    if cu_seqlens is None:
+        return None
+    cu_seqlens = torch.as_tensor(cu_seqlens, dtype=torch.long, device=position_ids.device if position_ids is not None else None)
+    if B != 1:
+        raise ValueError(f"packed documents need batch size 1, got {B}")
+    if not unpadded:
+        raise ValueError("packed documents take no padding mask")
+    if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T or bool((cu_seqlens.diff() < 0).any()):
+        raise ValueError(f"cu_seqlens must rise from 0 to the row length {T}, got {cu_seqlens.tolist()}")
+    return cu_seqlens
+
+
 class CheckpointError(ValueError):
     """A checkpoint that does not match the model: missing, unexpected or mis-shaped tensors."""
 
@@ -57,8 +76,9 @@ class SALADecoderLayer(_LayerBase):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.residual_scale = config.residual_scale
 
-    def forward(self, h, position_ids, token_mask=None, layer_cache=None):
-        h = h + self.self_attn(self.input_layernorm(h), position_ids, token_mask, layer_cache) * self.residual_scale
+    def forward(self, h, position_ids, token_mask=None, layer_cache=None, cu_seqlens=None):
+        attn = self.self_attn(self.input_layernorm(h), position_ids, token_mask, layer_cache, cu_seqlens)
+        h = h + attn * self.residual_scale
         return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
 
 
@@ -178,8 +198,11 @@ class SALAModel(SALAPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cu_seqlens: torch.LongTensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """``cu_seqlens`` (or, with batch 1, ``position_ids`` that restart at 0) marks packed documents: no
+        lightning state and no attention crosses a document boundary. A packed forward keeps no cache."""
         cfg = self.config
         past_key_values = _pick_cache(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
@@ -205,6 +228,14 @@ class SALAModel(SALAPreTrainedModel):
             raise ValueError(
                 f"context of {past + T} tokens exceeds max_position_embeddings={cfg.max_position_embeddings}"
             )
+        cu_seqlens = _packed_boundaries(cu_seqlens, position_ids, attention_mask, B, T)
+        if cu_seqlens is not None:
+            if past:
+                raise ValueError("packed documents (cu_seqlens / restarting position_ids) cannot continue a cache")
+            past_key_values = None
+            if position_ids is None:
+                starts = torch.repeat_interleave(cu_seqlens[:-1], cu_seqlens.diff())
+                position_ids = (torch.arange(T, device=cu_seqlens.device) - starts)[None]
         token_mask = None
         if attention_mask is not None:
             if attention_mask.shape != (B, past + T):
@@ -226,7 +257,7 @@ class SALAModel(SALAPreTrainedModel):
             if all_hidden is not None:
                 all_hidden.append(h)
             layer_cache = past_key_values.layers[i] if past_key_values is not None else None
-            h = layer(h, position_ids, token_mask, layer_cache)
+            h = layer(h, position_ids, token_mask, layer_cache, cu_seqlens)
         h = self.norm(h)
         if all_hidden is not None:
             all_hidden.append(h)
@@ -271,13 +302,14 @@ class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cu_seqlens: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         past_key_values = _pick_cache(past_key_values, kwargs)
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
+            output_hidden_states=output_hidden_states, cu_seqlens=cu_seqlens,
         )
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:

@@ -52,8 +52,10 @@ class LightningAttention(nn.Module):
         position_ids: torch.Tensor,
         token_mask: torch.Tensor | None = None,
         cache: LightningLayerCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x ``[B, T, hidden]``; ``token_mask [B, T]`` bool marks real tokens (None = all real)."""
+        """x ``[B, T, hidden]``; ``token_mask [B, T]`` bool marks real tokens (None = all real);
+        ``cu_seqlens`` (batch 1) splits the row into packed documents, each starting from a zero state."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -68,7 +70,9 @@ class LightningAttention(nn.Module):
             k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         g = self.g_gamma(x.device)
         state = cache.state if cache is not None else None
-        if token_mask is None:
+        if cu_seqlens is not None:
+            o, final = ops.lightning_prefill(q, k, v, g, self.scale, cu_seqlens=cu_seqlens)
+        elif token_mask is None:
             if T == 1 and state is not None and not torch.is_grad_enabled():
                 o = ops.lightning_decode(q[:, 0], k[:, 0], v[:, 0], g, state, self.scale)[:, None]
                 final = state

@@ -48,6 +48,7 @@ class SparseAttention(nn.Module):
         position_ids: torch.Tensor,
         token_mask: torch.Tensor | None = None,
         cache: SparseLayerCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
@@ -58,7 +59,11 @@ class SparseAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # The release switches on the longest total length in the batch: position_ids.max() + 1.
         sparse = int(position_ids.max()) + 1 >= self.dense_len
-        if token_mask is None and cache is None and B == 1:
+        if cu_seqlens is not None:  # packed documents (batch 1): each attends only within itself
+            bounds = cu_seqlens.tolist()
+            o = torch.cat([self._attend(q[0, s:e], k[0, s:e], v[0, s:e], sparse, None, decode=False)
+                           for s, e in zip(bounds[:-1], bounds[1:]) if e > s])[None]
+        elif token_mask is None and cache is None and B == 1:
             o = self._attend(q[0], k[0], v[0], sparse, None, decode=False)[None]
         else:
             o = q.new_zeros(B, T, self.num_heads, self.head_dim)
