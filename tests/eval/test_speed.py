@@ -1,17 +1,27 @@
+import subprocess
+import sys
+import textwrap
+
 import torch
 
 from sala.eval.speed import RssSampler, measure_speed
 
 
 def test_rss_sampler_sees_a_large_allocation():
-    with RssSampler(interval=0.001) as rss:
-        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        x += 1
-        import time
-
-        time.sleep(0.02)
-    del x
-    assert rss.peak - rss.start >= 48 * 2**20
+    """In a fresh process: inside a long test session a new allocation can reuse pages that earlier tests
+    freed but the process still holds, so RSS need not grow (seen in CI)."""
+    code = textwrap.dedent("""
+        import time, torch
+        from sala.eval.speed import RssSampler
+        with RssSampler(interval=0.001) as rss:
+            x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+            x += 1
+            time.sleep(0.02)
+        print(rss.peak - rss.start)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) >= 48 * 2**20
 
 
 def test_measure_speed_reports_each_length(builders):
