@@ -181,13 +181,7 @@ class Trainer:
                 s, c = self._align_through_student(module, ids, am, real)
             elif stage.kind == "align":
                 layer_ids = self.lightning
-                store, handles = _capture_attention(self.teacher, layer_ids)
-                try:
-                    with torch.no_grad():
-                        self.teacher(input_ids=ids, attention_mask=am)
-                finally:
-                    for h in handles:
-                        h.remove()
+                store = self._teacher_attention(ids, am)
                 B, T = ids.shape
                 pos = torch.arange(T, device=ids.device).expand(B, T)
                 s, c = module({i: store[i][0] for i in layer_ids}, {i: store[i][1] for i in layer_ids}, pos, real, real)
@@ -201,10 +195,8 @@ class Trainer:
                 s, c = lm_sum(logits, labels)
         return s, torch.as_tensor(c, dtype=torch.float32, device=self.device)
 
-    def _align_through_student(self, student, ids, am, real):
-        """Alignment for a sharded student: FSDP2 gathers parameters in the root's forward, so the whole
-        student runs, with each lightning mixer's input replaced by the teacher's (teacher forcing) and its
-        output compared with the teacher's attention output. Same numbers as ``AlignModule``."""
+    def _teacher_attention(self, ids, am):
+        """Run the teacher once and return each lightning layer's captured attention (input, output)."""
         store, handles = _capture_attention(self.teacher, self.lightning)
         try:
             with torch.no_grad():
@@ -212,6 +204,13 @@ class Trainer:
         finally:
             for h in handles:
                 h.remove()
+        return store
+
+    def _align_through_student(self, student, ids, am, real):
+        """Alignment for a sharded student: FSDP2 gathers parameters in the root's forward, so the whole
+        student runs, with each lightning mixer's input replaced by the teacher's (teacher forcing) and its
+        output compared with the teacher's attention output. Same numbers as ``AlignModule``."""
+        store = self._teacher_attention(ids, am)
         outs: dict[int, torch.Tensor] = {}
         hooks = []
         for i in self.lightning:
