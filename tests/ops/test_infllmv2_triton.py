@@ -227,3 +227,116 @@ def test_varlen_batch_equals_each_sequence():
     o = infllmv2_varlen_triton(torch.cat(qs), torch.cat(ks), torch.cat(vs), cu, cu, P, D ** -0.5)
     want = torch.cat([ref.infllmv2_attention(a, b, c, P, D ** -0.5) for a, b, c in zip(qs, ks, vs)])
     torch.testing.assert_close(o, want, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- one-row decode path, specialization
+
+
+def _reference_row_topk(scores, n_select, width, qb):
+    """What the reference select_blocks does with one row of block scores (stable sort: ties -> lower)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n_select]
+    idx = torch.sort(order, dim=-1).values.to(torch.int32)
+    idx = idx.masked_fill(idx > qb, -1)
+    return torch.nn.functional.pad(idx, (0, width - idx.shape[-1]), value=-1)[:, None]
+
+
+@pytest.mark.parametrize("n_cols,n_select,width,qb", [(300, 5, 5, 299), (37, 7, 7, 30), (5, 8, 6, 4), (1, 5, 1, 0)])
+def test_row_topk_matches_stable_sort_with_ties_and_infinities(n_cols, n_select, width, qb):
+    from sala.ops.infllmv2_triton_decode import row_topk
+
+    g = torch.Generator().manual_seed(n_cols)
+    s = torch.randint(0, 6, (3, n_cols), generator=g).float() * 0.25  # many exact ties
+    s[0] = torch.randn(n_cols, generator=g).abs()
+    s[:, qb + 1:] = float("-inf")  # future blocks
+    s[1, :1] = float("inf")  # a forced block
+    s[2, n_cols // 2:] = float("-inf")
+    s = s.to(DEV)
+    got = row_topk(s, n_select, width, qb)
+    assert torch.equal(got, _reference_row_topk(s, n_select, width, qb))
+
+
+@pytest.mark.parametrize("T,Hq,Hk,pattern", [(T_LONG + 1, 16, 1, "random"), (T_LONG + 40, 8, 2, "random"),
+                                             (T_LONG, 8, 1, "ties"), (40, 4, 1, "random"), (3, 4, 1, "random")])
+def test_fused_decode_matches_reference(T, Hq, Hk, pattern, monkeypatch):
+    """The five-launch decode path against the reference decode (selection and output), and against the
+    general Triton path it replaces."""
+    from sala.ops import infllmv2_triton as tri
+
+    q, k, v = make(T, Hq, Hk, 1, seed=T + 3)
+    if pattern == "ties":  # keys repeat every two blocks: exact ties between block scores
+        period = 2 * P.block_size
+        k = k[:period].repeat(T // period + 1, 1, 1)[:T].contiguous()
+    k1 = ref.compress_keys(k, P.kernel_size, P.kernel_stride)
+    k2 = ref.compress_keys(k, P.kernel_size2, P.kernel_stride2)
+    got: dict = {}
+    o_ref = ref.infllmv2_attention(q, k, v, P, D ** -0.5, k1=k1, k2=k2, decode=True, internals=got)
+    monkeypatch.setattr(tri, "DECODE_FUSED", True)
+    idx = select_blocks_triton(q, k1, k2, P, D ** -0.5, T, decode=True)
+    o = infllmv2_attention_triton(q, k, v, P, D ** -0.5, k1=k1, k2=k2, decode=True)
+    assert torch.equal(idx, got["topk_idx"])
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(tri, "DECODE_FUSED", False)
+    assert torch.equal(select_blocks_triton(q, k1, k2, P, D ** -0.5, T, decode=True), idx)
+
+
+def _capture_launches(monkeypatch, kernels):
+    """Record the arguments of every launch of ``kernels`` (name -> list of (args, kwargs))."""
+    seen = {name: [] for name in kernels}
+    for name, kern in kernels.items():
+        orig = kern.run
+
+        def run(*args, _orig=orig, _name=name, **kwargs):
+            seen[_name].append((args, {k_: v_ for k_, v_ in kwargs.items() if k_ not in ("grid", "warmup")}))
+            return _orig(*args, **kwargs)
+
+        monkeypatch.setattr(kern, "run", run)
+    return seen
+
+
+def _specialization(kern, args, kwargs):
+    """Triton's own compile-cache key part for these launch arguments (types, int divisibility, ==1,
+    constexprs, launch options), computed with the kernel's do_not_specialize list."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    dns = kern.kwargs.get("do_not_specialize") if hasattr(kern, "kwargs") else kern.do_not_specialize
+    jf = JITFunction(kern.fn, do_not_specialize=dns)
+    binder = create_function_from_signature(jf.signature, jf.params, BaseBackend)
+    _, spec, options = binder(*args, **kwargs)
+    return repr((spec, sorted(options.items())))
+
+
+def test_kernels_do_not_recompile_across_lengths(monkeypatch):
+    """A new sequence/context length must not create a new kernel specialization (it compiled a new
+    kernel per divisibility of the length on the GPU: 0.5-1.9 s decode steps). Decode at consecutive
+    cache lengths, prefill and backward at lengths of different divisibility: one key per kernel."""
+    from sala.ops import infllmv2_triton_decode as tdec
+
+    kernels = {n: getattr(ta, n) for n in ("_fwd_kernel", "_fwd_forced_kernel", "_bwd_dq_kernel",
+                                           "_bwd_dq_forced_kernel", "_bwd_dkdv_kernel", "_merge_splits_kernel")}
+    kernels.update({n: getattr(ts, n) for n in ("_k2_lse_kernel", "_block_key_kernel")})
+    kernels["_row_topk_kernel"] = tdec._row_topk_kernel
+    seen = _capture_launches(monkeypatch, kernels)
+    Hq, Hk = 4, 1
+    n_sel = P.n_select * P.block_size
+    for T in (n_sel + 16 * 4, n_sel + 16 * 4 + 1, n_sel + 16 * 4 + 15):  # decode: 3 cache lengths
+        q, k, v = make(T, Hq, Hk, 1, seed=T)
+        k1 = ref.compress_keys(k, P.kernel_size, P.kernel_stride)
+        k2 = ref.compress_keys(k, P.kernel_size2, P.kernel_stride2)
+        infllmv2_attention_triton(q, k, v, P, D ** -0.5, k1=k1, k2=k2, decode=True)
+    for T in (n_sel + 32, n_sel + 37):  # prefill + backward at two lengths (32 % 16 == 0, 37 % 16 != 0)
+        q, k, v = make(T, Hq, Hk, seed=T)
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        infllmv2_attention_triton(q, k, v, P, D ** -0.5).sum().backward()
+    for name, calls in seen.items():
+        assert calls, f"{name} was not launched"
+        keys = {_specialization(kernels[name], a, kw) for a, kw in calls}
+        # decode and prefill legitimately differ in constexprs (rows per program, split mode): compare the
+        # launches that share their constexpr values
+        by_const: dict = {}
+        for a, kw in calls:
+            const = repr(sorted((k_, v_) for k_, v_ in kw.items()))
+            by_const.setdefault(const, set()).add(_specialization(kernels[name], a, kw))
+        for const, specs in by_const.items():
+            assert len(specs) == 1, f"{name}: {len(specs)} specializations across lengths for {const}"
+        assert keys

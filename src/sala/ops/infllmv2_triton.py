@@ -16,13 +16,19 @@ import torch
 
 from . import infllmv2_reference as _ref
 from .infllmv2_triton_attn import block_sparse_attention_triton
+from .infllmv2_triton_decode import MAX_ROW_BLOCKS, decode_select_triton
 from .infllmv2_triton_select import select_blocks_chunk
 
-__all__ = ["infllmv2_attention_triton", "select_blocks_triton", "infllmv2_varlen_triton", "FORCED_SPLIT"]
+__all__ = ["infllmv2_attention_triton", "select_blocks_triton", "infllmv2_varlen_triton", "FORCED_SPLIT",
+           "DECODE_FUSED"]
 
 # Stage 2 computes the forced blocks (shared by the rows of a query block) in a separate multi-row pass:
 # on for forward and backward dq unless the bench measured it slower on the card.
 FORCED_SPLIT = {"fwd": True, "bwd": True}
+
+# One-row decode through the five-launch path of :mod:`.infllmv2_triton_decode` (False: the general path,
+# torch.topk on int64 keys; the bench times both).
+DECODE_FUSED = True
 
 
 def _nonempty(x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +47,8 @@ def select_blocks_triton(q, k1, k2, params, scale, total_len, decode=False, key_
     n1, n2 = k1.shape[0], k2.shape[0]
     k1e, k2e = _nonempty(k1), _nonempty(k2)
     q = q.detach()
+    if decode and DECODE_FUSED and Tq == 1 and n_blocks <= MAX_ROW_BLOCKS:
+        return decode_select_triton(q, k1e, k2e, params, scale, total_len, n1=n1, n2=n2)
     if decode:
         lse_splits = max(1, n2 // 512)
         return _select(q, k1e, k2e, n1, n2, scale, params, q_pos0, total_len, True, lse_splits)

@@ -23,10 +23,21 @@ from .infllmv2_triton_select import LOG2E, _precision, group_pad, mma, pad_dim
 # Launch settings of the per-row kernels (forward, dq); the bench picks them on the card ("tuning").
 PER_ROW_CFG = {"num_warps": 4, "num_stages": 2}
 
+# Length-like integer arguments of each kernel: not specialized, so a new length never recompiles
+# (see K2_LSE_LENGTH_ARGS in infllmv2_triton_select).
+LENGTH_ARGS = {
+    "_fwd_kernel": ["q_pos0", "n_keys", "n_sel", "sel_per_split", "s_ih", "s_ir", "s_ps", "s_ls"],
+    "_fwd_forced_kernel": ["q_pos0", "n_rows", "n_keys"],
+    "_bwd_dq_kernel": ["q_pos0", "n_keys", "n_sel", "s_ih", "s_ir"],
+    "_bwd_dq_forced_kernel": ["q_pos0", "n_rows", "n_keys"],
+    "_bwd_dkdv_kernel": ["q_pos0", "n_keys", "n_blocks"],
+    "_merge_splits_kernel": ["n_splits", "s_ps", "s_ls"],
+}
+
 __all__ = ["sparse_attn_forward", "sparse_attn_backward", "BlockSparseAttention", "block_sparse_attention_triton"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS["_fwd_kernel"])
 def _fwd_kernel(
     Q, K, V, IDX, O, LSE, OP, LP,
     q_pos0, n_keys, n_sel, sel_per_split, qk_scale2,
@@ -88,7 +99,7 @@ def _fwd_kernel(
         tl.store(LSE + r * s_lr + hk * G + h, lse, mask=hm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS["_fwd_forced_kernel"])
 def _fwd_forced_kernel(
     Q, K, V, OP, LP,
     q_pos0, n_rows, n_keys, init_blocks, local_blocks, qk_scale2,
@@ -147,7 +158,7 @@ def _fwd_forced_kernel(
     tl.store(LP + row64 * s_lr + hk * G + h, lse, mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS["_bwd_dq_kernel"])
 def _bwd_dq_kernel(
     Q, K, V, IDX, DO, LSE, DELTA, DQ,
     q_pos0, n_keys, n_sel, qk_scale2, scale,
@@ -195,7 +206,7 @@ def _bwd_dq_kernel(
     tl.store(DQ + r * s_dr + (hk * G + h)[:, None] * s_dh + d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=msk)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS["_bwd_dq_forced_kernel"])
 def _bwd_dq_forced_kernel(
     Q, K, V, DO, LSE, DELTA, DQP,
     q_pos0, n_rows, n_keys, init_blocks, local_blocks, qk_scale2,
@@ -247,7 +258,7 @@ def _bwd_dq_forced_kernel(
     tl.store(DQP + row64[:, None] * s_pr + (hk * G + h)[:, None] * s_ph + d[None, :], dq, mask=qm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS["_bwd_dkdv_kernel"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, ROWS, OFFS, DK, DV,
     q_pos0, n_keys, n_blocks, qk_scale2, scale,
@@ -292,7 +303,7 @@ def _bwd_dkdv_kernel(
     tl.store(DV + kpos[:, None] * s_vt + hk * s_vh + d[None, :], dv.to(DV.dtype.element_ty), mask=om)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS["_merge_splits_kernel"])
 def _merge_splits_kernel(OP, LP, O, n_splits, s_ps, s_pr, s_ls, s_or, D: tl.constexpr, BD: tl.constexpr, SPP: tl.constexpr):
     """Merge the split partials (o_s, lse_s) of one (row, q head) into o (decode, flash-decoding style)."""
     rh = tl.program_id(0).to(tl.int64)

@@ -57,6 +57,15 @@ TILE_ROWS: int | None = None
 FAST_TILES = True
 
 
+# Integer arguments that change with the sequence/context length (counts, positions, offsets, and the
+# strides of outputs sized by them). Triton specializes ints on ``% 16 == 0`` and ``== 1``, so without
+# ``do_not_specialize`` every new divisibility of a length compiles a new kernel (seconds per decode step
+# on the card). Strides of q/k (fixed by the head layout) stay specialized (vectorized loads).
+K2_LSE_LENGTH_ARGS = ["q_pos0", "n_rows", "n2", "vis_off2", "chunks_per_split", "s_ls"]
+BLOCK_KEY_LENGTH_ARGS = ["q_pos0", "n_rows", "n1", "vis_off1", "n_cols", "tiles_per_split", "n_lse",
+                         "s_ls", "s_yh", "s_yr", "s_sh", "s_sr"]
+
+
 def _tile_rows(G: int) -> int:
     return TILE_ROWS or max(1, 64 // triton.next_power_of_2(G))
 
@@ -78,7 +87,7 @@ def mma(a, b, PREC: tl.constexpr):
         return tl.dot(a, b, input_precision=PREC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=K2_LSE_LENGTH_ARGS)
 def _k2_lse_kernel(
     Q, K2, LSE,
     q_pos0, n_rows, n2, vis_off2, chunks_per_split, qk_scale2,
@@ -143,7 +152,8 @@ def _group_scores(q, kt, lse, vis, j, n1, qk_scale2,
 def _score_tile(t, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
                 init_blocks, local_blocks, s_kn, s_kh, s_yh, s_yr, s_sh, s_sr, d,
                 D: tl.constexpr, NBT: tl.constexpr, POOL: tl.constexpr, ROWS: tl.constexpr, GP: tl.constexpr,
-                OUT_T: tl.constexpr, PREC: tl.constexpr, WRITE_SCORES: tl.constexpr, MASKED: tl.constexpr):
+                OUT_T: tl.constexpr, PREC: tl.constexpr, WRITE_SCORES: tl.constexpr, MASKED: tl.constexpr,
+                FLOAT_OUT: tl.constexpr):
     """Block keys of the NBT blocks of tile t (K1 chunks [t*NBT*POOL, (t+1)*NBT*POOL) and chunk POOL*b-1)."""
     BN: tl.constexpr = NBT * POOL
     b = t * NBT + tl.arange(0, NBT)
@@ -161,10 +171,10 @@ def _score_tile(t, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols
                  mask=(je[None, :] >= 0) & (je[None, :] < n1) & (d[:, None] < D), other=0.0)
     se = _group_scores(q, ke, lse, vis, je, n1, qk_scale2, ROWS, GP, NBT, OUT_T, PREC, MASKED)
     pooled = tl.maximum(pooled, se)
-    _store_keys(KEYS, pooled, b, qb, rr, row_ok, hk, n_cols, init_blocks, local_blocks, s_yh, s_yr)
+    _store_keys(KEYS, pooled, b, qb, rr, row_ok, hk, n_cols, init_blocks, local_blocks, s_yh, s_yr, FLOAT_OUT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=BLOCK_KEY_LENGTH_ARGS)
 def _block_key_kernel(
     Q, K1, LSE, KEYS, SCORES,
     q_pos0, n_rows, n1, vis_off1, n_cols, tiles_per_split, qk_scale2,
@@ -172,7 +182,7 @@ def _block_key_kernel(
     s_qr, s_qh, s_kn, s_kh, s_ls, s_lr, s_yh, s_yr, s_sh, s_sr,
     G: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     NBT: tl.constexpr, POOL: tl.constexpr, STRIDE1: tl.constexpr, OUT_T: tl.constexpr,
-    PREC: tl.constexpr, WRITE_SCORES: tl.constexpr, FAST: tl.constexpr,
+    PREC: tl.constexpr, WRITE_SCORES: tl.constexpr, FAST: tl.constexpr, FLOAT_OUT: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     hk = tl.program_id(1)
@@ -216,29 +226,34 @@ def _block_key_kernel(
     for t in range(t_lo, tl.minimum(f_lo, t_mid)):
         _score_tile(t, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
                     init_blocks, local_blocks, s_kn, s_kh, s_yh, s_yr, s_sh, s_sr, d,
-                    D, NBT, POOL, ROWS, GP, OUT_T, PREC, WRITE_SCORES, True)
+                    D, NBT, POOL, ROWS, GP, OUT_T, PREC, WRITE_SCORES, True, FLOAT_OUT)
     for t in range(f_lo, f_hi):
         _score_tile(t, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
                     init_blocks, local_blocks, s_kn, s_kh, s_yh, s_yr, s_sh, s_sr, d,
-                    D, NBT, POOL, ROWS, GP, OUT_T, PREC, WRITE_SCORES, False)
+                    D, NBT, POOL, ROWS, GP, OUT_T, PREC, WRITE_SCORES, False, FLOAT_OUT)
     for t in range(tl.maximum(f_hi, tl.minimum(f_lo, t_mid)), t_mid):
         _score_tile(t, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
                     init_blocks, local_blocks, s_kn, s_kh, s_yh, s_yr, s_sh, s_sr, d,
-                    D, NBT, POOL, ROWS, GP, OUT_T, PREC, WRITE_SCORES, True)
+                    D, NBT, POOL, ROWS, GP, OUT_T, PREC, WRITE_SCORES, True, FLOAT_OUT)
     for t in range(t_mid, t_hi):  # tiles entirely in every row's future: no scores needed
         b = t * NBT + tl.arange(0, NBT)
         pooled = tl.full([ROWS, NBT], float("-inf"), tl.float32)
-        _store_keys(KEYS, pooled, b, qb, rr, row_ok, hk, n_cols, init_blocks, local_blocks, s_yh, s_yr)
+        _store_keys(KEYS, pooled, b, qb, rr, row_ok, hk, n_cols, init_blocks, local_blocks, s_yh, s_yr, FLOAT_OUT)
 
 
 @triton.jit
-def _store_keys(KEYS, pooled, b, qb, rr, row_ok, hk, n_cols, init_blocks, local_blocks, s_yh, s_yr):
-    """Future blocks -> -inf, forced blocks -> +inf, then the unique int64 key per (row, block)."""
+def _store_keys(KEYS, pooled, b, qb, rr, row_ok, hk, n_cols, init_blocks, local_blocks, s_yh, s_yr,
+                FLOAT_OUT: tl.constexpr):
+    """Future blocks -> -inf, forced blocks -> +inf, then the unique int64 key per (row, block)
+    (``FLOAT_OUT``: the float32 block score itself, for the one-row decode top-k)."""
     pooled = tl.where(b[None, :] > qb[:, None], float("-inf"), pooled)
     forced = (b[None, :] < init_blocks) | ((b[None, :] >= qb[:, None] - local_blocks) & (b[None, :] <= qb[:, None]))
     pooled = tl.where(forced, float("inf"), pooled)
-    bits = pooled.to(tl.int32, bitcast=True).to(tl.int64)
-    key = bits * (1 << 24) + ((1 << 24) - 1 - b[None, :]).to(tl.int64)
+    if FLOAT_OUT:
+        key = pooled
+    else:
+        bits = pooled.to(tl.int32, bitcast=True).to(tl.int64)
+        key = bits * (1 << 24) + ((1 << 24) - 1 - b[None, :]).to(tl.int64)
     tl.store(KEYS + hk * s_yh + rr[:, None] * s_yr + b[None, :], key, mask=row_ok[:, None] & (b[None, :] < n_cols))
 
 
@@ -281,10 +296,11 @@ def _out_type(dtype: torch.dtype):
 
 
 def block_keys(q, k1, lse2, scale, q_pos0, vis_off1, params, n_cols, rows=None, splits=None,
-               scores_out=None, n1=None):
+               scores_out=None, n1=None, float_out=False):
     """Int64 block keys ``[Hk, n_rows, n_cols]`` (see module doc); optionally the raw group-summed
     stage-1 scores into ``scores_out [Hk, n_rows, n1]`` (tests only). ``lse2``: ``[n_rows, Hq]`` or the
-    split partials ``[splits, n_rows, Hq]``."""
+    split partials ``[splits, n_rows, Hq]``. ``float_out``: float32 block scores instead of keys (same
+    -inf/+inf for future/forced blocks)."""
     R, Hq, D = q.shape
     Hk = k1.shape[1]
     n1 = k1.shape[0] if n1 is None else n1
@@ -293,7 +309,7 @@ def block_keys(q, k1, lse2, scale, q_pos0, vis_off1, params, n_cols, rows=None, 
     GP = group_pad(G, rows)
     pool = params.block_size // params.kernel_stride
     nbt = 16
-    keys = torch.empty(Hk, R, n_cols, device=q.device, dtype=torch.int64)
+    keys = torch.empty(Hk, R, n_cols, device=q.device, dtype=torch.float32 if float_out else torch.int64)
     n_tiles = triton.cdiv(n_cols, nbt)
     r_tiles = _grid_rows(R, rows)
     if splits is None:
@@ -313,7 +329,7 @@ def block_keys(q, k1, lse2, scale, q_pos0, vis_off1, params, n_cols, rows=None, 
         q.stride(0), q.stride(1), k1.stride(0), k1.stride(1), lse2.stride(0), lse2.stride(1),
         keys.stride(0), keys.stride(1), sc.stride(0), sc.stride(1),
         G=G, GP=GP, ROWS=rows, D=D, BD=pad_dim(D), NBT=nbt, POOL=pool, STRIDE1=params.kernel_stride,
-        OUT_T=_out_type(q.dtype), PREC=_precision(q.dtype), WRITE_SCORES=write, FAST=FAST_TILES,
+        OUT_T=_out_type(q.dtype), PREC=_precision(q.dtype), WRITE_SCORES=write, FAST=FAST_TILES, FLOAT_OUT=float_out,
         num_warps=4 if rows * GP <= 64 else 8,
     )
     return keys
