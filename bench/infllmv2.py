@@ -3,7 +3,10 @@
 One command, one card: checks correctness against the PyTorch reference (full op at 8K-16K, sampled rows at
 every timed length, gradients), then times forward, forward+backward, decode, and a per-stage breakdown.
 
-    python bench/infllmv2.py [--out DIR] [--quick]
+    python bench/infllmv2.py [--out DIR] [--cases REGEX] [--no-tune] [--skip-correctness] [--quick]
+
+``--out`` defaults to $OUT when set, else bench/results; the rows measured are merged with ``--base``
+(default bench/results/infllmv2.json): same (case, variant) replaced, the others kept with their run.
 
 Release shape: 32 query heads, 2 KV heads, d 128, bf16; kernel 32 / stride 16, block 64, init 1, window
 2048, topk 64 (96 selected). Writes DIR/infllmv2.json (BENCH.md format, rewritten after every row so a
@@ -68,10 +71,11 @@ def timeit(fn, reps=5, warmup=1):
 
 
 class Results:
-    def __init__(self, out: Path, command: str):
+    def __init__(self, out: Path, command: str, base: Path | None = None):
         self.out = out
         self.rows: list[dict] = []
         self.extra: dict = {}
+        self.base = json.loads(base.read_text()) if base is not None and base.exists() else {}
         try:
             sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         except Exception:  # noqa: BLE001
@@ -87,8 +91,20 @@ class Results:
         log(json.dumps(row))
         self.dump()
 
+    def merged_rows(self):
+        """Rows of the base results (an earlier run) not measured again here, then this run's rows; a
+        row is replaced when (case, variant) matches. Kept rows carry the base run's card and commit."""
+        mine = {(r["case"], r.get("variant")) for r in self.rows}
+        kept = []
+        for r in self.base.get("rows", []):
+            if (r["case"], r.get("variant")) not in mine:
+                kept.append(dict(r, run=r.get("run") or {k_: self.base.get(k_) for k_ in ("card", "commit", "date")}))
+        return kept + self.rows
+
     def dump(self):
-        data = dict(self.head, rows=self.rows, **self.extra)
+        extra = {k_: v_ for k_, v_ in self.base.items() if k_ not in ("rows",) and k_ not in self.head}
+        extra.update(self.extra)
+        data = dict(self.head, rows=self.merged_rows(), **extra)
         (self.out / "infllmv2.json").write_text(json.dumps(data, indent=1))
 
 
@@ -297,6 +313,22 @@ def bench_fwd(res, T, ok, dense=True, check=True):
     if not dense:
         row["note"] = "sparse only (dense baseline not run at this length); peak_extra_gib = memory beyond q/k/v"
     res.add(**row)
+    if T <= 262144:  # variant: Triton row top-k on float32 scores instead of torch.topk + sort on int64 keys
+        try:
+            tsel.ROW_TOPK = True
+            idx_v = select_blocks_triton(q, k1, k2, PARAMS, SCALE, T)
+            same = torch.equal(idx_v, idx)
+            t_sel_v = timeit(lambda: select_blocks_triton(q, k1, k2, PARAMS, SCALE, T))
+            ms_v = timeit(lambda: infllmv2_attention_triton(q, k, v, PARAMS, SCALE))
+            res.add(**dict(row, variant="sala.infllmv2_triton.row_topk", ms=round(ms_v, 3),
+                           speedup=round(valid[bname] / ms_v, 2) if bname else None,
+                           correct=bool(good and same), idx_equal_to_default=same,
+                           stages_ms=dict(row["stages_ms"], stage1_select=round(t_sel_v, 3)),
+                           tflops={}, note="selection by the Triton row top-k (tsel.ROW_TOPK); not the default"))
+        except Exception as e:  # noqa: BLE001
+            log("row_topk variant failed:", repr(e)[:300])
+        finally:
+            tsel.ROW_TOPK = False
     del q, k, v, o, idx
     torch.cuda.empty_cache()
 
@@ -343,20 +375,16 @@ def bench_fwdbwd(res, T, ok):
 
 
 def bench_decode(res, ctx):
+    """Decode step of one sparse layer at ``ctx`` cached tokens: the five-launch path (default), the
+    general path it replaced (torch.topk on int64 keys), and the five-launch step replayed as a CUDA graph
+    (fixed ctx: the GPU time without the host's launch cost)."""
     q, k, v = inputs(ctx, seed=3)
     q1 = q[-1:].contiguous()
     del q
     k1 = ref.compress_keys(k, 32, 16)
     k2 = ref.compress_keys(k, 128, 64)
-    o = infllmv2_attention_triton(q1, k, v, PARAMS, SCALE, k1=k1, k2=k2, decode=True)
-    o_ref = ref.infllmv2_attention(q1, k, v, PARAMS, SCALE, k1=k1, k2=k2, decode=True)
     internals: dict = {}
-    ref.infllmv2_attention(q1, k, v, PARAMS, SCALE, k1=k1, k2=k2, decode=True, internals=internals)
-    idx = select_blocks_triton(q1, k1, k2, PARAMS, SCALE, ctx, decode=True)
-    same = torch.equal(idx, internals["topk_idx"])
-    err = (o.float() - o_ref.float()).abs().max().item()
-    ms = timeit(lambda: infllmv2_attention_triton(q1, k, v, PARAMS, SCALE, k1=k1, k2=k2, decode=True), reps=50, warmup=5)
-    t_sel = timeit(lambda: select_blocks_triton(q1, k1, k2, PARAMS, SCALE, ctx, decode=True), reps=50, warmup=5)
+    o_ref = ref.infllmv2_attention(q1, k, v, PARAMS, SCALE, k1=k1, k2=k2, decode=True, internals=internals)
     ms_ref = timeit(lambda: ref.infllmv2_attention(q1, k, v, PARAMS, SCALE, k1=k1, k2=k2, decode=True), reps=10)
     ms_dense = {}
     for b in ("flash", "cudnn"):
@@ -365,11 +393,48 @@ def bench_decode(res, ctx):
         except Exception as e:  # noqa: BLE001
             ms_dense[b] = None
             log("dense decode", b, "failed:", repr(e)[:200])
-    res.add(case=f"decode_ctx{ctx}", variant="sala.infllmv2_triton", ms=round(ms, 4),
-            baseline="torch.infllmv2_reference(decode)", baseline_ms=round(ms_ref, 4), speedup=round(ms_ref / ms, 2),
-            correct=bool(same and err < 3e-2), max_rel_err=None, idx_equal=same, max_abs_err=err,
-            stages_ms={"stage1_select": round(t_sel, 4)}, dense_ms=ms_dense,
-            note="one sparse layer, one sequence, k1/k2 from the cache")
+    step = lambda: infllmv2_attention_triton(q1, k, v, PARAMS, SCALE, k1=k1, k2=k2, decode=True)  # noqa: E731
+    for fused, variant in ((True, "sala.infllmv2_triton"), (False, "sala.infllmv2_triton.general_topk")):
+        tri.DECODE_FUSED = fused
+        o = step()
+        idx = select_blocks_triton(q1, k1, k2, PARAMS, SCALE, ctx, decode=True)
+        same = torch.equal(idx, internals["topk_idx"])
+        err = (o.float() - o_ref.float()).abs().max().item()
+        ms = timeit(step, reps=50, warmup=5)
+        t_sel = timeit(lambda: select_blocks_triton(q1, k1, k2, PARAMS, SCALE, ctx, decode=True), reps=50, warmup=5)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / 50 * 1e3
+        row = dict(case=f"decode_ctx{ctx}", variant=variant, ms=round(ms, 4),
+                   baseline="torch.infllmv2_reference(decode)", baseline_ms=round(ms_ref, 4),
+                   speedup=round(ms_ref / ms, 2), correct=bool(same and err < 3e-2), max_rel_err=None,
+                   idx_equal=same, max_abs_err=err, wall_ms_per_step_back_to_back=round(wall, 4),
+                   stages_ms={"stage1_select": round(t_sel, 4)}, dense_ms=ms_dense,
+                   note="one sparse layer, one sequence, k1/k2 from the cache")
+        if fused:
+            try:  # the same step as a CUDA graph: what is left once the host's launches are out of the way
+                s_ = torch.cuda.Stream()
+                s_.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s_):
+                    for _ in range(3):
+                        step()
+                torch.cuda.current_stream().wait_stream(s_)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    o_g = step()
+                graph.replay()
+                torch.cuda.synchronize()
+                g_same = torch.equal(o_g, o)
+                row["cuda_graph_ms"] = round(timeit(graph.replay, reps=50, warmup=5), 4)
+                row["cuda_graph_output_equal"] = g_same
+                del graph
+            except Exception as e:  # noqa: BLE001
+                row["cuda_graph_error"] = repr(e)[:200]
+        res.add(**row)
+    tri.DECODE_FUSED = True
     del k, v
     torch.cuda.empty_cache()
 
@@ -379,11 +444,15 @@ def write_md(res: Results, path: Path):
              f"torch {res.head['torch']}, triton {res.head['triton']}, commit {res.head['commit']}, {res.head['date']}.",
              f"Command: `{res.head['command']}`. Shape: 32 q heads, 2 KV heads, d 128, bf16, random inputs; "
              "release sparse settings (kernel 32/16, block 64, init 1, window 2048, topk 64 -> 96 blocks).", "",
-             "| case | ms | baseline | baseline ms | speedup | correct | stages (ms) | dense (ms) | peak extra GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in res.rows:
-        lines.append(f"| {r['case']} | {r['ms']} | {r.get('baseline')} | {r.get('baseline_ms')} | {r.get('speedup')} | "
-                     f"{r.get('correct')} | {r.get('stages_ms', '')} | {r.get('dense_ms', '')} | {r.get('peak_extra_gib', '')} |")
+             "Rows marked with a commit in the last column were kept from an earlier run (--base), not re-measured.", "",
+             "| case | variant | ms | baseline | baseline ms | speedup | correct | stages (ms) | dense (ms) | peak extra GiB "
+             "| cuda graph ms | earlier run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res.merged_rows():
+        run = r.get("run") or {}
+        lines.append(f"| {r['case']} | {r.get('variant')} | {r['ms']} | {r.get('baseline')} | {r.get('baseline_ms')} | "
+                     f"{r.get('speedup')} | {r.get('correct')} | {r.get('stages_ms', '')} | {r.get('dense_ms', '')} | "
+                     f"{r.get('peak_extra_gib', '')} | {r.get('cuda_graph_ms', '')} | {run.get('commit', '')} |")
     lines += ["", "Correctness: " + json.dumps(res.extra.get("correctness")), "",
               "Tuning (chosen on this card before the timed cases): " + json.dumps(res.extra.get("tuning")), "",
               "Skipped/failed: " + json.dumps({k_: res.extra.get(k_) for k_ in ("skipped", "failed")}), ""]
@@ -450,10 +519,41 @@ def profile(out: Path):
     (out / "infllmv2_profile.json").write_text(json.dumps(rep, indent=1))
 
 
+CASES = [("decode", 131072), ("decode", 1 << 20), ("fwd", 16384), ("fwd", 65536), ("fwd", 131072),
+         ("fwd", 262144), ("fwd_sparse", 1 << 20), ("fwdbwd", 16384), ("fwdbwd", 65536), ("fwdbwd", 131072),
+         ("fwd_sparse", 1 << 19), ("fwdbwd", 262144)]  # headline cases first, so that a time budget cuts the others
+
+
+def case_name(kind: str, T: int) -> str:
+    return {"decode": f"decode_ctx{T}", "fwdbwd": f"fwdbwd_T{T}"}.get(kind, f"fwd_T{T}")
+
+
+def apply_saved_tuning(res: Results) -> None:
+    """Use the launch choices an earlier full run made on the card (its "tuning" record) without re-tuning."""
+    from sala.ops import infllmv2_triton_attn as tatt
+
+    t = res.base.get("tuning") or {}
+    if "tile_rows" in t:
+        tsel.TILE_ROWS = t["tile_rows"]
+    if "forced_split" in t:
+        tri.FORCED_SPLIT.update(t["forced_split"])
+    if "per_row_cfg" in t:
+        tatt.PER_ROW_CFG = dict(t["per_row_cfg"])
+    log("tuning from the base results:", {"tile_rows": tsel.TILE_ROWS, "forced_split": tri.FORCED_SPLIT,
+                                          "per_row_cfg": tatt.PER_ROW_CFG})
+
+
 def main():
+    import re
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
+    ap.add_argument("--base", default=str(ROOT / "bench" / "results" / "infllmv2.json"),
+                    help="earlier results to merge with (rows of the same case and variant are replaced)")
+    ap.add_argument("--cases", default=".*", help="regex on case names (decode_ctxN, fwd_TN, fwdbwd_TN)")
     ap.add_argument("--quick", action="store_true", help="small lengths only (smoke test)")
+    ap.add_argument("--no-tune", action="store_true", help="reuse the base results' tuning instead of tuning")
+    ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new cases after this")
     ap.add_argument("--profile", action="store_true", help="short diagnostic run only (see profile())")
     args = ap.parse_args()
@@ -462,26 +562,30 @@ def main():
     if args.profile:
         profile(out)
         return
-    res = Results(out, "python bench/infllmv2.py" + (" --quick" if args.quick else ""))
-    try:
-        ok = correctness(res)
-    except Exception as e:  # noqa: BLE001
-        log("correctness FAILED", repr(e)[:600])
-        res.extra["correctness"] = {"ok": False, "error": repr(e)[:600]}
-        ok = False
-    log("correct:", ok)
-    lens = [16384, 65536] if args.quick else [16384, 65536, 131072, 262144]
-    try:
-        tune(res)
-    except Exception as e:  # noqa: BLE001
-        log("tuning FAILED", repr(e)[:400])
-    plan = [("decode", 131072), ("decode", 1 << 20)]
-    plan += [("fwd", T) for T in lens]
-    # headline cases first, so that a time budget cuts the others
-    plan += [("fwd_sparse", T) for T in ([] if args.quick else [1 << 20])]
-    plan += [("fwdbwd", T) for T in lens if T <= 131072]
-    plan += [("fwd_sparse", T) for T in ([] if args.quick else [1 << 19])]
-    plan += [("fwdbwd", T) for T in lens if T > 131072]
+    res = Results(out, "python bench/infllmv2.py " + " ".join(sys.argv[1:]), base=Path(args.base))
+    ok = None
+    if not args.skip_correctness:
+        try:
+            ok = correctness(res)
+        except Exception as e:  # noqa: BLE001
+            log("correctness FAILED", repr(e)[:600])
+            res.extra["correctness"] = {"ok": False, "error": repr(e)[:600]}
+            ok = False
+        log("correct:", ok)
+    else:
+        ok = bool((res.base.get("correctness") or {}).get("ok"))
+    if args.no_tune:
+        apply_saved_tuning(res)
+    else:
+        try:
+            tune(res)
+        except Exception as e:  # noqa: BLE001
+            log("tuning FAILED", repr(e)[:400])
+    pat = re.compile(args.cases)
+    plan = [(kind, T) for kind, T in CASES if pat.search(case_name(kind, T))]
+    if args.quick:
+        plan = [(kind, T) for kind, T in plan if T <= 65536 or kind == "decode"]
+    log("plan:", [case_name(kind, T) for kind, T in plan])
     for kind, T in plan:
         if time.time() - T0 > args.budget_s:
             log("time budget reached; skipping", kind, T)

@@ -242,7 +242,7 @@ def _reference_row_topk(scores, n_select, width, qb):
 
 @pytest.mark.parametrize("n_cols,n_select,width,qb", [(300, 5, 5, 299), (37, 7, 7, 30), (5, 8, 6, 4), (1, 5, 1, 0)])
 def test_row_topk_matches_stable_sort_with_ties_and_infinities(n_cols, n_select, width, qb):
-    from sala.ops.infllmv2_triton_decode import row_topk
+    from sala.ops.infllmv2_triton_topk import row_topk
 
     g = torch.Generator().manual_seed(n_cols)
     s = torch.randint(0, 6, (3, n_cols), generator=g).float() * 0.25  # many exact ties
@@ -251,7 +251,7 @@ def test_row_topk_matches_stable_sort_with_ties_and_infinities(n_cols, n_select,
     s[1, :1] = float("inf")  # a forced block
     s[2, n_cols // 2:] = float("-inf")
     s = s.to(DEV)
-    got = row_topk(s, n_select, width, qb)
+    got = row_topk(s[:, None], n_select, width, qb, 1)
     assert torch.equal(got, _reference_row_topk(s, n_select, width, qb))
 
 
@@ -310,12 +310,12 @@ def test_kernels_do_not_recompile_across_lengths(monkeypatch):
     """A new sequence/context length must not create a new kernel specialization (it compiled a new
     kernel per divisibility of the length on the GPU: 0.5-1.9 s decode steps). Decode at consecutive
     cache lengths, prefill and backward at lengths of different divisibility: one key per kernel."""
-    from sala.ops import infllmv2_triton_decode as tdec
+    from sala.ops import infllmv2_triton_topk as ttop
 
     kernels = {n: getattr(ta, n) for n in ("_fwd_kernel", "_fwd_forced_kernel", "_bwd_dq_kernel",
                                            "_bwd_dq_forced_kernel", "_bwd_dkdv_kernel", "_merge_splits_kernel")}
     kernels.update({n: getattr(ts, n) for n in ("_k2_lse_kernel", "_block_key_kernel")})
-    kernels["_row_topk_kernel"] = tdec._row_topk_kernel
+    kernels["_row_topk_kernel"] = ttop._row_topk_kernel
     seen = _capture_launches(monkeypatch, kernels)
     Hq, Hk = 4, 1
     n_sel = P.n_select * P.block_size
@@ -340,3 +340,24 @@ def test_kernels_do_not_recompile_across_lengths(monkeypatch):
         for const, specs in by_const.items():
             assert len(specs) == 1, f"{name}: {len(specs)} specializations across lengths for {const}"
         assert keys
+
+
+@pytest.mark.parametrize("T,Hq,Hk,Tq,pattern", [(T_LONG, 8, 2, 50, "random"), (T_LONG - 20, 12, 1, 40, "random"),
+                                                (T_LONG, 8, 1, None, "ties"), (30, 4, 1, None, "random")])
+def test_prefill_row_topk_selection_matches_reference(T, Hq, Hk, Tq, pattern, monkeypatch):
+    """The Triton row top-k variant of the many-row selection (ROW_TOPK) gives the reference blocks,
+    ties included, in one chunk and in several."""
+    q, k, v = make(T, Hq, Hk, Tq, seed=T + 7)
+    if pattern == "ties":
+        period = 2 * P.block_size
+        k = k[:period].repeat(T // period + 1, 1, 1)[:T].contiguous()
+    k1, k2, _, _, idx_ref = reference_selection(q, k)
+    monkeypatch.setattr(ts, "ROW_TOPK", True)
+    assert torch.equal(select_blocks_triton(q, k1, k2, P, D ** -0.5, T), idx_ref)
+    if pattern == "ties":
+        return
+    n_blocks = -(-T // P.block_size)
+    chunked = select_blocks_triton(q, k1, k2, P, D ** -0.5, T, key_budget=Hk * n_blocks * P.block_size)
+    assert torch.equal(chunked, idx_ref)
+    o = infllmv2_attention_triton(q, k, v, P, D ** -0.5)
+    torch.testing.assert_close(o, ref.infllmv2_attention(q, k, v, P, D ** -0.5), rtol=1e-4, atol=1e-5)

@@ -16,7 +16,8 @@ import torch
 
 from . import infllmv2_reference as _ref
 from .infllmv2_triton_attn import block_sparse_attention_triton
-from .infllmv2_triton_decode import MAX_ROW_BLOCKS, decode_select_triton
+from .infllmv2_triton_decode import decode_select_triton
+from .infllmv2_triton_topk import MAX_ROW_BLOCKS
 from .infllmv2_triton_select import select_blocks_chunk
 
 __all__ = ["infllmv2_attention_triton", "select_blocks_triton", "infllmv2_varlen_triton", "FORCED_SPLIT",

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from . import infllmv2_triton_interp  # noqa: F401  (interpreter shim, no-op when compiled)
+from .infllmv2_triton_topk import MAX_ROW_BLOCKS, row_topk
 
 __all__ = ["k2_lse", "block_keys", "select_from_keys", "select_blocks_chunk", "pad_dim", "group_pad", "mma", "LOG2E"]
 
@@ -51,6 +52,11 @@ def group_pad(g: int, rows: int = 1) -> int:
 # query rows per stage-1 program (times the padded group = the dot's M); None: 64 // G. The bench measures
 # 4 and 8 on the card and sets the faster before timing (bench/infllmv2.py, "tuning" in its results).
 TILE_ROWS: int | None = None
+
+
+# Selection of many rows (prefill) by the Triton row top-k on float32 block scores (infllmv2_triton_topk)
+# instead of torch.topk + sort on int64 keys. Off until a GPU run measures it faster (bench variant).
+ROW_TOPK = False
 
 
 # Unmasked path for the K1 tiles below the causal diagonal (False: every tile masked, the first version).
@@ -384,6 +390,10 @@ def select_blocks_chunk(q, k1, k2, scale, params, q_pos0, total_len, decode=Fals
         lse2 = torch.full((R, q.shape[1]), float("-inf"), device=q.device, dtype=torch.float32)
     qb_last = (q_pos0 + R - 1) // bs
     n_cols = min(n_blocks, max(qb_last + 1, params.init_blocks))
+    if ROW_TOPK and n_cols <= MAX_ROW_BLOCKS:
+        sc = block_keys(q, k1, lse2, scale, q_pos0, off1, params, n_cols, splits=key_splits,
+                        scores_out=scores_out, n1=n1, rows=rows, float_out=True)
+        return row_topk(sc, params.n_select, width, q_pos0, bs)
     keys = block_keys(q, k1, lse2, scale, q_pos0, off1, params, n_cols, splits=key_splits,
                       scores_out=scores_out, n1=n1, rows=rows)
     if R == 1:
