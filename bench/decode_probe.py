@@ -23,6 +23,7 @@ def kernels() -> set[str]:
     return {p.name for p in Path(cache_dir).rglob("*.json") if not p.name.startswith("__grp")}
 
 
+steps: list[dict] = []
 model = AutoModelForCausalLM.from_pretrained(str(ROOT / "tests/fixtures/minicpm_sala_tiny")).to("cuda", torch.bfloat16).eval()
 for label, T in (("dense", 200), ("sparse", 700)):
     ids = torch.randint(3, 500, (1, T), device="cuda")
@@ -37,4 +38,11 @@ for label, T in (("dense", 200), ("sparse", 700)):
             tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             new = sorted(kernels() - before)
-            print(f"{label} step {step} ctx {T + step + 1}: {1e3 * (time.perf_counter() - t):.1f} ms, compiled {new}", flush=True)
+            ms = 1e3 * (time.perf_counter() - t)
+            steps.append({"path": label, "step": step, "ctx": T + step + 1, "ms": round(ms, 2), "compiled": new})
+            print(f"{label} step {step} ctx {T + step + 1}: {ms:.1f} ms, compiled {new}", flush=True)
+if os.environ.get("OUT"):  # the device run's output folder
+    import json
+
+    Path(os.environ["OUT"], "decode_probe.json").write_text(json.dumps(
+        {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": steps}, indent=1))

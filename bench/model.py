@@ -135,11 +135,18 @@ def main() -> None:
                     tok = out.logits[:, -1:].argmax(-1)
                 torch.cuda.synchronize()
                 t1 = time.perf_counter()
-                for _ in range(args.decode):
+                marks = [torch.cuda.Event(enable_timing=True) for _ in range(args.decode + 1)]
+                marks[0].record()
+                for i in range(args.decode):
                     out = model(tok, past_key_values=cache, use_cache=True)
                     tok = out.logits[:, -1:].argmax(-1)
+                    marks[i + 1].record()
                 torch.cuda.synchronize()
                 per_tok = (time.perf_counter() - t1) / max(1, args.decode)
+                steps = sorted(marks[i].elapsed_time(marks[i + 1]) for i in range(args.decode))
+                # a step far above the median is a compilation or a plan rebuild (the first run's problem)
+                row.update(decode_step_ms_median=steps[len(steps) // 2] if steps else None,
+                           decode_step_ms_max=steps[-1] if steps else None)
                 if args.profile_decode:
                     from torch.profiler import ProfilerActivity, profile
 
