@@ -3,7 +3,15 @@ vs the PyTorch reference. Checks correctness and times, in one run, on one card.
 
     python bench/lightning.py            # full run (writes lightning.json under $OUT or bench/results)
     python bench/lightning.py --quick    # small sizes only
+    python bench/lightning.py --headline --no-sweep --budget-s 120   # the issue's rows + variants, ~2 min
     python bench/lightning.py --report bench/results/lightning.json   # (re)write lightning.md from a JSON
+
+Results MERGE with the committed ``bench/results/lightning.json``: a row measured in this run replaces the
+row of the same (case, variant); older rows are kept and each row names the run (commit, card, date) that
+measured it. The merged JSON and markdown are rewritten after every row (a run cut short keeps its rows).
+
+Variants (rows with ``variant`` other than "sala") are timed side by side with the library default and fla
+in the same job, e.g. ``sala-bf16x3`` (float32 products as three bf16 products) or ``sala-seg8192``.
 
 Correctness at long T without an O(T) reference run: every decay is at most exp(-2^-8) per step, so after
 8192 steps a state has shrunk by exp(-32) ~ 1e-14. The reference run on the 12288 tokens ending at a
@@ -28,9 +36,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import COPY_BANDWIDTH, Results, rel_err, results_dir, time_ms  # noqa: E402
+from common import COPY_BANDWIDTH, Results, rel_err, time_ms  # noqa: E402
+
+COMMITTED = Path(__file__).resolve().parent / "results" / "lightning.json"
 
 H, D = 32, 128
+BOUNDARY = 2**31 // (H * D)  # token where B*T*H*D passes 2^31 (B=1): 524288
 TOL = {torch.float32: 5e-3, torch.bfloat16: 2e-2}
 DT_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 HEADLINE = ["fwd_bf16_T131072", "fwd_fp32_T131072", "fwd_bf16_T1048576", "fwdbwd_bf16_T131072", "fwd_bf16_varlen",
@@ -50,25 +61,98 @@ def floor_ms(nbytes: int) -> float:
     return nbytes / COPY_BANDWIDTH * 1e3
 
 
+# rows committed before rows carried their run: the decode rows came from a later call (lightning.md)
+_LEGACY_RUNS = {"decode_b1": {"commit": "7edae91"}, "decode_b1_24layers": {"commit": "7edae91"}}
+
+
+class MergedResults(Results):
+    """Results that keep the committed rows of earlier runs: a (case, variant) measured now replaces the
+    old row; every row carries ``run`` = the commit, card and date that measured it. The markdown is
+    rewritten with the JSON after every row."""
+
+    def __init__(self, name: str, previous: Path = COMMITTED):
+        self.old_rows, self.previous_runs, self.old_notes = [], [], []
+        if previous.exists():
+            old = json.loads(previous.read_text())
+            stamp = {k: old.get(k) for k in ("commit", "card", "date")}
+            stamp["commit"] = (stamp["commit"] or "")[:12]
+            for r in old.get("rows", []):
+                r.setdefault("run", dict(stamp, **_LEGACY_RUNS.get(r["case"], {})))
+                self.old_rows.append(r)
+            self.previous_runs = old.get("previous_runs", []) + [
+                {k: old.get(k) for k in ("commit", "card", "date", "command", "torch", "triton")}]
+            self.old_notes = old.get("run_notes", [])
+        self.new_rows = []
+        super().__init__(name)
+        self.stamp = {"commit": self.data["commit"][:12], "card": self.data["card"], "date": self.data["date"]}
+
+    def add(self, **row) -> dict:
+        if "error" in row:  # a failed or skipped job replaces nothing: note it, keep the old row
+            self.data.setdefault("errors", []).append(row)
+            self.flush()
+            print(json.dumps(row), flush=True)
+            return row
+        if row.get("baseline_ms") and row.get("ms"):
+            row.setdefault("speedup", round(row["baseline_ms"] / row["ms"], 3))
+        row["run"] = self.stamp
+        self.new_rows.append(row)
+        self.flush()
+        print(json.dumps(row), flush=True)
+        return row
+
+    def flush(self) -> None:
+        if not hasattr(self, "new_rows"):
+            return  # Results.__init__ flushes before the rows exist
+        fresh = {(r["case"], r.get("variant")) for r in self.new_rows}
+        kept = [r for r in self.old_rows if (r["case"], r.get("variant")) not in fresh]
+        self.data["rows"] = kept + self.new_rows
+        self.data["previous_runs"] = self.previous_runs
+        self.data["run_notes"] = self.old_notes
+        super().flush()
+        write_report(self.path, self.path.with_suffix(".md"))
+
+
 # ----------------------------------------------------------------------------------------------- checks
-def windowed_error(o, ht, q, k, v, g, scale, reference) -> float:
-    """Max relative error of (o, final state) against the reference on exact windows (module doc)."""
+def windowed_errors(o, ht, q, k, v, g, scale, reference) -> dict:
+    """Relative errors of (o, final state) against the reference on exact windows (module doc), by window:
+    the first 4096 tokens, the 4096 ending at token 526336 (straddles element 2^31 when H*D = 4096), the
+    last 4096, and the final state."""
     T = q.shape[1]
-    errs = []
     if T <= 16384:
         ro, rh = reference(q.float(), k.float(), v.float(), g, scale)
-        return max(rel_err(o.float(), ro), rel_err(ht, rh) if ht is not None else 0.0)
+        errs = {"all": rel_err(o.float(), ro)}
+        if ht is not None:
+            errs["state"] = rel_err(ht.float(), rh)
+        return errs
     ro, _ = reference(q[:, :4096].float(), k[:, :4096].float(), v[:, :4096].float(), g, scale)
-    errs.append(rel_err(o[:, :4096].float(), ro))
-    ends = [T]
-    if T >= 524288 + 2048:
-        ends.append(524288 + 2048)
-    for end in ends:
+    errs = {"start": rel_err(o[:, :4096].float(), ro)}
+    ends = {"end": T}
+    if 12288 <= BOUNDARY + 2048 < T:
+        ends["at_2^31"] = BOUNDARY + 2048
+    for name, end in ends.items():
         s = end - 12288
         ro, rh = reference(q[:, s:end].float(), k[:, s:end].float(), v[:, s:end].float(), g, scale)
-        errs.append(rel_err(o[:, end - 4096:end].float(), ro[:, -4096:]))
+        errs[name] = rel_err(o[:, end - 4096:end].float(), ro[:, -4096:])
         if end == T and ht is not None:
-            errs.append(rel_err(ht.float(), rh))
+            errs["state"] = rel_err(ht.float(), rh)
+    return errs
+
+
+def windowed_error(o, ht, q, k, v, g, scale, reference) -> float:
+    return max(windowed_errors(o, ht, q, k, v, g, scale, reference).values())
+
+
+def windowed_grad_error(grads, q, k, v, do, g, scale, reference_lightning) -> float:
+    """Gradients against reference autograd (float32) on the last 12288 tokens: dk, dv there depend only on
+    later tokens (all inside the window), dq on earlier ones (exact on the window's last 4096, module doc)."""
+    W = min(12288, q.shape[1])
+    leaves = [x[:, -W:].detach().float().requires_grad_(True) for x in (q, k, v)]
+    ro, _ = reference_lightning(*leaves, g, scale)
+    ro.backward(do[:, -W:].float())
+    dq, dk, dv = (x.grad for x in leaves)
+    n = 4096 if W == 12288 else W
+    errs = [rel_err(grads[0][:, -n:].float(), dq[:, -n:]), rel_err(grads[1][:, -W:].float(), dk),
+            rel_err(grads[2][:, -W:].float(), dv)]
     return max(errs)
 
 
@@ -77,8 +161,8 @@ def make_ops():
     from sala.ops.lightning_reference import lightning_attn_chunked
     from sala.ops.lightning_triton import lightning_attn_triton
 
-    def ours(q, k, v, g, scale, cu=None, out_dtype=None):
-        return lightning_attn_triton(q, k, v, g, scale, cu_seqlens=cu, out_dtype=out_dtype or q.dtype)
+    def ours(q, k, v, g, scale, cu=None, out_dtype=None, **kw):
+        return lightning_attn_triton(q, k, v, g, scale, cu_seqlens=cu, out_dtype=out_dtype or q.dtype, **kw)
 
     def reference(q, k, v, g, scale, cu=None):
         return lightning_attn_chunked(q, k, v, g, scale, cu_seqlens=cu)
@@ -98,54 +182,109 @@ def make_ops():
     return ours, reference, fla, fla_decode
 
 
+# ------------------------------------------------------------------------------------------- variants
+# Candidate settings timed beside the library default (variant "sala") in the same job; the default only
+# changes after a measurement. kw go to lightning_attn_triton, env overrides the launch config.
+VARIANTS = {
+    ("fwd", torch.bfloat16, 131072): [("sala-seg8192", {"segment_len": 8192}, {})],
+    ("fwd", torch.bfloat16, 1048576): [("sala-seg8192", {"segment_len": 8192}, {}),
+                                       ("sala-seg16384", {"segment_len": 16384}, {})],
+    ("fwd", torch.float32, 131072): [
+        ("sala-bf16x3", {"precision": "bf16x3"}, {}),  # bf16 launch config: BV64, 4 warps, 2 stages
+        ("sala-bf16x3-w8", {"precision": "bf16x3"}, {"SALA_LIGHTNING_WARPS": "8"}),
+        ("sala-tf32-s1", {}, {"SALA_LIGHTNING_STAGES": "1"}),  # less shared memory for the TF32 path
+    ],
+    ("fwdbwd", torch.float32, 131072): [("sala-bf16x3", {"precision": "bf16x3"}, {})],
+}
+
+
+class env_override:
+    """Temporarily set environment variables (the launch-config overrides read at each call)."""
+
+    def __init__(self, env):
+        self.env, self.old = env, {}
+
+    def __enter__(self):
+        self.old = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def bind(fn, env, **kw):
+    """fn with extra keywords, run under the variant's environment."""
+
+    def call(*a, **k):
+        with env_override(env):
+            return fn(*a, **kw, **k)
+
+    return call
+
+
 # ---------------------------------------------------------------------------------------------- cases
 def run_forward(res, ops, dtype, T, g, scale, time_reference):
     ours, reference, fla, _ = ops
     case = f"fwd_{DT_NAME[dtype]}_T{T}"
     q, k, v = (rand((1, T, H, D), dtype) for _ in range(3))
     size = q.element_size()
-    row = dict(case=case, variant="sala", baseline="fla.chunk_simple_gla",
-               floor_ms=floor_ms(4 * T * H * D * size))
-    o, ht = ours(q, k, v, g, scale)
-    torch.cuda.synchronize()
-    err = windowed_error(o, ht, q, k, v, g, scale, reference)
-    del o, ht
-    free()
-    row["ms"] = time_ms(lambda: ours(q, k, v, g, scale))
-    row.update(correct=err < TOL[dtype], max_rel_err=err, floor_frac=row["floor_ms"] / row["ms"])
-    notes = []
+    rep = 100 if T <= 131072 else 200
+    base = dict(case=case, baseline="fla.chunk_simple_gla", floor_ms=floor_ms(4 * T * H * D * size))
+    notes, fla_ms, fla_err = [], None, None
     if fla is not None:
         try:
             fo, fh = fla(q, k, v, g, scale)
             torch.cuda.synchronize()
-            ferr = windowed_error(fo, fh, q, k, v, g, scale, reference)
+            fla_err = windowed_error(fo, fh, q, k, v, g, scale, reference)
             del fo, fh
             free()
-            row["fla_rel_err"] = ferr
-            if ferr < TOL[dtype]:
-                row["baseline_ms"] = time_ms(lambda: fla(q, k, v, g, scale))
+            if fla_err < TOL[dtype]:
+                fla_ms = time_ms(lambda: fla(q, k, v, g, scale), rep=rep)
             else:
-                row["baseline_ms"] = None
-                notes.append(f"fla output WRONG (rel err {ferr:.3g} vs reference windows); not timed")
+                notes.append(f"fla output WRONG (rel err {fla_err:.3g} vs reference windows); not timed")
         except Exception as exc:
-            row["baseline_ms"] = None
             notes.append(f"fla failed: {type(exc).__name__}: {str(exc)[:200]}")
             free()
-    if time_reference:
-        row["reference_ms"] = time_ms(lambda: reference(q, k, v, g, scale), warmup=3, rep=20)
-    row["note"] = "; ".join(notes)
+    ref_ms = time_ms(lambda: reference(q, k, v, g, scale), warmup=3, rep=20) if time_reference else None
+    rows = []
+    for name, kw, env in [("sala", {}, {})] + VARIANTS.get(("fwd", dtype, T), []):
+        fn = bind(ours, env, **kw)
+        row = dict(base, variant=name, baseline_ms=fla_ms, fla_rel_err=fla_err, settings={**kw, **env})
+        try:
+            o, ht = fn(q, k, v, g, scale)
+            torch.cuda.synchronize()
+            errs = windowed_errors(o, ht, q, k, v, g, scale, reference)
+            del o, ht
+            free()
+            row["ms"] = time_ms(lambda: fn(q, k, v, g, scale), rep=rep)
+            err = max(errs.values())
+            row.update(correct=err < TOL[dtype], max_rel_err=err, window_errs=errs, floor_frac=row["floor_ms"] / row["ms"])
+            if ref_ms is not None and name == "sala":
+                row["reference_ms"] = ref_ms
+            row["note"] = "; ".join(notes)
+            rows.append(res.add(**row))
+        except Exception as exc:
+            traceback.print_exc()
+            res.add(case=case, variant=name, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            free()
     del q, k, v
     free()
-    return res.add(**row)
+    return rows
 
 
 def run_fwdbwd(res, ops, dtype, T, g, scale):
+    from sala.ops.lightning_reference import lightning_attn_chunked
+
     ours, reference, fla, _ = ops
     case = f"fwdbwd_{DT_NAME[dtype]}_T{T}"
     q, k, v = (rand((1, T, H, D), dtype, True) for _ in range(3))
     do = rand((1, T, H, D), dtype)
     size = q.element_size()
-    row = dict(case=case, variant="sala", baseline="fla.chunk_simple_gla", floor_ms=floor_ms(11 * T * H * D * size))
+    base = dict(case=case, baseline="fla.chunk_simple_gla", floor_ms=floor_ms(11 * T * H * D * size))
 
     def step(fn):
         o, _ = fn(q, k, v, g, scale)
@@ -160,38 +299,83 @@ def run_fwdbwd(res, ops, dtype, T, g, scale):
             x.grad = None
         return out
 
-    ours_g = grads(ours)
-    notes = []
-    if T <= 16384:  # reference autograd (float32 leaves)
-        qr, kr, vr = (x.detach().float().requires_grad_(True) for x in (q, k, v))
-        ro, _ = reference(qr, kr, vr, g, scale)
-        ro.backward(do.float())
-        err = max(rel_err(a.float(), b.grad) for a, b in zip(ours_g, (qr, kr, vr)))
-        del qr, kr, vr, ro
-        notes.append("grads vs reference autograd")
-    else:
-        err = None
-    free()
-    row["ms"] = time_ms(lambda: step(ours), grad_to_none=[q, k, v])
+    notes, fla_ms, fla_g = [], None, None
     if fla is not None:
         try:
             fla_g = grads(fla)
-            dev = max(rel_err(a.float(), b.float()) for a, b in zip(ours_g, fla_g))
-            row["grad_rel_diff_vs_fla"] = dev
-            if err is None:
-                err = dev
-                notes.append("grads vs fla (no reference at this size)")
-            del fla_g
-            free()
-            row["baseline_ms"] = time_ms(lambda: step(fla), grad_to_none=[q, k, v])
+            fla_ms = time_ms(lambda: step(fla), grad_to_none=[q, k, v])
         except Exception as exc:
-            row["baseline_ms"] = None
             notes.append(f"fla failed: {type(exc).__name__}: {str(exc)[:200]}")
-    row.update(correct=err is not None and err < TOL[dtype], max_rel_err=err, floor_frac=row["floor_ms"] / row["ms"],
-               note="; ".join(notes))
-    del q, k, v, do, ours_g
+            fla_g = None
+        free()
+    fla_ref_err = None
+    if fla_g is not None:
+        fla_ref_err = windowed_grad_error(fla_g, q, k, v, do, g, scale, lightning_attn_chunked)
+    rows = []
+    for name, kw, env in [("sala", {}, {})] + VARIANTS.get(("fwdbwd", dtype, T), []):
+        fn = bind(ours, env, **kw)
+        row = dict(base, variant=name, baseline_ms=fla_ms, settings={**kw, **env})
+        try:
+            ours_g = grads(fn)
+            # reference autograd on the exact window (module doc); float32 leaves
+            err = windowed_grad_error(ours_g, q, k, v, do, g, scale, lightning_attn_chunked)
+            row_notes = list(notes) + [f"grads vs reference autograd on the last {min(12288, T)} tokens"]
+            if fla_g is not None:
+                row["grad_rel_diff_vs_fla"] = max(rel_err(a.float(), b.float()) for a, b in zip(ours_g, fla_g))
+                row["fla_grad_rel_err"] = fla_ref_err
+            del ours_g
+            free()
+            row["ms"] = time_ms(lambda: step(fn), grad_to_none=[q, k, v])
+            row.update(correct=err < TOL[dtype], max_rel_err=err, floor_frac=row["floor_ms"] / row["ms"],
+                       note="; ".join(row_notes))
+            rows.append(res.add(**row))
+        except Exception as exc:
+            traceback.print_exc()
+            res.add(case=case, variant=name, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        free()
+    del q, k, v, do, fla_g
     free()
-    return res.add(**row)
+    return rows
+
+
+def run_int64(res, ops, T=1048576):
+    """Offsets past 2^31 elements (B*T*H*D = 2^32 at T=1M, H=32, D=128), forward AND reverse (the reverse
+    pass is what the backward runs): exact windows at the start, across element 2^31 and at the end."""
+    from sala.ops.lightning_reference import lightning_attn_chunked, lightning_decay
+    from sala.ops.lightning_triton import lightning_forward
+
+    g = lightning_decay(H).cuda()
+    scale = D**-0.5
+    q, k, v = (rand((1, T, H, D), torch.bfloat16) for _ in range(3))
+    errs = {}
+    t0 = time.monotonic()
+    o, ht = lightning_forward(q, k, v, g, scale, out_dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    errs.update({f"fwd_{n}": e for n, e in windowed_errors(o, ht, q, k, v, g, scale, lightning_attn_chunked).items()})
+    del o, ht
+    free()
+    o, ht = lightning_forward(q, k, v, g, scale, out_dtype=torch.bfloat16, reverse=True)
+    torch.cuda.synchronize()
+
+    def flip(x):
+        return x.flip(1)
+
+    # reversed time: the output at token t sums tokens u >= t weighted exp(g (u - t)), so the reference run
+    # from a zero state over tokens [s, e + 8192) back to front is exact on [s, e) (module doc)
+    for name, (s, e) in {"rev_end_tokens": (T - 4096, T), "rev_at_2^31": (BOUNDARY - 2048, BOUNDARY + 2048),
+                         "rev_first_tokens": (0, 4096)}.items():
+        hi = min(T, e + 8192)
+        ro, rh = lightning_attn_chunked(*(flip(x[:, s:hi]).float() for x in (q, k, v)), g, scale)
+        errs[name] = rel_err(o[:, s:e].float(), flip(ro)[:, : e - s])
+        if s == 0:
+            errs["rev_state"] = rel_err(ht.float(), rh)
+    err = max(errs.values())
+    res.add(case="int64_offsets_bf16_T1048576", variant="sala", correct=err < TOL[torch.bfloat16], max_rel_err=err,
+            window_errs=errs, check_s=round(time.monotonic() - t0, 1),
+            note="B*T*H*D = 2^32: forward and reverse (backward) passes vs the reference on exact windows; "
+                 "rev_* windows run the reference on the flipped slice")
+    del q, k, v, o, ht
+    free()
 
 
 def run_varlen(res, ops, dtype, g, scale):
@@ -322,49 +506,68 @@ def use_cfg(cfg):
 
 
 # --------------------------------------------------------------------------------------------- report
+def _extras(r) -> str:
+    extra = []
+    if r.get("settings"):
+        extra.append(", ".join(f"{k}={v}" for k, v in r["settings"].items()))
+    if r.get("reference_ms"):
+        extra.append(f"reference {r['reference_ms']:.2f} ms")
+    if r.get("graph_ms"):
+        extra.append(f"CUDA graph {r['graph_ms']:.3f} ms")
+    if r.get("fla_fused_recurrent_ms"):
+        extra.append(f"fla fused_recurrent {r['fla_fused_recurrent_ms']:.3f} ms")
+    if r.get("fla_rel_err") is not None:
+        extra.append(f"fla rel err {r['fla_rel_err']:.2g}")
+    if r.get("grad_rel_diff_vs_fla") is not None:
+        extra.append(f"grads vs fla {r['grad_rel_diff_vs_fla']:.2g}")
+    if r.get("fla_grad_rel_err") is not None:
+        extra.append(f"fla grads vs reference {r['fla_grad_rel_err']:.2g}")
+    if r.get("window_errs"):
+        extra.append("windows " + ", ".join(f"{k} {v:.2g}" for k, v in r["window_errs"].items()))
+    if r.get("note"):
+        extra.append(r["note"])
+    return "; ".join(extra)
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
 def write_report(json_path: Path, md_path: Path) -> None:
     data = json.loads(json_path.read_text())
     lines = [f"# Lightning attention benchmark ({data['card']})", "",
-             f"torch {data['torch']}, triton {data['triton']}, commit `{data['commit'][:12]}`, {data['date']}; "
-             f"command `{data['command']}`.", "",
+             f"Latest run: torch {data['torch']}, triton {data['triton']}, commit `{data['commit'][:12]}`, "
+             f"{data['date']}; command `{data['command']}`. Rows measured by earlier runs are kept; the `run` "
+             "column names the commit and card of each row.", "",
              "B=1, H=32, D=128, chunk 64; medians of `triton.testing.do_bench` (L2 flushed before each rep). "
              "speedup = baseline_ms / ms (same run, same card). floor = bytes that must move (fwd: read q, k, v "
              "and write o once; fwd+bwd: also read do and write dq, dk, dv; decode: read + write the states) at "
              f"{COPY_BANDWIDTH / 1e12:.1f} TB/s measured copy bandwidth; floor % = floor / ms. bf16 rows write "
-             "o in bf16 (as fla does); fp32 rows use TF32 products (as fla does). Headline rows in bold.", "",
-             "| case | sala ms | baseline | baseline ms | speedup | floor ms | floor % | correct | max rel err | note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "o in bf16 (as fla does); fp32 rows use TF32 products (as fla does) unless the variant says "
+             "otherwise (bf16x3: three bf16 products per float32 product, finer than TF32). Variant `sala` is "
+             "the library default; other variants are candidates timed in the same job. Headline rows in bold.",
+             "",
+             "| case | variant | sala ms | baseline | baseline ms | speedup | floor ms | floor % | correct | "
+             "max rel err | run | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
-        if r["case"].startswith("sweep"):
+        if r["case"].startswith("sweep") or "ms" not in r and "error" not in r and "correct" not in r:
             continue
-        if "ms" not in r:
-            lines.append(f"| {r['case']} | ERROR | | | | | | | | {r.get('error', '')} |")
-            continue
-        name = f"**{r['case']}**" if r["case"] in HEADLINE else r["case"]
+        run = r.get("run") or {}
+        run_s = f"{(run.get('commit') or '')[:7]} {(run.get('card') or '').replace('NVIDIA ', '')}".strip()
+        name = f"**{r['case']}**" if r["case"] in HEADLINE and r.get("variant", "sala") == "sala" else r["case"]
         bms = r.get("baseline_ms")
-        extra = []
-        if r.get("reference_ms"):
-            extra.append(f"reference {r['reference_ms']:.2f} ms")
-        if r.get("graph_ms"):
-            extra.append(f"CUDA graph {r['graph_ms']:.3f} ms")
-        if r.get("fla_fused_recurrent_ms"):
-            extra.append(f"fla fused_recurrent {r['fla_fused_recurrent_ms']:.3f} ms")
-        if r.get("fla_rel_err") is not None:
-            extra.append(f"fla rel err {r['fla_rel_err']:.2g}")
-        if r.get("grad_rel_diff_vs_fla") is not None:
-            extra.append(f"grads vs fla {r['grad_rel_diff_vs_fla']:.2g}")
-        if r.get("note"):
-            extra.append(r["note"])
-        err = r.get("max_rel_err")
+        floor = r.get("floor_frac")
         lines.append(
-            f"| {name} | {r['ms']:.3f} | {r.get('baseline', '')} | {bms:.3f} | {r.get('speedup', 0):.2f}x | "
-            f"{r['floor_ms']:.3f} | {100 * r['floor_frac']:.0f}% | {r['correct']} | "
-            f"{err:.2g} | {'; '.join(extra)} |" if bms else
-            f"| {name} | {r['ms']:.3f} | {r.get('baseline', '')} | - | - | {r['floor_ms']:.3f} | "
-            f"{100 * r['floor_frac']:.0f}% | {r['correct']} | {err if err is None else f'{err:.2g}'} | {'; '.join(extra)} |"
-        )
+            f"| {name} | {r.get('variant', 'sala')} | {_fmt(r.get('ms'), '.3f')} | {r.get('baseline', '')} | "
+            f"{_fmt(bms, '.3f')} | {_fmt(r.get('speedup'), '.2f')}{'x' if r.get('speedup') else ''} | "
+            f"{_fmt(r.get('floor_ms'), '.3f')} | {'-' if floor is None else f'{100 * floor:.0f}%'} | "
+            f"{r.get('correct')} | {_fmt(r.get('max_rel_err'), '.2g')} | {run_s} | {_extras(r)} |")
+    if data.get("errors"):
+        lines += ["", "Jobs of the latest run that did not produce a row (older rows of these cases are kept):", ""]
+        lines += [f"- {e['case']} ({e.get('variant', 'sala')}): {e['error']}" for e in data["errors"]]
     if data.get("run_notes"):
-        lines += ["", "Notes on this run:", ""] + [f"- {n}" for n in data["run_notes"]]
+        lines += ["", "Notes on earlier runs:", ""] + [f"- {n}" for n in data["run_notes"]]
     sweeps = [r for r in data["rows"] if r["case"].startswith("sweep")]
     if sweeps:
         lines += ["", "Launch-config sweep at T=131072 (forward ms; BV = V block, w = warps, s = pipeline stages; "
@@ -374,22 +577,48 @@ def write_report(json_path: Path, md_path: Path) -> None:
     md_path.write_text("\n".join(lines) + "\n")
 
 
+def print_table(rows) -> None:
+    """The rows of this run, short."""
+    print(f"\n{'case':30s} {'variant':16s} {'ms':>9s} {'base ms':>9s} {'speedup':>8s} {'correct':>7s} {'err':>8s}")
+    for r in rows:
+        if "ms" not in r and "correct" not in r:
+            continue
+        sp = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
+        ms = _fmt(r.get("ms"), ".3f")
+        print(f"{r['case']:30s} {r.get('variant', 'sala'):16s} {ms:>9s} {_fmt(r.get('baseline_ms'), '.3f'):>9s} "
+              f"{sp:>8s} {str(r.get('correct')):>7s} {_fmt(r.get('max_rel_err'), '.2g'):>8s}"
+              + (f"  graph {r['graph_ms']:.3f}" if r.get("graph_ms") else ""))
+
+
+# the issue's rows that no run has measured yet first, then the headline forwards (with their variants)
+HEADLINE_JOBS = [("decode", None, 1), ("decode", None, 16), ("decode", None, 64),
+                 ("int64", torch.bfloat16, 1048576),
+                 ("fwdbwd", torch.bfloat16, 131072), ("fwdbwd", torch.float32, 131072),
+                 ("fwd", torch.bfloat16, 131072), ("fwd", torch.float32, 131072),
+                 ("fwd", torch.bfloat16, 1048576), ("varlen", torch.bfloat16, None)]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--report", type=Path)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--headline", action="store_true", help="only the issue's rows, in HEADLINE_JOBS order")
     ap.add_argument("--cases", help="regex over '<kind>_<dtype>_<T or B>' job names, e.g. 'decode|fwdbwd'")
+    ap.add_argument("--no-variants", action="store_true", help="time only the library default")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip jobs not started within this many seconds")
     args = ap.parse_args()
     if args.report:
         write_report(args.report, args.report.with_suffix(".md"))
         return
+    t_start = time.monotonic()
     torch.manual_seed(0)
-    res = Results("lightning")
+    res = MergedResults("lightning")
     ops = make_ops()
     from sala.ops.lightning_reference import lightning_decay
 
+    if args.no_variants:
+        VARIANTS.clear()
     g = lightning_decay(H).cuda()
     scale = D**-0.5
     Ts = [8192, 32768] if args.quick else [8192, 32768, 131072, 524288, 1048576]
@@ -399,27 +628,34 @@ def main():
             cfg = sweep(res, ops, g, scale)
         except Exception:
             traceback.print_exc()
-    jobs = []
-    for dtype in (torch.bfloat16, torch.float32):
-        for T in Ts:
-            if dtype == torch.float32 and T > 524288:
-                continue  # q, k, v, o in fp32 plus fla's chunk states do not fit 80 GB
-            jobs.append(("fwd", dtype, T))
-    jobs += [("varlen", torch.bfloat16, None), ("varlen", torch.float32, None)]
-    jobs += [("fwdbwd", torch.bfloat16, T) for T in Ts[:3]] + [("fwdbwd", torch.float32, 131072)]
-    jobs += [("decode", None, B) for B in (1, 16, 64)]
-    # headline cases first, so that a run cut short still has them
-    first = {("decode", None, 1), ("fwd", torch.bfloat16, 131072), ("fwd", torch.float32, 131072),
-             ("fwdbwd", torch.bfloat16, 131072), ("varlen", torch.bfloat16, None), ("fwd", torch.bfloat16, 1048576)}
-    jobs.sort(key=lambda j: j not in first)
+    if args.headline:
+        jobs = list(HEADLINE_JOBS)
+    else:
+        jobs = []
+        for dtype in (torch.bfloat16, torch.float32):
+            for T in Ts:
+                if dtype == torch.float32 and T > 524288:
+                    continue  # q, k, v, o in fp32 plus fla's chunk states do not fit 80 GB
+                jobs.append(("fwd", dtype, T))
+        jobs += [("varlen", torch.bfloat16, None), ("varlen", torch.float32, None)]
+        jobs += [("fwdbwd", torch.bfloat16, T) for T in Ts[:3]] + [("fwdbwd", torch.float32, 131072)]
+        jobs += [("decode", None, B) for B in (1, 16, 64)]
+        if not args.quick:
+            jobs.append(("int64", torch.bfloat16, 1048576))
+        # headline cases first, so that a run cut short still has them
+        jobs.sort(key=lambda j: HEADLINE_JOBS.index(j) if j in HEADLINE_JOBS else len(HEADLINE_JOBS))
     if args.cases:
         pattern = re.compile(args.cases)
         jobs = [j for j in jobs if pattern.search(f"{j[0]}_{DT_NAME.get(j[1], '')}_{j[2]}")]
     start = time.monotonic()
+    names = [f"{a}_{DT_NAME.get(b, '')}_{c}" for a, b, c in jobs]
+    print(f"startup {start - t_start:.1f} s; jobs {names}", flush=True)
     for kind, dtype, T in jobs:
+        name = f"{kind}_{DT_NAME.get(dtype, '')}_{T}"
         if time.monotonic() - start > args.budget_s:
-            res.add(case=f"{kind}_{DT_NAME.get(dtype, '')}_{T}", variant="sala", error="skipped: --budget-s reached")
+            res.add(case=name, variant="sala", error="skipped: --budget-s reached")
             continue
+        t0 = time.monotonic()
         try:
             if dtype is not None:
                 use_cfg(cfg[dtype])
@@ -429,14 +665,19 @@ def main():
                 run_fwdbwd(res, ops, dtype, T, g, scale)
             elif kind == "varlen":
                 run_varlen(res, ops, dtype, g, scale)
+            elif kind == "int64":
+                run_int64(res, ops, T)
             else:
                 run_decode(res, ops, T, g, scale)
         except Exception as exc:
             traceback.print_exc()
-            res.add(case=f"{kind}_{T}_{dtype}", variant="sala", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            res.add(case=name, variant="sala", error=f"{type(exc).__name__}: {str(exc)[:300]}")
             free()
-    write_report(res.path, res.path.with_suffix(".md"))
-    print(Path(res.path.with_suffix(".md")).read_text())
+        print(f"[{time.monotonic() - start:6.1f} s] {name} took {time.monotonic() - t0:.1f} s", flush=True)
+    res.flush()
+    print_table(res.new_rows)
+    print(f"\nwrote {res.path} and {res.path.with_suffix('.md')} (merged with {COMMITTED}); "
+          f"total {time.monotonic() - t_start:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

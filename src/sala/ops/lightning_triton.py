@@ -6,7 +6,9 @@ Same semantics and layout as :mod:`sala.ops.lightning_reference` (SPEC section 3
 
 Precision: q/k/v in float32 or bfloat16 (float16 works too); every product accumulates in float32 and the
 state stays float32. With float32 inputs the matrix products use TF32 by default (``precision="tf32"``,
-what fla and so the release do); ``precision="ieee"`` gives full float32 products at a large speed cost.
+what fla and so the release do); ``precision="ieee"`` gives full float32 products at a large speed cost;
+``precision="bf16x3"`` splits each float32 operand into two bfloat16 halves and sums three bf16 products
+(finer than TF32, ~2^-16 relative) -- a candidate for the fp32 fast path, selectable until measured.
 
 Backward needs no new kernel: with dS_t the gradient flowing into S_t,
 
@@ -32,6 +34,7 @@ __all__ = ["lightning_attn_triton", "lightning_decode_triton", "lightning_forwar
 CHUNK = 64
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+PRECISIONS = ("tf32", "ieee", "bf16x3")  # float32 products (bf16/fp16 inputs ignore it)
 
 
 def _pad_dim(d: int) -> int:
@@ -43,10 +46,12 @@ def _pad_dim(d: int) -> int:
 _DEFAULT_CFG = {torch.float32: (64, 8, 2), torch.bfloat16: (64, 4, 2), torch.float16: (64, 4, 2)}
 
 
-def _launch_cfg(vd: int, dtype: torch.dtype) -> dict:
+def _launch_cfg(vd: int, dtype: torch.dtype, precision: str = "tf32") -> dict:
     """Block and warp choices (measured on H100: see bench/results/lightning.md); the environment
-    variables SALA_LIGHTNING_BV / _WARPS / _STAGES override them (used by the benchmark's sweep)."""
-    bv, warps, stages = _DEFAULT_CFG.get(dtype, (32, 8, 2))
+    variables SALA_LIGHTNING_BV / _WARPS / _STAGES override them (used by the benchmark's sweep).
+    bf16x3 float32 runs bf16 tiles (same shared-memory shapes as bf16 inputs): start from bf16's."""
+    key = torch.bfloat16 if precision == "bf16x3" else dtype
+    bv, warps, stages = _DEFAULT_CFG.get(key, (32, 8, 2))
     return {
         "BV": min(int(os.environ.get("SALA_LIGHTNING_BV", bv)), _pad_dim(vd)),
         "num_warps": int(os.environ.get("SALA_LIGHTNING_WARPS", warps)),
@@ -142,7 +147,7 @@ def lightning_forward(
     max_segs = max([-(-n // seg) for n in lens] + [1])
     g = g.to(device=q.device, dtype=torch.float32).contiguous()
     KP, VP = _pad_dim(KD), _pad_dim(VD)
-    cfg = _launch_cfg(VD, q.dtype)
+    cfg = _launch_cfg(VD, q.dtype, precision)
     BV = cfg["BV"]
     NV = triton.cdiv(VD, BV)
     o = torch.empty(B, T, H, VD, dtype=out_dtype, device=q.device)
@@ -150,9 +155,11 @@ def lightning_forward(
     ht = torch.empty(N, H, KD, VD, dtype=torch.float32, device=q.device) if output_final_state else None
     if initial_state is not None:
         initial_state = initial_state.to(torch.float32).contiguous()
-    common = dict(H=H, KD=KD, VD=VD, KP=KP, SEG=seg, C=CHUNK, BV=BV, REVERSE=reverse, DOT_PRECISION=precision,
+    split = precision == "bf16x3" and q.dtype == torch.float32
+    common = dict(H=H, KD=KD, VD=VD, KP=KP, SEG=seg, C=CHUNK, BV=BV, REVERSE=reverse,
+                  DOT_PRECISION="tf32" if precision == "bf16x3" else precision,
                   DYN_LOOP=not _INTERPRET, SEG_CHUNKS=seg // CHUNK, UPCAST=_INTERPRET,
-                  MASK_COLS=KP != KD or VD % BV != 0)
+                  MASK_COLS=KP != KD or VD % BV != 0, SPLIT_BF16=split)
     warps = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if nseg:
         _kn._segment_delta_kernel[(nseg * H * NV,)](
@@ -245,8 +252,8 @@ def lightning_attn_triton(
         raise ValueError(f"expected q, k [B, T, H, K] and v [B, T, H, V]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if g_gamma.shape != (q.shape[2],):
         raise ValueError(f"g_gamma must have shape [H]=[{q.shape[2]}], got {tuple(g_gamma.shape)}")
-    if precision not in ("tf32", "ieee"):
-        raise ValueError(f"precision must be 'tf32' or 'ieee', got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None and tuple(initial_state.shape) != (N, q.shape[2], q.shape[3], v.shape[3]):

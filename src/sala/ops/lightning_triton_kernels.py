@@ -57,9 +57,30 @@ def _virtual_index(C: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _mm(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _split_bf16(x, UPCAST: tl.constexpr):
+    """x (float32) as hi + lo, both bfloat16: hi + lo keeps ~16 of float32's 24 mantissa bits."""
+    hi = x.to(tl.bfloat16)
+    lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
+    if UPCAST:
+        return hi.to(tl.float32), lo.to(tl.float32)
+    return hi, lo
+
+
+@triton.jit
+def _mm(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT_BF16: tl.constexpr = False):
     """a @ b (+ acc) accumulated in float32. ``UPCAST`` (interpreter only, whose bf16 dot is wrong)
-    multiplies float32 copies of the same operand values instead."""
+    multiplies float32 copies of the same operand values instead.
+
+    ``SPLIT_BF16`` ("bf16x3", float32 operands): a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi with bfloat16
+    halves (relative error ~2^-16, finer than TF32's 2^-11). Three bf16 products instead of one TF32 one,
+    but 16-bit operands may be fed to the tensor cores in either major order, so the float32 tiles need
+    no transpose through shared memory (what makes the TF32 path slow, bench/results/lightning.md)."""
+    if SPLIT_BF16:
+        a_hi, a_lo = _split_bf16(a.to(tl.float32), UPCAST)
+        b_hi, b_lo = _split_bf16(b.to(tl.float32), UPCAST)
+        acc = tl.dot(a_lo, b_hi, acc=acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a_hi, b_lo, acc=acc, input_precision=DOT_PRECISION)
+        return tl.dot(a_hi, b_hi, acc=acc, input_precision=DOT_PRECISION)
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
@@ -73,7 +94,7 @@ def _segment_delta_kernel(
     H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, KP: tl.constexpr,
     SEG: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
-    MASK_COLS: tl.constexpr,
+    MASK_COLS: tl.constexpr, SPLIT_BF16: tl.constexpr = False,
 ):
     """delta[seg, h, :, vblock] = sum over the segment's tokens of exp(g (end-1-t)) k_t^T v_t."""
     NV: tl.constexpr = (VD + BV - 1) // BV
@@ -107,7 +128,7 @@ def _segment_delta_kernel(
                       boundary_check=(0, 1) if MASK_COLS else (0,), padding_option="zero")
         w = tl.where(vi < cl, tl.exp(g * (cl - 1 - vi).to(tl.float32)), 0.0)
         kw = (b_k.to(tl.float32) * w[:, None]).to(b_v.dtype)
-        acc = _mm(tl.trans(kw), b_v, acc * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST)
+        acc = _mm(tl.trans(kw), b_v, acc * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST, SPLIT_BF16)
     base = (seg * H + h) * (KD * VD)
     tl.store(delta_ptr + base + offs_k[:, None] * VD + offs_v[None, :], acc, mask=mask_k[:, None] & mask_v[None, :])
 
@@ -159,7 +180,7 @@ def _segment_output_kernel(
     SEG: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
     MASK_COLS: tl.constexpr,
-    FACTORED_DECAY: tl.constexpr,
+    FACTORED_DECAY: tl.constexpr, SPLIT_BF16: tl.constexpr = False,
 ):
     """o of one (segment, head, V-block): walk the chunks from the entering state kept in registers."""
     NV: tl.constexpr = (VD + BV - 1) // BV
@@ -204,19 +225,19 @@ def _segment_output_kernel(
         p_v = _chunk_block(v_ptr, tau0, c0, cl, slen, bos, h, H, VD, col_v, C, BV, REVERSE)
         b_v = tl.load(p_v, boundary_check=(0, 1) if MASK_COLS else (0,), padding_option="zero")
         dt = b_v.dtype
-        A = _mm(b_q, tl.trans(b_k), None, DOT_PRECISION, UPCAST)
+        A = _mm(b_q, tl.trans(b_k), None, DOT_PRECISION, UPCAST, SPLIT_BF16)
         if FACTORED_DECAY:
             A = tl.where(causal, A * row_decay[:, None] * col_decay[None, :], 0.0)
         else:
             A = A * intra_decay
         # inter-chunk term: the decay of the entering state scales output rows (not q: fewer casts)
-        b_o = _mm(b_q, S.to(dt), None, DOT_PRECISION, UPCAST) * q_decay[:, None]
-        b_o = _mm(A.to(dt), b_v, b_o, DOT_PRECISION, UPCAST)
+        b_o = _mm(b_q, S.to(dt), None, DOT_PRECISION, UPCAST, SPLIT_BF16) * q_decay[:, None]
+        b_o = _mm(A.to(dt), b_v, b_o, DOT_PRECISION, UPCAST, SPLIT_BF16)
         tl.store(_chunk_block(o_ptr, tau0, c0, cl, slen, bos, h, H, VD, col_v, C, BV, REVERSE),
                  (b_o * scale).to(o_ptr.dtype.element_ty), boundary_check=(0, 1) if MASK_COLS else (0,))
         w = tl.where(vi < cl, tl.exp(g * (cl - 1 - vi).to(tl.float32)), 0.0)
         vw = (b_v.to(tl.float32) * w[:, None]).to(dt)  # weight the [C, BV] tile, not the [C, K] one
-        S = _mm(tl.trans(b_k), vw, S * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST)
+        S = _mm(tl.trans(b_k), vw, S * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST, SPLIT_BF16)
 
 
 @triton.jit
