@@ -137,3 +137,4 @@ def main() -> None:  # pragma: no cover
 from .convert.cli import register as _register_convert; _register_convert(app)  # noqa: E402,E702
 from .eval.cli import eval_command as _eval_command; app.command("eval")(_eval_command)  # noqa: E402,E702
 from .train.cli import register as _register_train; _register_train(app)  # noqa: E402,E702
+from .pipeline.cli import register as _register_pipeline; _register_pipeline(app)  # noqa: E402,E702

@@ -34,3 +34,18 @@ def make_model(cfg: SALAConfig, seed: int = 0) -> SALAForCausalLM:
 def random_ids(cfg, B, T, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, cfg.vocab_size, (B, T), generator=g)
+
+
+def train_bpe_tokenizer(text: str, vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained on ``text`` (offline tests that need a real tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")

@@ -132,3 +132,71 @@ def test_resume_with_another_recipe_is_refused(recipe_factory, tmp_path):
     other = recipe_factory(seed=1)
     with pytest.raises(RuntimeError, match="different recipe"):
         Trainer(other, tmp_path / "r", log=lambda *a: None).run()
+
+
+def test_deadline_stops_with_a_checkpoint_and_resumes_bitwise(recipe_factory, tmp_path):
+    import time
+
+    rec = recipe_factory()
+    full = Trainer(rec, tmp_path / "full", log=lambda *a: None).run()
+    past = Trainer(rec, tmp_path / "cut", log=lambda *a: None).run(deadline=time.time() - 1)
+    assert not past["finished"] and past["history"] == []  # nothing started after the deadline
+    part = Trainer(rec, tmp_path / "cut", log=lambda *a: None).run(deadline=time.time() + 1e-3)
+    assert not part["finished"] and len(part["history"]) == 1  # the step that crossed the deadline
+    rest = Trainer(rec, tmp_path / "cut", log=lambda *a: None).run()
+    assert rest["finished"]
+    a, b = _final(tmp_path / "full"), _final(tmp_path / "cut")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_time_budget_fixes_the_stage_length_and_survives_resume(recipe_factory, tmp_path, monkeypatch):
+    from sala.train import trainer as T
+
+    monkeypatch.setattr(T, "CALIBRATION_STEPS", 3)
+    stages = [{"name": "lm", "kind": "lm", "steps": 50, "seq_len": 32, "batch_size": 2, "lr": 1e-3,
+               "time_budget_s": 1e-9}, {"name": "lm2", "kind": "lm", "steps": 2, "seq_len": 32, "batch_size": 2, "lr": 1e-3}]
+    rec = recipe_factory(stages=stages)
+    res = Trainer(rec, tmp_path / "r", log=lambda *a: None).run()
+    # a budget far below one step: the stage ends right after calibration (3 steps measured, one more at least)
+    assert [r["stage"] for r in res["history"]] == ["lm"] * 4 + ["lm2"] * 2
+    assert res["state"]["steps_override"] == {"0": 4}
+    # the calibrated length is part of the resumable state
+    part = Trainer(rec, tmp_path / "s", log=lambda *a: None).run(stop_after=4)
+    assert part["state"]["steps_override"] == {"0": 4}
+    rest = Trainer(rec, tmp_path / "s", log=lambda *a: None).run()
+    assert [r["stage"] for r in rest["history"]] == ["lm2"] * 2
+
+
+def test_init_lightning_from_copies_the_aligned_mixers(recipe_factory, tmp_path):
+    aligned = Trainer(recipe_factory(layers="all-linear", stages=[
+        {"name": "align", "kind": "align", "trainable": "lightning", "steps": 2, "seq_len": 32, "batch_size": 4,
+         "lr": 1e-2}]), tmp_path / "align", log=lambda *a: None)
+    aligned.run()
+    src = aligned.student.state_dict()
+    tr = Trainer(recipe_factory(init_lightning_from=str(tmp_path / "align" / "final")), tmp_path / "s",
+                 log=lambda *a: None)
+    assert tr.report["init_lightning_layers"] == [1, 2]  # layer 0 stays attention
+    dst = tr.student.state_dict()
+    fresh = Trainer(recipe_factory(), tmp_path / "f", log=lambda *a: None).student.state_dict()
+    for k in dst:
+        if k.startswith(("model.layers.1.self_attn.", "model.layers.2.self_attn.")):
+            assert torch.equal(dst[k], src[k]), k
+    assert not torch.equal(dst["model.layers.1.self_attn.q_proj.weight"], fresh["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(dst["model.layers.0.self_attn.q_proj.weight"], fresh["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_retrieval_documents_end_with_an_answer_from_the_text():
+    from sala.testing import train_bpe_tokenizer
+    from sala.data.retrieval import retrieval_documents
+
+    text = (__import__("pathlib").Path(__file__).parents[1] / "eval" / "data" / "shakespeare_excerpt.txt").read_text()
+    tok = train_bpe_tokenizer(text, vocab_size=300)
+    filler = tok(text[:20000], add_special_tokens=False)["input_ids"]
+    docs = retrieval_documents(tok, filler, 6, 400, seed=1)
+    assert all(380 <= len(d) <= 400 for d in docs) and len({tuple(d) for d in docs}) == 6
+    decoded = [tok.decode(d) for d in docs]
+    for d in decoded:  # the question is last and its answer is one of the inserted values
+        answer = d.rstrip(".").split()[-1]
+        assert answer.isdigit() and d.count(answer) >= 2, d[-200:]
+    assert docs == retrieval_documents(tok, filler, 6, 400, seed=1)

@@ -44,6 +44,11 @@ class Packed:
         return torch.cat([lens.new_zeros(1), lens.cumsum(0)])
 
 
+def concat_packed(parts: list[Packed]) -> Packed:
+    """Rows of several packed batches (same ``seq_len``) stacked in order."""
+    return Packed(*(torch.cat([getattr(p, f) for p in parts]) for f in ("input_ids", "segment_ids", "position_ids", "labels")))
+
+
 def pack_documents(docs: Iterable[list[int]], seq_len: int, eos_id: int | None = None, bos_id: int | None = None,
                    pad_id: int = 0, drop_last: bool = False, min_segment: int = 2) -> Packed:
     """Greedy sequential packing: documents fill rows in order, split at row ends.

@@ -2,7 +2,7 @@
 
 Sources: ``synthetic`` (seeded random documents that repeat a random phrase, so that recall matters;
 for tests and CPU smoke runs), ``text:<file>`` (documents separated by blank lines) and
-``corpus:<name>`` (the evaluation engineer's offline corpora in ``sala.data.corpora``, train split).
+``corpus:<name>[,<name>...]`` (the offline corpora in ``sala.data.corpora``, train split).
 The stream's position is two integers (epoch, cursor); the row order of an epoch is a seeded
 permutation, so a resumed run reads exactly the rows the uninterrupted run would have read.
 """
@@ -68,8 +68,10 @@ def load_documents(source: str, tokenizer=None, vocab_size: int = 256, seed: int
     elif source.startswith("corpus:"):
         from ..data import corpora  # the evaluation engineer's module; imported only when used
 
-        name, _, split = source[7:].partition(":")
-        docs = _split_text(corpora.load_text(name, split=split or "train"), doc_chars)
+        names, _, split = source[7:].partition(":")
+        docs = []
+        for name in names.split(","):  # 'corpus:shakespeare,brown' -> documents of both, in order
+            docs += _split_text(corpora.load_text(name.strip(), split=split or "train"), doc_chars)
     else:
         raise ValueError(f"unknown data source {source!r}; use 'synthetic', 'text:<file>' or 'corpus:<name>'")
     if max_docs:

@@ -18,21 +18,26 @@ def halo_select(out_dir: str | Path, teacher: str = "default", data: str = "synt
                 align_steps: int = 200, seq_len: int = 512, batch_size: int = 8, lr: float = 1e-3,
                 probe_rows: int = 8, probe_seq_len: int | None = None, ratio: float = 0.25,
                 force_first_last: bool = True, teacher_shape: dict | None = None, seed: int = 0,
-                recall: str = "bigram", haystack: str = "shakespeare", log=print) -> dict:
+                recall: str = "bigram", haystack: str = "shakespeare", time_budget_s: float = 0.0,
+                autocast_bf16: bool = False, deadline: float | None = None, device: str | None = None,
+                log=print) -> dict | None:
     """``recall``: 'bigram' (in-context bigram recall on the data) or 'task:<name>:<length>:<samples>'
     (RULER-style retrieval from ``sala.eval.tasks`` on the ``haystack`` corpus or text file, e.g.
-    'task:passkey:1024:8'); C is always the other-token accuracy of the probe."""
+    'task:passkey:1024:8'); C is always the other-token accuracy of the probe. ``time_budget_s`` caps the
+    alignment's time (``align_steps`` is then a maximum); at ``deadline`` (a ``time.time()`` value) the
+    alignment stops with a checkpoint and None is returned: call again to continue."""
     out = Path(out_dir)
     recipe = parse_recipe({
         "name": "halo_align", "teacher": teacher, "teacher_shape": teacher_shape or {}, "layers": "all-linear",
         "data": data, "data_options": data_options or {}, "seed": seed, "checkpoint_every": max(1, align_steps // 4),
-        "log_every": max(1, align_steps // 10),
+        "log_every": max(1, align_steps // 10), "autocast_bf16": autocast_bf16,
         "stages": [{"name": "align", "kind": "align", "trainable": "lightning", "steps": align_steps,
                     "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "schedule": "cosine",
-                    "warmup": min(50, align_steps // 10), "final_lr": lr / 100}],
+                    "warmup": min(50, align_steps // 10), "final_lr": lr / 100, "time_budget_s": time_budget_s}],
     })
-    tr = Trainer(recipe, out / "align", log=log)
-    tr.run()
+    tr = Trainer(recipe, out / "align", device=device, log=log)
+    if not tr.run(deadline=deadline)["finished"]:
+        return None
     aligned = tr.student.eval()
     reference, _ = convert_model(tr.teacher, tr.spec, list(range(tr.spec.num_layers)),
                                  ConvertOptions(keep_rope=True, attn_output_gate=False, sparse={"dense_len": 1 << 30}))

@@ -47,6 +47,8 @@ class Stage:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     respect_boundaries: bool = True  # no state or attention across packed documents
+    retrieval_fraction: float = 0.0  # share of each batch's rows that are synthetic retrieval documents
+    time_budget_s: float = 0.0  # > 0: after a few steps, cut ``steps`` to what fits in this many seconds
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Recipe:
     convert: dict = field(default_factory=dict)  # extra ConvertOptions (keep_rope, sparse, ...)
     data: str = "synthetic"  # 'synthetic', 'text:<file>' or 'corpus:<name>'
     data_options: dict = field(default_factory=dict)
+    init_lightning_from: str = ""  # a SALA checkpoint folder whose lightning mixers start the student's
     seed: int = 0
     autocast_bf16: bool = False
     gradient_checkpointing: bool = False
@@ -97,6 +100,10 @@ def parse_recipe(raw: dict) -> Recipe:
             raise RecipeError(f"stages[{i}].schedule={st.schedule!r}; expected one of {SCHEDULES}")
         if st.kind == "align" and st.trainable != "lightning":
             raise RecipeError(f"stages[{i}]: alignment trains only the lightning layers (trainable='lightning')")
+        if not 0.0 <= st.retrieval_fraction <= 1.0:
+            raise RecipeError(f"stages[{i}].retrieval_fraction={st.retrieval_fraction} must be in [0, 1]")
+        if st.time_budget_s < 0:
+            raise RecipeError(f"stages[{i}].time_budget_s={st.time_budget_s} must be >= 0")
         for key in ("steps", "seq_len", "batch_size"):
             if getattr(st, key) <= 0:
                 raise RecipeError(f"stages[{i}].{key}={getattr(st, key)} must be positive")

@@ -29,7 +29,8 @@ from ..config import LIGHTNING
 from ..convert.layer_map import parse_layers
 from ..convert.teacher import load_teacher, random_llama_teacher, resolve_teacher
 from ..convert.transfer import ConvertOptions, convert_model, save_converted
-from ..data.packing import Packed, unpack_segments
+from ..data.packing import Packed, concat_packed, unpack_segments
+from ..data.retrieval import retrieval_documents
 from ..layers.sparse import SparseAttention
 from . import distributed as D
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
@@ -39,6 +40,8 @@ from .recipe import Recipe, Stage
 from .schedule import lr_at
 
 DENSE_ALWAYS = 1 << 62
+CALIBRATION_STEPS = 10  # a stage with a time budget measures this many steps before fixing its length
+MAX_RETRIEVAL_DOCS = 256  # synthetic retrieval documents per stage (the stream cycles through them)
 
 
 def recipe_fingerprint(recipe: Recipe) -> str:
@@ -47,6 +50,34 @@ def recipe_fingerprint(recipe: Recipe) -> str:
     for k in ("checkpoint_every", "log_every"):
         d.pop(k)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def copy_lightning_mixers(student: nn.Module, folder: str | Path) -> list[int]:
+    """Copy into ``student`` the lightning mixers of the SALA checkpoint in ``folder``, for the layers that are
+    lightning in both; returns those layers. HALO's aligned all-lightning model is the usual source: stage-1
+    alignment trains every layer on the teacher's own inputs (teacher forcing), so its result for a layer
+    does not depend on which other layers stay attention, and every student can start from it."""
+    from safetensors.torch import load_file
+
+    from ..config import SALAConfig
+
+    folder = Path(folder)
+    src_types = SALAConfig.from_pretrained(folder).mixer_types
+    dst_types = student.config.mixer_types
+    if len(src_types) != len(dst_types):
+        raise ValueError(f"{folder} has {len(src_types)} layers, the student {len(dst_types)}")
+    weights: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(str(f)))
+    layers = [i for i, (a, b) in enumerate(zip(src_types, dst_types)) if a == b == LIGHTNING]
+    for i in layers:
+        mixer = student.model.layers[i].self_attn
+        prefix = f"model.layers.{i}.self_attn."
+        state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        missing, unexpected = mixer.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{folder}: layer {i} mixer does not match (missing {missing}, unexpected {unexpected})")
+    return layers
 
 
 class AlignModule(nn.Module):
@@ -108,8 +139,11 @@ class Trainer:
             attn = parse_layers(r.layers, self.spec.num_layers, r.ratio, r.force_first_last)
         opts = ConvertOptions(seed=r.seed, **r.convert)
         self.student, self.report = convert_model(self.teacher, self.spec, attn, opts)
-        self.student.to(self.device)
         self.lightning = [i for i, m in enumerate(self.student.config.mixer_types) if m == LIGHTNING]
+        if r.init_lightning_from:
+            self.report["init_lightning_from"] = r.init_lightning_from
+            self.report["init_lightning_layers"] = copy_lightning_mixers(self.student, r.init_lightning_from)
+        self.student.to(self.device)
         if r.gradient_checkpointing:
             if hasattr(self.student, "activation_checkpointing_enable"):  # renamed in transformers 5.2x
                 self.student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -126,6 +160,22 @@ class Trainer:
         self.docs = load_documents(r.data, self.tokenizer, vocab_size=vocab, seed=r.seed, **r.data_options)
         self.eos = self.spec.eos_token_id if not isinstance(self.spec.eos_token_id, list) else self.spec.eos_token_id[0]
         self.pad = 0
+
+    def _retrieval_stream(self, si: int, stage: Stage, state: dict | None) -> tuple[PackedStream | None, int]:
+        """The stage's stream of synthetic retrieval rows and how many of each batch's rows it supplies."""
+        n_rows = round(stage.retrieval_fraction * stage.batch_size)
+        if stage.retrieval_fraction > 0:
+            n_rows = max(1, n_rows)
+        if n_rows == 0:
+            return None, 0
+        if self.tokenizer is None:
+            raise ValueError(f"stage {stage.name!r}: retrieval_fraction needs a real tokenizer (not synthetic data)")
+        filler = [t for d in self.docs for t in d]
+        n_docs = min(MAX_RETRIEVAL_DOCS, stage.steps * n_rows)
+        docs = retrieval_documents(self.tokenizer, filler, n_docs, stage.seq_len - 1, seed=self.recipe.seed * 1000 + si)
+        stream = PackedStream(docs, stage.seq_len, self.eos, self.pad, seed=self.recipe.seed * 1000 + si + 500,
+                              state=StreamState(**state) if state else None)
+        return stream, n_rows
 
     def _plain_copy(self, state: dict):
         """An unsharded student holding ``state`` (for saving a sharded run as a normal checkpoint)."""
@@ -228,10 +278,21 @@ class Trainer:
             total, count = total + s_, count + c_
         return total, count
 
+    def _calibrated_steps(self, stage: Stage, done: int, step_times: list[float]) -> int:
+        """Steps of a time-budgeted stage: the budget over the median of the recent step times (the first
+        steps include compilation), at least one more than done, at most ``stage.steps``; the same on every
+        process (rank 0 decides)."""
+        recent = sorted(step_times[-max(4, len(step_times) // 2):])
+        per_step = recent[len(recent) // 2]
+        n = min(stage.steps, max(done + 1, int(stage.time_budget_s / max(per_step, 1e-6))))
+        mine = torch.tensor(float(n) if self.rank == 0 else 0.0, device=self.device)
+        return int(D.all_sum(mine).item())
+
     # ------------------------------------------------------------------ main loop
-    def run(self, stop_after: int | None = None) -> dict:
+    def run(self, stop_after: int | None = None, deadline: float | None = None) -> dict:
         """Train every stage (resuming from the latest checkpoint); ``stop_after`` ends the call after that
-        many global steps with a checkpoint (used to test interruption). Returns a summary."""
+        many global steps, ``deadline`` (a ``time.time()`` value) at the first step ending after it, both with
+        a checkpoint, so a run split over time-limited commands continues exactly. Returns a summary."""
         r = self.recipe
         ckpt_root = self.out / "checkpoints"
         state = {"stage_index": 0, "stage_step": 0, "global_step": 0, "stream": None, "recipe": recipe_fingerprint(r)}
@@ -249,9 +310,13 @@ class Trainer:
         else:
             torch.manual_seed(r.seed)
         history = []
+        state.setdefault("steps_override", {})
+        if deadline is not None and time.time() >= deadline and state["stage_index"] < len(r.stages):
+            return {"finished": False, "state": state, "history": history}
         while state["stage_index"] < len(r.stages):
             si = state["stage_index"]
             stage = r.stages[si]
+            n_steps = int(state["steps_override"].get(str(si), stage.steps))
             params = self._trainable(stage)
             self._set_sparse(stage)
             if self.sharded:
@@ -269,17 +334,23 @@ class Trainer:
                 opt_state = None
             stream = PackedStream(self.docs, stage.seq_len, self.eos, self.pad, seed=r.seed * 1000 + si,
                                   state=StreamState(**state["stream"]) if state["stream"] else None)
+            aux, n_aux = self._retrieval_stream(si, stage, state.get("stream_aux"))
             n_params = sum(p.numel() for _, p in params)
-            self.log(f"stage {si} {stage.name} ({stage.kind}): {stage.steps} steps x {stage.batch_size} x "
-                     f"{stage.seq_len}, {n_params:,} trainable parameters, sparse {'on' if stage.sparse else 'off'}")
-            while state["stage_step"] < stage.steps:
+            self.log(f"stage {si} {stage.name} ({stage.kind}): {n_steps} steps x {stage.batch_size} x "
+                     f"{stage.seq_len}, {n_params:,} trainable parameters, sparse {'on' if stage.sparse else 'off'}"
+                     + (f", {n_aux} retrieval row(s) per batch" if n_aux else "")
+                     + (f", time budget {stage.time_budget_s:.0f} s" if stage.time_budget_s else ""))
+            step_times: list[float] = []
+            while state["stage_step"] < n_steps:
                 step = state["stage_step"]
                 t0 = time.perf_counter()
-                lr = lr_at(step, stage.steps, stage.lr, stage.schedule, stage.warmup, stage.final_lr,
+                lr = lr_at(step, n_steps, stage.lr, stage.schedule, stage.warmup, stage.final_lr,
                            stage.decay_fraction, stage.decay_shape)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                batch = stream.next_batch(stage.batch_size)
+                batch = stream.next_batch(stage.batch_size - n_aux)
+                if aux is not None:
+                    batch = concat_packed([batch, aux.next_batch(n_aux)]) if len(batch) else aux.next_batch(n_aux)
                 opt.zero_grad(set_to_none=True)
                 loss_sum, count = self._loss(stage, module, batch)
                 total = D.all_sum(count).clamp_min(1.0)
@@ -293,21 +364,31 @@ class Trainer:
                 state["stage_step"] += 1
                 state["global_step"] += 1
                 state["stream"] = stream.state.to_dict()
+                state["stream_aux"] = aux.state.to_dict() if aux is not None else None
                 rec = {"stage": stage.name, "kind": stage.kind, "step": step, "global_step": state["global_step"],
                        "loss": loss, "lr": lr, "grad_norm": float(gnorm), "targets": float(total),
                        "seconds": time.perf_counter() - t0}
+                step_times.append(rec["seconds"])
+                if (stage.time_budget_s and str(si) not in state["steps_override"]
+                        and state["stage_step"] >= CALIBRATION_STEPS and len(step_times) >= 3):
+                    n_steps = self._calibrated_steps(stage, state["stage_step"], step_times)
+                    state["steps_override"][str(si)] = n_steps
+                    self.log(f"  [{stage.name}] {sorted(step_times)[len(step_times) // 2]:.3f} s/step -> "
+                             f"{n_steps} steps in the {stage.time_budget_s:.0f} s budget")
                 history.append(rec)
                 if self.rank == 0:
                     self.out.mkdir(parents=True, exist_ok=True)
                     with open(self.out / "log.jsonl", "a") as f:
                         f.write(json.dumps(rec) + "\n")
-                if step % r.log_every == 0 or state["stage_step"] == stage.steps:
-                    self.log(f"  [{stage.name}] step {step + 1}/{stage.steps} loss {loss:.5f} lr {lr:.2e} "
+                if step % r.log_every == 0 or state["stage_step"] == n_steps:
+                    self.log(f"  [{stage.name}] step {step + 1}/{n_steps} loss {loss:.5f} lr {lr:.2e} "
                              f"|g| {float(gnorm):.3f} {rec['seconds']:.2f}s")
-                stage_done = state["stage_step"] == stage.steps
+                stage_done = state["stage_step"] == n_steps
                 if stage_done:
-                    state.update(stage_index=si + 1, stage_step=0, stream=None)
+                    state.update(stage_index=si + 1, stage_step=0, stream=None, stream_aux=None)
                 stop = stop_after is not None and state["global_step"] >= stop_after
+                stop = stop or (deadline is not None and time.time() >= deadline
+                                and state["stage_index"] < len(r.stages))
                 if stage_done or stop or state["global_step"] % r.checkpoint_every == 0:
                     model_state = D.full_model_state(self.student, self.sharded)  # collective when sharded
                     opt_full = None if stage_done else D.full_optimizer_state(self.student, opt, self.sharded)

@@ -1,0 +1,77 @@
+"""Synthetic retrieval documents for long-context training stages.
+
+The release's last stages mix "synthesized long-context data (retrieval, cross-document)" into real text
+(paper section 5, stage 5). A document here is real filler text (token ids of the training split) with a
+few key -> value facts inserted at random depths and, at the end, a question about one of them followed
+by its answer, so the next-token loss on the answer rewards looking far back.
+
+The phrasings are deliberately not the evaluation suite's (``sala.eval.tasks``: "pass key",
+"special magic number"), and callers take the filler from the training split while evaluation reads the
+held-out split: training on these does not show the model the test prompts.
+"""
+
+from __future__ import annotations
+
+import random
+
+# (fact, question + answer prefix); {k} is a key, {v} the value. None of them is an eval template.
+TEMPLATES: list[tuple[str, str]] = [
+    ("Note: the access code for {k} is {v}.", "Question: what is the access code for {k}? Answer: the access code for {k} is"),
+    ("Remember that the locker of {k} opens with {v}.", "Which number opens the locker of {k}? It opens with"),
+    ("The archive lists {v} as the record number of {k}.", "What is the record number of {k}? The record number is"),
+    ("Keep this in mind: {k} was assigned the number {v}.", "What number was {k} assigned? {k} was assigned the number"),
+    ("Ticket {v} belongs to {k}.", "Which ticket belongs to {k}? The ticket of {k} is"),
+]
+NAMES = ["amber", "basil", "cedar", "dove", "ember", "fjord", "garnet", "harbor", "iris", "juniper", "kestrel",
+         "lantern", "meadow", "nickel", "orchid", "pebble", "quill", "raven", "saffron", "tundra", "umber", "violet",
+         "willow", "yarrow", "zephyr", "copper", "falcon", "marble", "onyx", "sparrow"]
+
+
+def _key(rng: random.Random) -> str:
+    return f"{rng.choice(NAMES)}-{rng.choice(NAMES)}"
+
+
+def _value(rng: random.Random) -> str:
+    digits = rng.randint(4, 7)
+    return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+
+
+def retrieval_document(tokenizer, filler: list[int], length: int, rng: random.Random, n_facts: int = 3) -> list[int]:
+    """One document of about ``length`` tokens (never more): filler with ``n_facts`` facts, then a question
+    about one of them and its answer."""
+    tpl = rng.randrange(len(TEMPLATES))
+    fact_t, ask_t = TEMPLATES[tpl]
+    keys: list[str] = []
+    while len(keys) < n_facts:
+        k = _key(rng)
+        if k not in keys:
+            keys.append(k)
+    values = [_value(rng) for _ in keys]
+    facts = [tokenizer(" " + fact_t.format(k=k, v=v) + " ", add_special_tokens=False)["input_ids"]
+             for k, v in zip(keys, values)]
+    asked = rng.randrange(n_facts)
+    tail = tokenizer("\n\n" + ask_t.format(k=keys[asked]) + " " + values[asked] + ".", add_special_tokens=False)["input_ids"]
+    room = length - len(tail) - sum(len(f) for f in facts)
+    if room < n_facts:
+        raise ValueError(f"length {length} is too short for {n_facts} facts and a question")
+    start = rng.randrange(max(1, len(filler) - room))
+    text = filler[start: start + room]
+    if len(text) < room:  # short filler: wrap around
+        text = (text + filler * (room // max(1, len(filler)) + 1))[:room]
+    cuts = sorted(rng.randrange(room + 1) for _ in facts)
+    out: list[int] = []
+    prev = 0
+    for cut, fact in zip(cuts, facts):
+        out += text[prev:cut] + fact
+        prev = cut
+    out += text[prev:] + tail
+    return out
+
+
+def retrieval_documents(tokenizer, filler: list[int], n_docs: int, length: int, seed: int = 0,
+                        max_facts: int = 4) -> list[list[int]]:
+    """``n_docs`` seeded documents of at most ``length`` tokens (1 to ``max_facts`` facts each)."""
+    if not filler:
+        raise ValueError("retrieval documents need filler tokens")
+    rng = random.Random(f"retrieval:{seed}:{length}")
+    return [retrieval_document(tokenizer, filler, length, rng, rng.randint(1, max_facts)) for _ in range(n_docs)]

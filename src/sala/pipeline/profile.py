@@ -1,0 +1,142 @@
+"""Pipeline profiles: one TOML file (``src/sala/pipeline/profiles/*.toml``) says everything a conversion run
+does, from the teacher to the report: HALO selection, the equal-budget comparison of layer choices, the
+student's training stages (a ``sala.train`` recipe) and the evaluation. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from ..train.recipe import RecipeError, parse_recipe
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+class ProfileError(ValueError):
+    """A profile with a wrong key or value; the message names them."""
+
+
+@dataclass
+class HaloSpec:
+    """HALO stage 1 (alignment of an all-lightning student) and the one-layer-at-a-time sweep."""
+
+    align_steps: int = 200
+    seq_len: int = 512
+    batch_size: int = 8
+    lr: float = 1e-3
+    time_budget_s: float = 0.0  # > 0: the alignment runs at most this long (steps is then a maximum)
+    probe_rows: int = 8
+    probe_seq_len: int = 0  # 0: seq_len
+    recall: str = "bigram"  # or 'task:<name>:<length>:<samples>'
+
+
+@dataclass
+class CompareSpec:
+    """HALO vs uniform vs all-linear: the same short training from the same aligned layers, then recall."""
+
+    stage: dict = field(default_factory=dict)  # one sala.train stage (kind, steps, seq_len, batch_size, lr, ...)
+    tasks: list[str] = field(default_factory=lambda: ["passkey", "niah_single"])
+    lengths: list[int] = field(default_factory=lambda: [1024])
+    samples: int = 8
+
+
+@dataclass
+class EvalSpec:
+    tasks: list[str] = field(default_factory=lambda: ["passkey", "niah_single"])
+    lengths: list[int] = field(default_factory=lambda: [4096])
+    samples: int = 8
+    max_new_tokens: int = 12
+    ppl_lengths: list[int] = field(default_factory=lambda: [1024])
+    ppl_windows: int = 4
+    ppl_score_tokens: int = 256
+    headline_ppl_length: int = 0  # 0: the largest of ppl_lengths
+    speed_lengths: list[int] = field(default_factory=lambda: [4096])
+    speed_decode_tokens: int = 16
+    chunk_size: int = 4096
+
+
+@dataclass
+class Profile:
+    name: str
+    teacher: str = "default"  # 'default' (SmolLM2-135M-Instruct, fetched) or a local folder / GGUF
+    data: str = "corpus:shakespeare,brown"  # training text (train split), see sala.train.data
+    data_options: dict = field(default_factory=dict)
+    haystack: str = "shakespeare,brown"  # evaluation text: corpus names (held-out split) or a .txt file
+    seed: int = 0
+    ratio: float = 0.25
+    force_first_last: bool = True
+    autocast_bf16: bool = False
+    gradient_checkpointing: bool = False
+    convert: dict = field(default_factory=dict)
+    halo: HaloSpec = field(default_factory=HaloSpec)
+    compare: CompareSpec = field(default_factory=CompareSpec)
+    stages: list[dict] = field(default_factory=list)  # the student's training stages (sala.train recipe stages)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+    def recipe(self, name: str, layers: str, stages: list[dict], init_lightning_from: str = "",
+               checkpoint_every: int = 100, log_every: int = 10):
+        """A ``sala.train`` recipe for this profile's teacher and data."""
+        return parse_recipe({
+            "name": name, "teacher": self.teacher, "layers": layers, "ratio": self.ratio,
+            "force_first_last": self.force_first_last, "convert": dict(self.convert), "data": self.data,
+            "data_options": dict(self.data_options), "init_lightning_from": init_lightning_from, "seed": self.seed,
+            "autocast_bf16": self.autocast_bf16, "gradient_checkpointing": self.gradient_checkpointing,
+            "checkpoint_every": checkpoint_every, "log_every": log_every, "stages": [dict(s) for s in stages],
+        })
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _build(cls, raw: dict, where: str):
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ProfileError(f"{where}: unknown keys {unknown}; expected some of {sorted(names)}")
+    try:
+        return cls(**raw)
+    except TypeError as e:
+        raise ProfileError(f"{where}: {e}") from None
+
+
+def parse_profile(raw: dict) -> Profile:
+    raw = dict(raw)
+    parts = {"halo": HaloSpec, "compare": CompareSpec, "eval": EvalSpec}
+    sub = {k: _build(cls, dict(raw.pop(k, {})), k) for k, cls in parts.items()}
+    prof = _build(Profile, raw, "profile")
+    for k, v in sub.items():
+        setattr(prof, k, v)
+    if not prof.stages:
+        raise ProfileError("profile has no [[stages]] for the student")
+    if not prof.compare.stage:
+        raise ProfileError("profile has no [compare] stage")
+    try:  # the stages must form valid recipes; checked now rather than after an hour of training
+        prof.recipe("check", "uniform", prof.stages)
+        prof.recipe("check", "uniform", [prof.compare.stage])
+    except RecipeError as e:
+        raise ProfileError(f"invalid stage: {e}") from None
+    for key in ("align_steps", "seq_len", "batch_size", "probe_rows"):
+        if getattr(prof.halo, key) <= 0:
+            raise ProfileError(f"halo.{key}={getattr(prof.halo, key)} must be positive")
+    if not prof.eval.lengths or prof.eval.samples <= 0:
+        raise ProfileError("eval needs lengths and samples > 0")
+    return prof
+
+
+def load_profile(path_or_name: str | Path) -> Profile:
+    """A profile from a TOML path, or by name from the bundled profiles (``cpu``, ``gpu``)."""
+    p = Path(path_or_name)
+    if not p.is_file():
+        p = PROFILE_DIR / f"{path_or_name}.toml"
+    if not p.is_file():
+        have = sorted(x.stem for x in PROFILE_DIR.glob("*.toml"))
+        raise ProfileError(f"no profile file {path_or_name!r} (bundled profiles: {have})")
+    with open(p, "rb") as f:
+        return parse_profile(tomllib.load(f))

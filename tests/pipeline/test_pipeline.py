@@ -1,0 +1,109 @@
+"""The conversion pipeline end to end on a tiny saved Llama teacher with a BPE tokenizer trained in-test:
+every phase, the resume across calls (a phase budget, then a deadline), and the report's schema."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sala.pipeline import PHASES, Pipeline, ProfileError, load_profile, parse_profile
+from sala.testing import train_bpe_tokenizer
+
+TEXT = Path(__file__).parents[1] / "eval" / "data" / "shakespeare_excerpt.txt"
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = train_bpe_tokenizer(TEXT.read_text(encoding="utf-8"), vocab_size=300)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    d = tmp_path_factory.mktemp("teacher")
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def tiny_profile(teacher: Path, **over) -> dict:
+    stage = {"kind": "distill", "trainable": "all", "steps": 2, "seq_len": 64, "batch_size": 2, "lr": 1e-3}
+    raw = {
+        "name": "tiny", "teacher": str(teacher), "data": f"text:{TEXT}", "data_options": {"doc_chars": 4000},
+        "haystack": str(TEXT), "convert": {"sparse": {"kernel_size": 8, "kernel_stride": 4, "block_size": 16,
+                                                     "window_size": 32, "topk": 2, "init_blocks": 1}},
+        "halo": {"align_steps": 3, "seq_len": 64, "batch_size": 2, "probe_rows": 2},
+        "compare": {"stage": {"name": "distill", **stage}, "tasks": ["passkey"], "lengths": [320], "samples": 1},
+        "stages": [{"name": "distill", **stage},
+                   {"name": "lm", "kind": "lm", "steps": 1, "seq_len": 512, "batch_size": 2, "lr": 1e-3,
+                    "retrieval_fraction": 0.5},
+                   {"name": "long", "kind": "lm", "steps": 1, "seq_len": 256, "batch_size": 1, "lr": 1e-3,
+                    "sparse": True, "sparse_dense_len": 128}],
+        "eval": {"tasks": ["passkey"], "lengths": [320], "samples": 1, "max_new_tokens": 4, "ppl_lengths": [128],
+                 "ppl_windows": 1, "ppl_score_tokens": 32, "speed_lengths": [128], "speed_decode_tokens": 2,
+                 "chunk_size": 0},
+    }
+    raw.update(over)
+    return raw
+
+
+def test_pipeline_runs_every_phase_resumes_and_reports(teacher_dir, tmp_path):
+    prof = parse_profile(tiny_profile(teacher_dir))
+    out = tmp_path / "run"
+    quiet = lambda *a, **k: None  # noqa: E731
+    first = Pipeline(prof, out, device="cpu", log=quiet).run(until="halo")
+    assert not first["finished"] and first["done"] == ["teacher_eval", "halo"]
+    # a deadline already passed: nothing runs, nothing is lost
+    stopped = Pipeline(prof, out, device="cpu", log=quiet).run(deadline=time.time() - 1)
+    assert not stopped["finished"] and stopped["next"] == "compare"
+    res = Pipeline(prof, out, device="cpu", log=quiet).run()
+    assert res["finished"] and res["done"] == list(PHASES)
+
+    state = json.loads((out / "pipeline.json").read_text())
+    assert state["commands"] == 3
+    s = json.loads((out / "report" / "summary.json").read_text())
+    for key in ("card", "teacher", "train_tokens", "train_minutes", "ppl", "passkey", "recall", "layers"):
+        assert key in s, key
+    assert set(s["recall"]) == {"halo", "uniform", "all_linear"}
+    assert all(0.0 <= v <= 1.0 for v in s["recall"].values())
+    assert set(s["passkey"]["teacher"]) == {"320"} and set(s["passkey"]["student"]) == {"320"}
+    assert s["ppl"]["teacher"] > 1 and s["ppl"]["student"] > 1
+    from sala.convert.layer_map import n_attention, uniform_layers
+
+    assert s["layers"]["uniform"] == uniform_layers(4, 0.25, True) and len(s["layers"]["halo"]) == n_attention(4, 0.25)
+    # tokens: align 3x2x64 + three compare runs 2x2x64 + student 2x2x64 + 1x2x512 + 1x1x256
+    assert s["train_tokens"] == 3 * 2 * 64 + 3 * 2 * 2 * 64 + 2 * 2 * 64 + 2 * 512 + 256
+    scores = json.loads((out / "compare" / "scores.json").read_text())
+    assert scores["all_linear"]["attention_layers"] == [] and scores["uniform"]["attention_layers"] == s["layers"]["uniform"]
+    # the student started from the aligned lightning layers of HALO stage 1
+    conv = json.loads((out / "student" / "converted" / "conversion.json").read_text())
+    assert conv["init_lightning_layers"] and conv["attention_layers"] == s["layers"]["halo"]
+    for name in ("summary.md", "eval_report.md", "halo_sweep.png", "training.png", "accuracy_vs_length.png"):
+        assert (out / "report" / name).is_file(), name
+    md = (out / "report" / "summary.md").read_text()
+    assert "passkey at 320" in md and "| uniform |" in md
+
+
+def test_profile_errors_name_the_problem(teacher_dir, tmp_path):
+    with pytest.raises(ProfileError, match="unknown keys"):
+        parse_profile(tiny_profile(teacher_dir, learning_rate=1))
+    bad = tiny_profile(teacher_dir)
+    bad["stages"][0]["kind"] = "nope"
+    with pytest.raises(ProfileError, match="kind"):
+        parse_profile(bad)
+    with pytest.raises(ProfileError, match="bundled profiles"):
+        load_profile("no_such_profile")
+    prof = parse_profile(tiny_profile(teacher_dir))
+    Pipeline(prof, tmp_path / "r", device="cpu", log=lambda *a: None)._save()
+    other = parse_profile(tiny_profile(teacher_dir, seed=3))
+    with pytest.raises(RuntimeError, match="another profile"):
+        Pipeline(other, tmp_path / "r", device="cpu", log=lambda *a: None)
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_bundled_profiles_parse(name):
+    prof = load_profile(name)
+    assert prof.teacher == "default" and prof.stages and prof.compare.stage
