@@ -94,6 +94,11 @@ class MergedResults(Results):
             return row
         if row.get("baseline_ms") and row.get("ms"):
             row.setdefault("speedup", round(row["baseline_ms"] / row["ms"], 3))
+        prev = [r for r in self.old_rows if r["case"] == row["case"] and r.get("variant", "sala") == "sala"]
+        if prev and prev[0].get("ms"):  # same case in the committed results: how this card/run compares
+            row["previous"] = {"ms": prev[0]["ms"], "baseline_ms": prev[0].get("baseline_ms"), "run": prev[0]["run"]}
+        if FLA_TUNE:
+            row.setdefault("fla_autotune", FLA_TUNE)
         row["run"] = self.stamp
         self.new_rows.append(row)
         self.flush()
@@ -157,6 +162,50 @@ def windowed_grad_error(grads, q, k, v, do, g, scale, reference_lightning) -> fl
 
 
 # ------------------------------------------------------------------------------------------- callables
+FLA_TUNE: dict = {}  # how fla's autotuners were set up in this run (recorded in rows)
+
+
+def reduce_fla_autotune() -> dict:
+    """Shrink fla's state-kernel autotune spaces (chunk_fwd_h / chunk_bwd_dh: 48 configs each, tuned again
+    for every dtype and for varlen, ~1 s of compile per config) to num_warps {4, 8} x num_stages {2, 3}
+    (16 configs), so a short device call can measure the baseline. Rows then carry ``previous`` (the
+    committed full-autotune fla time of the same case) to show whether the reduced space cost fla speed."""
+    import fla.ops.common.chunk_h as chunk_h
+    from triton.runtime.autotuner import Autotuner
+
+    kept = {}
+    for name in ("chunk_fwd_kernel_h", "chunk_bwd_kernel_dh"):
+        obj = getattr(chunk_h, name, None)
+        while obj is not None and not isinstance(obj, Autotuner):
+            obj = getattr(obj, "fn", None)
+        if obj is None:
+            continue
+        full = len(obj.configs)
+        keep = [c for c in obj.configs if c.num_warps in (4, 8) and c.num_stages in (2, 3)]
+        if keep:
+            obj.configs = keep
+        kept[name] = f"{len(obj.configs)} of {full} configs"
+    return kept
+
+
+def fla_chosen_configs() -> dict:
+    """The configs fla's state-kernel autotuners picked so far (key -> config), for the record."""
+    try:
+        import fla.ops.common.chunk_h as chunk_h
+        from triton.runtime.autotuner import Autotuner
+    except Exception:
+        return {}
+    out = {}
+    for name in ("chunk_fwd_kernel_h", "chunk_bwd_kernel_dh"):
+        obj = getattr(chunk_h, name, None)
+        while obj is not None and not isinstance(obj, Autotuner):
+            obj = getattr(obj, "fn", None)
+        if obj is not None:
+            for key, cfg in getattr(obj, "cache", {}).items():
+                out[f"{name}{list(key)[-4:]}"] = str(cfg)
+    return out
+
+
 def make_ops():
     from sala.ops.lightning_reference import lightning_attn_chunked
     from sala.ops.lightning_triton import lightning_attn_triton
@@ -187,12 +236,10 @@ def make_ops():
 # changes after a measurement. kw go to lightning_attn_triton, env overrides the launch config.
 VARIANTS = {
     ("fwd", torch.bfloat16, 131072): [("sala-seg8192", {"segment_len": 8192}, {})],
-    ("fwd", torch.bfloat16, 1048576): [("sala-seg8192", {"segment_len": 8192}, {}),
-                                       ("sala-seg16384", {"segment_len": 16384}, {})],
+    ("fwd", torch.bfloat16, 1048576): [("sala-seg8192", {"segment_len": 8192}, {})],
     ("fwd", torch.float32, 131072): [
         ("sala-bf16x3", {"precision": "bf16x3"}, {}),  # bf16 launch config: BV64, 4 warps, 2 stages
         ("sala-bf16x3-w8", {"precision": "bf16x3"}, {"SALA_LIGHTNING_WARPS": "8"}),
-        ("sala-tf32-s1", {}, {"SALA_LIGHTNING_STAGES": "1"}),  # less shared memory for the TF32 path
     ],
     ("fwdbwd", torch.float32, 131072): [("sala-bf16x3", {"precision": "bf16x3"}, {})],
 }
@@ -522,6 +569,12 @@ def _extras(r) -> str:
         extra.append(f"grads vs fla {r['grad_rel_diff_vs_fla']:.2g}")
     if r.get("fla_grad_rel_err") is not None:
         extra.append(f"fla grads vs reference {r['fla_grad_rel_err']:.2g}")
+    if r.get("previous"):
+        p = r["previous"]
+        extra.append(f"previous run ({(p.get('run') or {}).get('commit', '')[:7]}): sala {p['ms']:.3f} ms, "
+                     f"baseline {_fmt(p.get('baseline_ms'), '.3f')} ms")
+    if r.get("fla_autotune"):
+        extra.append("fla autotune " + ", ".join(f"{k}: {v}" for k, v in r["fla_autotune"].items()))
     if r.get("window_errs"):
         extra.append("windows " + ", ".join(f"{k} {v:.2g}" for k, v in r["window_errs"].items()))
     if r.get("note"):
@@ -579,7 +632,8 @@ def write_report(json_path: Path, md_path: Path) -> None:
 
 def print_table(rows) -> None:
     """The rows of this run, short."""
-    print(f"\n{'case':30s} {'variant':16s} {'ms':>9s} {'base ms':>9s} {'speedup':>8s} {'correct':>7s} {'err':>8s}")
+    print(f"\n{'case':30s} {'variant':16s} {'ms':>9s} {'base ms':>9s} {'speedup':>8s} {'correct':>7s} {'err':>8s}"
+          f"  {'prev ms':>8s} {'prev base':>9s}")
     for r in rows:
         if "ms" not in r and "correct" not in r:
             continue
@@ -587,6 +641,8 @@ def print_table(rows) -> None:
         ms = _fmt(r.get("ms"), ".3f")
         print(f"{r['case']:30s} {r.get('variant', 'sala'):16s} {ms:>9s} {_fmt(r.get('baseline_ms'), '.3f'):>9s} "
               f"{sp:>8s} {str(r.get('correct')):>7s} {_fmt(r.get('max_rel_err'), '.2g'):>8s}"
+              f"  {_fmt((r.get('previous') or {}).get('ms'), '.3f'):>8s}"
+              f" {_fmt((r.get('previous') or {}).get('baseline_ms'), '.3f'):>9s}"
               + (f"  graph {r['graph_ms']:.3f}" if r.get("graph_ms") else ""))
 
 
@@ -606,6 +662,8 @@ def main():
     ap.add_argument("--headline", action="store_true", help="only the issue's rows, in HEADLINE_JOBS order")
     ap.add_argument("--cases", help="regex over '<kind>_<dtype>_<T or B>' job names, e.g. 'decode|fwdbwd'")
     ap.add_argument("--no-variants", action="store_true", help="time only the library default")
+    ap.add_argument("--fla-tune", choices=("full", "reduced"), default="full",
+                    help="reduced: fla's state kernels autotune over 16 instead of 48 configs (short runs)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip jobs not started within this many seconds")
     args = ap.parse_args()
     if args.report:
@@ -615,6 +673,12 @@ def main():
     torch.manual_seed(0)
     res = MergedResults("lightning")
     ops = make_ops()
+    if args.fla_tune == "reduced" and ops[2] is not None:
+        try:
+            FLA_TUNE.update(reduce_fla_autotune())
+            print("fla autotune reduced:", FLA_TUNE, flush=True)
+        except Exception as exc:
+            print("could not reduce fla autotune:", repr(exc), flush=True)
     from sala.ops.lightning_reference import lightning_decay
 
     if args.no_variants:
@@ -674,6 +738,7 @@ def main():
             res.add(case=name, variant="sala", error=f"{type(exc).__name__}: {str(exc)[:300]}")
             free()
         print(f"[{time.monotonic() - start:6.1f} s] {name} took {time.monotonic() - t0:.1f} s", flush=True)
+    res.data["fla_chosen_configs"] = fla_chosen_configs()
     res.flush()
     print_table(res.new_rows)
     print(f"\nwrote {res.path} and {res.path.with_suffix('.md')} (merged with {COMMITTED}); "
