@@ -26,8 +26,8 @@ ROW_TOPK_LENGTH_ARGS = ["n_cols", "n_take", "q_pos0", "width", "s_sh", "s_sr", "
 @triton.jit(do_not_specialize=ROW_TOPK_LENGTH_ARGS)
 def _row_topk_kernel(SC, IDX, n_cols, n_take, q_pos0, block_size, width, s_sh, s_sr, s_ih, s_ir,
                      NP: tl.constexpr, WP: tl.constexpr):
-    hk = tl.program_id(0)
-    r = tl.program_id(1).to(tl.int64)
+    r = tl.program_id(0).to(tl.int64)  # rows on grid axis 0 (axis 1 is limited to 65535)
+    hk = tl.program_id(1)
     qb = (q_pos0 + r) // block_size
     b = tl.arange(0, NP)
     live = b < n_cols
@@ -63,7 +63,7 @@ def row_topk(scores: torch.Tensor, n_select: int, width: int, q_pos0: int, block
         raise ValueError(f"row_topk: {n_cols} blocks per row > {MAX_ROW_BLOCKS}")
     np_ = max(16, triton.next_power_of_2(n_cols))
     idx = torch.empty(Hk, R, width, device=scores.device, dtype=torch.int32)
-    _row_topk_kernel[(Hk, R)](scores, idx, n_cols, min(n_select, n_cols), q_pos0, block_size, width,
+    _row_topk_kernel[(R, Hk)](scores, idx, n_cols, min(n_select, n_cols), q_pos0, block_size, width,
                               scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
                               NP=np_, WP=max(16, triton.next_power_of_2(width)),
                               num_warps=max(4, min(32, np_ // 1024)))
