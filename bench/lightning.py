@@ -235,9 +235,16 @@ def make_ops():
 # Candidate settings timed beside the library default (variant "sala") in the same job; the default only
 # changes after a measurement. kw go to lightning_attn_triton, env overrides the launch config.
 VARIANTS = {
-    ("fwd", torch.bfloat16, 131072): [("sala-seg8192", {"segment_len": 8192}, {})],
-    ("fwd", torch.bfloat16, 1048576): [("sala-seg8192", {"segment_len": 8192}, {})],
+    # BV128/8 warps: one program per (segment, head) computes q k^T once instead of once per V half
+    # (offline sm_90: 112 KB smem, 4 B spilled; BV64/4w: 88 KB, none)
+    ("fwd", torch.bfloat16, 131072): [("sala-seg8192", {"segment_len": 8192}, {}),
+                                      ("sala-bv128-w8", {}, {"SALA_LIGHTNING_BV": "128", "SALA_LIGHTNING_WARPS": "8"})],
+    ("fwd", torch.bfloat16, 1048576): [("sala-seg8192", {"segment_len": 8192}, {}),
+                                       ("sala-bv128-w8", {}, {"SALA_LIGHTNING_BV": "128", "SALA_LIGHTNING_WARPS": "8"})],
     ("fwd", torch.float32, 131072): [
+        # offline sm_90 compile (16-byte aligned pointers, ptxas -v) of the output kernel, shared memory and
+        # spilled bytes per thread: TF32 BV64/8w/2s 176 KB, 428 B; bf16x3 BV64/4w/2s 112 KB, 1360 B;
+        # bf16x3 BV64/8w/2s 112 KB, 656 B (all at the 255-register cap)
         ("sala-bf16x3", {"precision": "bf16x3"}, {}),  # bf16 launch config: BV64, 4 warps, 2 stages
         ("sala-bf16x3-w8", {"precision": "bf16x3"}, {"SALA_LIGHTNING_WARPS": "8"}),
     ],
