@@ -165,26 +165,45 @@ def windowed_grad_error(grads, q, k, v, do, g, scale, reference_lightning) -> fl
 FLA_TUNE: dict = {}  # how fla's autotuners were set up in this run (recorded in rows)
 
 
-def reduce_fla_autotune() -> dict:
-    """Shrink fla's state-kernel autotune spaces (chunk_fwd_h / chunk_bwd_dh: 48 configs each, tuned again
-    for every dtype and for varlen, ~1 s of compile per config) to num_warps {4, 8} x num_stages {2, 3}
-    (16 configs), so a short device call can measure the baseline. Rows then carry ``previous`` (the
-    committed full-autotune fla time of the same case) to show whether the reduced space cost fla speed."""
-    import fla.ops.common.chunk_h as chunk_h
+def _autotuner(obj):
     from triton.runtime.autotuner import Autotuner
 
+    while obj is not None and not isinstance(obj, Autotuner):
+        obj = getattr(obj, "fn", None)
+    return obj
+
+
+# which fla configs survive each --fla-tune level (state kernels; backward output kernels)
+_FLA_KEEP = {
+    "reduced": (lambda c, bk: c.num_warps in (4, 8) and c.num_stages in (2, 3), lambda c, bk: True),
+    "min": (lambda c, bk: c.kwargs.get("BK") == bk and c.num_warps in (4, 8) and c.num_stages == 2,
+            lambda c, bk: c.num_warps == 4 and c.num_stages in (2, 3)),
+}
+
+
+def reduce_fla_autotune(level: str) -> dict:
+    """Shrink fla's autotune spaces so a short device call can measure the baseline: the state kernels
+    (chunk_fwd_h / chunk_bwd_dh) have 48 configs each, tuned again for every dtype, ~1 s of compile per
+    config. reduced: num_warps {4, 8} x num_stages {2, 3} (16); min: largest BK (64 on H100), both BV, num_warps {4, 8},
+    2 stages (4), and 2 configs for the backward output kernels. Rows carry ``previous`` (the committed
+    full-autotune fla time of the same case) to show whether the smaller space cost fla speed."""
+    import fla.ops.common.chunk_h as chunk_h
+    import fla.ops.common.chunk_o as chunk_o
+
+    keep_h, keep_o = _FLA_KEEP[level]
     kept = {}
-    for name in ("chunk_fwd_kernel_h", "chunk_bwd_kernel_dh"):
-        obj = getattr(chunk_h, name, None)
-        while obj is not None and not isinstance(obj, Autotuner):
-            obj = getattr(obj, "fn", None)
-        if obj is None:
+    for mod, name, keep in [(chunk_h, "chunk_fwd_kernel_h", keep_h), (chunk_h, "chunk_bwd_kernel_dh", keep_h),
+                            (chunk_o, "chunk_bwd_kernel_dqkwg", keep_o), (chunk_o, "chunk_bwd_kernel_dv", keep_o)]:
+        tuner = _autotuner(getattr(mod, name, None))
+        if tuner is None:
             continue
-        full = len(obj.configs)
-        keep = [c for c in obj.configs if c.num_warps in (4, 8) and c.num_stages in (2, 3)]
-        if keep:
-            obj.configs = keep
-        kept[name] = f"{len(obj.configs)} of {full} configs"
+        full = len(tuner.configs)
+        bk = max(c.kwargs.get("BK", 0) for c in tuner.configs)  # 64 on an H100 (fla's BKV_LIST)
+        sub = [c for c in tuner.configs if keep(c, bk)]
+        if sub:
+            tuner.configs = sub
+        if len(tuner.configs) != full:
+            kept[name] = f"{len(tuner.configs)} of {full} configs"
     return kept
 
 
@@ -192,16 +211,13 @@ def fla_chosen_configs() -> dict:
     """The configs fla's state-kernel autotuners picked so far (key -> config), for the record."""
     try:
         import fla.ops.common.chunk_h as chunk_h
-        from triton.runtime.autotuner import Autotuner
     except Exception:
         return {}
     out = {}
     for name in ("chunk_fwd_kernel_h", "chunk_bwd_kernel_dh"):
-        obj = getattr(chunk_h, name, None)
-        while obj is not None and not isinstance(obj, Autotuner):
-            obj = getattr(obj, "fn", None)
-        if obj is not None:
-            for key, cfg in getattr(obj, "cache", {}).items():
+        tuner = _autotuner(getattr(chunk_h, name, None))
+        if tuner is not None:
+            for key, cfg in getattr(tuner, "cache", {}).items():
                 out[f"{name}{list(key)[-4:]}"] = str(cfg)
     return out
 
@@ -669,8 +685,8 @@ def main():
     ap.add_argument("--headline", action="store_true", help="only the issue's rows, in HEADLINE_JOBS order")
     ap.add_argument("--cases", help="regex over '<kind>_<dtype>_<T or B>' job names, e.g. 'decode|fwdbwd'")
     ap.add_argument("--no-variants", action="store_true", help="time only the library default")
-    ap.add_argument("--fla-tune", choices=("full", "reduced"), default="full",
-                    help="reduced: fla's state kernels autotune over 16 instead of 48 configs (short runs)")
+    ap.add_argument("--fla-tune", choices=("full", "reduced", "min"), default="full",
+                    help="shrink fla's autotune spaces for short runs (reduce_fla_autotune)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip jobs not started within this many seconds")
     args = ap.parse_args()
     if args.report:
@@ -680,9 +696,9 @@ def main():
     torch.manual_seed(0)
     res = MergedResults("lightning")
     ops = make_ops()
-    if args.fla_tune == "reduced" and ops[2] is not None:
+    if args.fla_tune != "full" and ops[2] is not None:
         try:
-            FLA_TUNE.update(reduce_fla_autotune())
+            FLA_TUNE.update(reduce_fla_autotune(args.fla_tune))
             print("fla autotune reduced:", FLA_TUNE, flush=True)
         except Exception as exc:
             print("could not reduce fla autotune:", repr(exc), flush=True)
