@@ -325,3 +325,26 @@ def test_single_left_padded_row_is_not_taken_for_packing():
         padded = model(ids, attention_mask=mask).logits  # positions 1,1,...,0,1,2 from the mask
         alone = model(ids[:, 6:]).logits
     torch.testing.assert_close(padded[:, 6:], alone, atol=2e-5, rtol=1e-4)
+
+
+def test_lightning_kernel_runs_in_the_autocast_dtype(monkeypatch):
+    """Under bf16 autocast the q/k norms return float32; the kernel must still get bf16 (not a float32 promote)."""
+    from sala import ops
+    from sala.testing import make_model, random_ids, small_config
+
+    seen = []
+    real = ops.lightning_prefill
+
+    def spy(q, k, v, *a, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(ops, "lightning_prefill", spy)
+    model = make_model(small_config(), 0)
+    ids = random_ids(model.config, 2, 24, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, use_cache=False)
+    assert seen and all(d == (torch.bfloat16,) * 3 for d in seen)
+    seen.clear()
+    model(ids, use_cache=False)
+    assert seen and all(d == (torch.float32,) * 3 for d in seen)

@@ -68,6 +68,9 @@ class LightningAttention(nn.Module):
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        if torch.is_autocast_enabled(x.device.type):  # the norms return float32; run the kernel in autocast's dtype
+            dt = torch.get_autocast_dtype(x.device.type)
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
         g = self.g_gamma(x.device)
         state = cache.state if cache is not None else None
         if cu_seqlens is not None:

@@ -9,6 +9,7 @@ permutation, so a resumed run reads exactly the rows the uninterrupted run would
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +56,24 @@ def _split_text(text: str, doc_chars: int = 20000) -> list[str]:
     return docs
 
 
+_TOKENIZED: dict[tuple, list[list[int]]] = {}  # one process tokenizes a corpus once (the pipeline builds several trainers)
+
+
 def load_documents(source: str, tokenizer=None, vocab_size: int = 256, seed: int = 0, **options) -> list[list[int]]:
     """Token-id documents for a data source string (see the module docstring)."""
     if source == "synthetic":
         return synthetic_documents(vocab_size=vocab_size, seed=seed, **options)
     if tokenizer is None:
         raise ValueError(f"data source {source!r} needs a tokenizer (the teacher's)")
+    key = (source, json.dumps(options, sort_keys=True), getattr(tokenizer, "name_or_path", ""), len(tokenizer),
+           tokenizer.__class__.__name__)
+    if key not in _TOKENIZED:
+        _TOKENIZED.clear()  # keep one corpus in memory at most
+        _TOKENIZED[key] = _tokenized_documents(source, tokenizer, **options)
+    return [list(d) for d in _TOKENIZED[key]]
+
+
+def _tokenized_documents(source: str, tokenizer, **options) -> list[list[int]]:
     max_docs = options.get("max_docs")
     doc_chars = int(options.get("doc_chars", 20000))
     if source.startswith("text:"):

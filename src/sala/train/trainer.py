@@ -121,6 +121,8 @@ class Trainer:
         if device is None:
             device = f"cuda:{self.rank % max(1, torch.cuda.device_count())}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and recipe.autocast_bf16:
+            torch.backends.cuda.matmul.allow_tf32 = True  # what autocast leaves in float32 (losses, norms) uses TF32
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         self._setup()
 

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU profile of the conversion pipeline on a machine without internet, in time-limited commands.
+#
+# Inputs travel in the git-ignored .carry/ folder (prepared on a machine with internet):
+#   gguf.xz.part0, gguf.xz.part1  the default teacher's GGUF (xz, split to fit 64 MiB per transfer)
+#   heldout.tar.xz, train.tar.xz  the corpora caches (sala.data.corpora) of shakespeare, brown, austen
+#   gguf-*.whl                    the gguf package (transformers reads GGUF files with it)
+# Each command stores what it received outside the checkout (STASH) and continues the pipeline:
+#   bash bench/convert_gpu.sh <seconds> [until-phase]
+# The pipeline resumes from its own checkpoints in RUN on the next command; at the end the report is
+# copied to $OUT (and, with --collect, packed for the repository's docs/results/).
+set -euo pipefail
+LIMIT=${1:-540}
+UNTIL=${2:-}
+STASH=${STASH:-/root/sala_stash}
+RUN=${RUN:-/root/sala_runs/gpu}
+export SALA_CACHE=${SALA_CACHE:-/root/sala_cache}
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$STASH" "$SALA_CACHE/gguf"
+for f in .carry/*; do [ -e "$f" ] && cp -n "$f" "$STASH/"; done
+if [ ! -d /tmp/site/gguf ] && ls "$STASH"/gguf-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$STASH"/gguf-*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD/src
+GGUF="$SALA_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
+if [ ! -f "$GGUF" ] && [ -f "$STASH/gguf.xz.part0" ] && [ -f "$STASH/gguf.xz.part1" ]; then
+  cat "$STASH/gguf.xz.part0" "$STASH/gguf.xz.part1" | xz -d > "$GGUF.tmp" && mv "$GGUF.tmp" "$GGUF"
+fi
+for t in heldout train; do
+  if [ -f "$STASH/$t.tar.xz" ] && [ ! -f "$STASH/$t.done" ]; then
+    tar -xJf "$STASH/$t.tar.xz" -C "$SALA_CACHE" && touch "$STASH/$t.done"
+  fi
+done
+ls -la "$SALA_CACHE/gguf" "$SALA_CACHE/corpora"/* 2>/dev/null | head -20
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
+set +e
+python3 -m sala.cli pipeline --profile "${PROFILE:-gpu}" --out "$RUN" --time-limit "$LIMIT" --reserve 150 ${UNTIL:+--until $UNTIL} 2>&1 \
+  | grep -v -E "Loading weights|Writing model shards" | tee -a "$RUN.log"
+rc=${PIPESTATUS[0]}
+set -e
+if [ -n "${OUT:-}" ]; then
+  cp "$RUN.log" "$OUT/pipeline.log" 2>/dev/null || true
+  cp "$RUN/pipeline.json" "$OUT/" 2>/dev/null || true
+  if [ -d "$RUN/report" ]; then
+    tar -czf "$OUT/report.tgz" -C "$RUN" report halo/sweep.json halo/sweep.md compare/scores.json eval \
+      student/log.jsonl halo/align/log.jsonl compare/halo/log.jsonl compare/uniform/log.jsonl \
+      compare/all_linear/log.jsonl student/final/config.json student/final/conversion.json pipeline.json
+  fi
+fi
+exit $rc

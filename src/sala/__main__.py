@@ -1,0 +1,5 @@
+"""``python -m sala``: the ``sala`` command line."""
+
+from .cli import app
+
+app()
