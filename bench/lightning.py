@@ -261,10 +261,13 @@ VARIANTS = {
         # offline sm_90 compile (16-byte aligned pointers, ptxas -v) of the output kernel, shared memory and
         # spilled bytes per thread: TF32 BV64/8w/2s 176 KB, 428 B; bf16x3 BV64/4w/2s 112 KB, 1360 B;
         # bf16x3 BV64/8w/2s 112 KB, 656 B (all at the 255-register cap)
-        ("sala-bf16x3", {"precision": "bf16x3"}, {}),  # bf16 launch config: BV64, 4 warps, 2 stages
+        ("sala-bf16x3", {"precision": "bf16x3"}, {"SALA_LIGHTNING_WARPS": "4"}),  # bf16's BV64, 4 warps, 2 stages
         ("sala-bf16x3-w8", {"precision": "bf16x3"}, {"SALA_LIGHTNING_WARPS": "8"}),
+        # 32-token chunks: TF32 BV64/4w/2s 76 KB, 32 B spilled (2 CTAs per SM instead of 1)
+        ("sala-tf32-c32", {}, {"SALA_LIGHTNING_CHUNK": "32", "SALA_LIGHTNING_WARPS": "4"}),
     ],
-    ("fwdbwd", torch.float32, 131072): [("sala-bf16x3", {"precision": "bf16x3"}, {})],
+    ("fwdbwd", torch.float32, 131072): [("sala-bf16x3", {"precision": "bf16x3"}, {"SALA_LIGHTNING_WARPS": "4"}),
+                                        ("sala-tf32-c32", {}, {"SALA_LIGHTNING_CHUNK": "32", "SALA_LIGHTNING_WARPS": "4"})],
 }
 
 
@@ -356,14 +359,15 @@ def run_fwdbwd(res, ops, dtype, T, g, scale):
     size = q.element_size()
     base = dict(case=case, baseline="fla.chunk_simple_gla", floor_ms=floor_ms(11 * T * H * D * size))
 
-    def step(fn):
-        o, _ = fn(q, k, v, g, scale)
-        o.backward(do)
+    def step(fn, env=None):
+        with env_override(env or {}):  # the backward's passes read the launch overrides too
+            o, _ = fn(q, k, v, g, scale)
+            o.backward(do)
 
-    def grads(fn):
+    def grads(fn, env=None):
         for x in (q, k, v):  # timing loops leave their last grads behind: never accumulate onto them
             x.grad = None
-        step(fn)
+        step(fn, env)
         out = [x.grad.detach().clone() for x in (q, k, v)]
         for x in (q, k, v):
             x.grad = None
@@ -383,10 +387,10 @@ def run_fwdbwd(res, ops, dtype, T, g, scale):
         fla_ref_err = windowed_grad_error(fla_g, q, k, v, do, g, scale, lightning_attn_chunked)
     rows = []
     for name, kw, env in [("sala", {}, {})] + VARIANTS.get(("fwdbwd", dtype, T), []):
-        fn = bind(ours, env, **kw)
+        fn = bind(ours, {}, **kw)
         row = dict(base, variant=name, baseline_ms=fla_ms, settings={**kw, **env})
         try:
-            ours_g = grads(fn)
+            ours_g = grads(fn, env)
             # reference autograd on the exact window (module doc); float32 leaves
             err = windowed_grad_error(ours_g, q, k, v, do, g, scale, lightning_attn_chunked)
             row_notes = list(notes) + [f"grads vs reference autograd on the last {min(12288, T)} tokens"]
@@ -395,7 +399,7 @@ def run_fwdbwd(res, ops, dtype, T, g, scale):
                 row["fla_grad_rel_err"] = fla_ref_err
             del ours_g
             free()
-            row["ms"] = time_ms(lambda: step(fn), grad_to_none=[q, k, v])
+            row["ms"] = time_ms(lambda: step(fn, env), grad_to_none=[q, k, v])
             row.update(correct=err < TOL[dtype], max_rel_err=err, floor_frac=row["floor_ms"] / row["ms"],
                        note="; ".join(row_notes))
             rows.append(res.add(**row))
@@ -709,7 +713,7 @@ def main():
     g = lightning_decay(H).cuda()
     scale = D**-0.5
     Ts = [8192, 32768] if args.quick else [8192, 32768, 131072, 524288, 1048576]
-    cfg = {torch.bfloat16: (64, 4, 2), torch.float32: (64, 8, 2)}  # the library defaults (measured)
+    cfg = {}  # launch overrides per dtype: none (the library defaults) unless the sweep picks them
     if not args.no_sweep and not args.quick:
         try:
             cfg = sweep(res, ops, g, scale)
@@ -744,7 +748,9 @@ def main():
             continue
         t0 = time.monotonic()
         try:
-            if dtype is not None:
+            for key in ("SALA_LIGHTNING_BV", "SALA_LIGHTNING_WARPS", "SALA_LIGHTNING_STAGES"):
+                os.environ.pop(key, None)
+            if dtype in cfg:
                 use_cfg(cfg[dtype])
             if kind == "fwd":
                 run_forward(res, ops, dtype, T, g, scale, time_reference=T <= 32768)

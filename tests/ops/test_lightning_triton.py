@@ -108,6 +108,31 @@ def test_bf16x3_backward_matches_reference_autograd():
         assert rel(a, b) < 2e-4
 
 
+def test_chunk_32_matches_reference(monkeypatch):
+    """SALA_LIGHTNING_CHUNK=32 (a candidate float32 launch setting): forward and gradients equal the
+    64-token chunking's reference, with several segments per sequence and an initial state."""
+    from sala.ops.lightning_triton import _launch_cfg
+
+    monkeypatch.setenv("SALA_LIGHTNING_CHUNK", "32")
+    assert _launch_cfg(32, torch.float32)["C"] == 32
+    H, D = (3, 32) if not CUDA else (9, 64)
+    T, seg = (150, 64) if not CUDA else (2500, 512)
+    q, k, v = (x.requires_grad_(True) for x in inputs(2, T, H, D, torch.float32, seed=22))
+    g = lightning_decay(H).to(DEV)
+    h0 = rand(2, H, D, D, seed=23).requires_grad_(True)
+    do, dht = rand(2, T, H, D, seed=24), rand(2, H, D, D, seed=25)
+    ours = grads_of(lambda a, b, c, h: lightning_attn_triton(a, b, c, g, initial_state=h, segment_len=seg,
+                                                             precision="ieee"), [q, k, v, h0], do, dht)
+    o, s = lightning_attn_triton(q, k, v, g, initial_state=h0, segment_len=seg, precision="ieee")
+    leaves64 = [x.detach().double().requires_grad_(True) for x in (q, k, v, h0)]
+    ro, rs = lightning_attn_chunked(*leaves64[:3], g, initial_state=leaves64[3])
+    assert rel(o, ro) < 1e-5 and rel(s, rs) < 1e-5
+    ref = grads_of(lambda a, b, c, h: lightning_attn_chunked(a, b, c, g, initial_state=h), leaves64,
+                   do.double(), dht.double())
+    for a, b in zip(ours, ref):
+        assert rel(a, b) < 1e-5
+
+
 def test_strong_and_zero_decay_take_the_exact_path():
     """|g| C / 2 past float32's exp range disables the factored intra-chunk decay; g = 0 is no decay."""
     from sala.ops.lightning_triton import factored_decay_ok

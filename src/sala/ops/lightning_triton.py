@@ -52,7 +52,13 @@ def _launch_cfg(vd: int, dtype: torch.dtype, precision: str = "tf32") -> dict:
     bf16x3 float32 runs bf16 tiles (same shared-memory shapes as bf16 inputs): start from bf16's."""
     key = torch.bfloat16 if precision == "bf16x3" else dtype
     bv, warps, stages = _DEFAULT_CFG.get(key, (32, 8, 2))
+    chunk = int(os.environ.get("SALA_LIGHTNING_CHUNK", CHUNK))
+    if chunk not in (16, 32, 64):
+        raise ValueError(f"SALA_LIGHTNING_CHUNK must be 16, 32 or 64, got {chunk}")
     return {
+        # tokens per chunk (intra-chunk [C, C] tile): 32 halves the float32 tiles (less shared memory, no
+        # spills at 4 warps, offline sm_90 compile) at the cost of twice the chunk steps; 64 by default
+        "C": chunk,
         "BV": min(int(os.environ.get("SALA_LIGHTNING_BV", bv)), _pad_dim(vd)),
         "num_warps": int(os.environ.get("SALA_LIGHTNING_WARPS", warps)),
         "num_stages": int(os.environ.get("SALA_LIGHTNING_STAGES", stages)),
@@ -156,9 +162,10 @@ def lightning_forward(
     if initial_state is not None:
         initial_state = initial_state.to(torch.float32).contiguous()
     split = precision == "bf16x3" and q.dtype == torch.float32
-    common = dict(H=H, KD=KD, VD=VD, KP=KP, SEG=seg, C=CHUNK, BV=BV, REVERSE=reverse,
+    C = cfg["C"]  # divides seg (a multiple of CHUNK = 64)
+    common = dict(H=H, KD=KD, VD=VD, KP=KP, SEG=seg, C=C, BV=BV, REVERSE=reverse,
                   DOT_PRECISION="tf32" if precision == "bf16x3" else precision,
-                  DYN_LOOP=not _INTERPRET, SEG_CHUNKS=seg // CHUNK, UPCAST=_INTERPRET,
+                  DYN_LOOP=not _INTERPRET, SEG_CHUNKS=seg // C, UPCAST=_INTERPRET,
                   MASK_COLS=KP != KD or VD % BV != 0, SPLIT_BF16=split)
     warps = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if nseg:
