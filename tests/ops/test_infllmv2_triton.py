@@ -361,3 +361,25 @@ def test_prefill_row_topk_selection_matches_reference(T, Hq, Hk, Tq, pattern, mo
     assert torch.equal(chunked, idx_ref)
     o = infllmv2_attention_triton(q, k, v, P, D ** -0.5)
     torch.testing.assert_close(o, ref.infllmv2_attention(q, k, v, P, D ** -0.5), rtol=1e-4, atol=1e-5)
+
+
+def test_decode_falls_back_to_general_path_when_row_topk_cannot_compile(monkeypatch):
+    """A card that rejects the row top-k kernel (resources) must still decode, through the general path."""
+    import triton
+
+    from sala.ops import infllmv2_triton as tri
+
+    def reject(*a, **kw):
+        raise triton.OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(tri, "decode_select_triton", reject)
+    monkeypatch.setattr(tri, "DECODE_FUSED", True)
+    T = T_LONG + 1
+    q, k, v = make(T, 8, 1, 1, seed=29)
+    k1 = ref.compress_keys(k, P.kernel_size, P.kernel_stride)
+    k2 = ref.compress_keys(k, P.kernel_size2, P.kernel_stride2)
+    with pytest.warns(UserWarning, match="general path"):
+        o = infllmv2_attention_triton(q, k, v, P, D ** -0.5, k1=k1, k2=k2, decode=True)
+    assert tri.DECODE_FUSED is False
+    torch.testing.assert_close(o, ref.infllmv2_attention(q, k, v, P, D ** -0.5, k1=k1, k2=k2, decode=True),
+                               rtol=1e-4, atol=1e-5)

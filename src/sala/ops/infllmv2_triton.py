@@ -12,7 +12,10 @@ The selection ``[Hk, Tq, 96]`` int32 is the only per-row intermediate kept: O(T 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import triton
 
 from . import infllmv2_reference as _ref
 from .infllmv2_triton_attn import block_sparse_attention_triton
@@ -32,6 +35,12 @@ FORCED_SPLIT = {"fwd": True, "bwd": True}
 DECODE_FUSED = True
 
 
+def _disable_fused_decode(err: Exception) -> None:
+    global DECODE_FUSED
+    DECODE_FUSED = False
+    warnings.warn(f"InfLLM-V2 fused decode selection failed to compile, using the general path: {err!r:.300}")
+
+
 def _nonempty(x: torch.Tensor) -> torch.Tensor:
     """A 1-row zero stand-in for an empty compressed-key tensor (the kernels mask every load of it)."""
     return x if x.shape[0] else x.new_zeros(1, *x.shape[1:])
@@ -49,7 +58,10 @@ def select_blocks_triton(q, k1, k2, params, scale, total_len, decode=False, key_
     k1e, k2e = _nonempty(k1), _nonempty(k2)
     q = q.detach()
     if decode and DECODE_FUSED and Tq == 1 and n_blocks <= MAX_ROW_BLOCKS:
-        return decode_select_triton(q, k1e, k2e, params, scale, total_len, n1=n1, n2=n2)
+        try:
+            return decode_select_triton(q, k1e, k2e, params, scale, total_len, n1=n1, n2=n2)
+        except (triton.CompilationError, triton.OutOfResources) as err:  # rejected on this card: general path
+            _disable_fused_decode(err)
     if decode:
         lse_splits = max(1, n2 // 512)
         return _select(q, k1e, k2e, n1, n2, scale, params, q_pos0, total_len, True, lse_splits)
