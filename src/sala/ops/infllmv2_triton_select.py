@@ -1,6 +1,7 @@
 """InfLLM-V2 stage 1 and block selection in Triton (SPEC section 2, steps 2-4).
 
-Two kernels per query chunk, then a top-k in PyTorch:
+Two kernels per query chunk, then a top-k in PyTorch (or, with ``ROW_TOPK`` and for decode, the Triton row
+top-k of :mod:`.infllmv2_triton_topk` on float32 block scores):
 
 * ``_k2_lse_kernel``: LSE over the visible K2 chunks for every (query row, q head), log2 domain. It can split
   the K2 range over programs (decode: one row, a long cache) and the splits are merged with a logsumexp.
