@@ -43,6 +43,7 @@ PARAMS = ref.SparseParams(kernel_size=32, kernel_stride=16, block_size=64, init_
 SCALE = D ** -0.5
 DT = torch.bfloat16
 T0 = time.time()
+DENSE_BACKENDS = ("cudnn", "flash")  # --dense-backends
 
 
 def log(*a):
@@ -274,7 +275,7 @@ def bench_fwd(res, T, ok, dense=True, check=True):
     q, k, v = inputs(T)
     base = {}
     if dense:
-        for b in ("cudnn", "flash"):
+        for b in DENSE_BACKENDS:
             try:
                 base[b] = timeit(lambda: dense_fn(q, k, v, b))
             except Exception as e:  # noqa: BLE001
@@ -342,7 +343,7 @@ def bench_fwdbwd(res, T, ok):
         q.grad = k.grad = v.grad = None
         dense_fn(q, k, v, b).backward(do)
 
-    for b in ("cudnn", "flash") if T < 262144 else ("cudnn",):  # flash: 1.7x slower at 128K (run 1)
+    for b in DENSE_BACKENDS if T < 262144 else ("cudnn",):  # flash: 1.7x slower at 128K (run 1)
         try:
             base[b] = timeit(lambda: dense_step(b), reps=3)
         except Exception as e:  # noqa: BLE001
@@ -554,9 +555,13 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small lengths only (smoke test)")
     ap.add_argument("--no-tune", action="store_true", help="reuse the base results' tuning instead of tuning")
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--dense-backends", default="cudnn,flash",
+                    help="SDPA backends timed for the dense baseline (the fastest is the baseline)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new cases after this")
     ap.add_argument("--profile", action="store_true", help="short diagnostic run only (see profile())")
     args = ap.parse_args()
+    global DENSE_BACKENDS
+    DENSE_BACKENDS = tuple(b for b in args.dense_backends.split(",") if b)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.profile:
