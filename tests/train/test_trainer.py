@@ -134,14 +134,30 @@ def test_resume_with_another_recipe_is_refused(recipe_factory, tmp_path):
         Trainer(other, tmp_path / "r", log=lambda *a: None).run()
 
 
-def test_deadline_stops_with_a_checkpoint_and_resumes_bitwise(recipe_factory, tmp_path):
+def test_deadline_stops_with_a_checkpoint_and_resumes_bitwise(recipe_factory, tmp_path, monkeypatch):
     import time
+
+    from sala.train import trainer as T
 
     rec = recipe_factory()
     full = Trainer(rec, tmp_path / "full", log=lambda *a: None).run()
     past = Trainer(rec, tmp_path / "cut", log=lambda *a: None).run(deadline=time.time() - 1)
     assert not past["finished"] and past["history"] == []  # nothing started after the deadline
-    part = Trainer(rec, tmp_path / "cut", log=lambda *a: None).run(deadline=time.time() + 1e-3)
+
+    real_perf_counter = time.perf_counter
+
+    class Clock:  # the wall clock reads 0 when the run starts and 10 after its first step
+        calls = 0
+        perf_counter = staticmethod(real_perf_counter)
+
+        @classmethod
+        def time(cls):
+            cls.calls += 1
+            return 0.0 if cls.calls == 1 else 10.0
+
+    monkeypatch.setattr(T, "time", Clock)
+    part = Trainer(rec, tmp_path / "cut", log=lambda *a: None).run(deadline=5.0)
+    monkeypatch.undo()
     assert not part["finished"] and len(part["history"]) == 1  # the step that crossed the deadline
     rest = Trainer(rec, tmp_path / "cut", log=lambda *a: None).run()
     assert rest["finished"]
