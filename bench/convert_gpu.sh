@@ -16,7 +16,7 @@ STASH=${STASH:-/root/sala_stash}
 RUN=${RUN:-/root/sala_runs/gpu}
 export SALA_CACHE=${SALA_CACHE:-/root/sala_cache}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-mkdir -p "$STASH" "$SALA_CACHE/gguf"
+mkdir -p "$STASH" "$SALA_CACHE/gguf" "$(dirname "$RUN")"
 for f in .carry/*; do [ -e "$f" ] && cp -n "$f" "$STASH/"; done
 if [ ! -d /tmp/site/gguf ] && ls "$STASH"/gguf-*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$STASH"/gguf-*.whl
