@@ -102,9 +102,12 @@ def test_unmasked_tiles_match_masked_and_reference(decode, monkeypatch):
     assert torch.equal(out[True], out[False])
 
 
+@pytest.mark.parametrize("row_topk", [True, False], ids=["row_topk", "int64_keys"])
 @pytest.mark.parametrize("pattern", ["all_equal", "pairs"])
-def test_selection_exact_ties_go_to_lower_block(pattern):
-    """Keys built so that block scores tie exactly: the lower block index must win, as in the reference."""
+def test_selection_exact_ties_go_to_lower_block(pattern, row_topk, monkeypatch):
+    """Keys built so that block scores tie exactly: the lower block index must win, as in the reference;
+    through the default row top-k and through the int64-key fallback."""
+    monkeypatch.setattr(ts, "ROW_TOPK", row_topk)
     T, Hq, Hk = T_LONG, 8, 1
     q, k, _ = make(T, Hq, Hk, seed=3)
     if pattern == "all_equal":  # every K1 chunk identical -> every non-forced block ties
@@ -345,15 +348,19 @@ def test_kernels_do_not_recompile_across_lengths(monkeypatch):
 @pytest.mark.parametrize("T,Hq,Hk,Tq,pattern", [(T_LONG, 8, 2, 50, "random"), (T_LONG - 20, 12, 1, 40, "random"),
                                                 (T_LONG, 8, 1, None, "ties"), (30, 4, 1, None, "random")])
 def test_prefill_row_topk_selection_matches_reference(T, Hq, Hk, Tq, pattern, monkeypatch):
-    """The Triton row top-k variant of the many-row selection (ROW_TOPK) gives the reference blocks,
-    ties included, in one chunk and in several."""
+    """The default many-row selection is the Triton row top-k (ROW_TOPK): it is launched, and it gives the
+    reference blocks, ties included, in one chunk and in several."""
+    from sala.ops import infllmv2_triton_topk as ttop
+
+    assert ts.ROW_TOPK is True  # the default the bench measured faster (H200, commit 82c7109)
     q, k, v = make(T, Hq, Hk, Tq, seed=T + 7)
     if pattern == "ties":
         period = 2 * P.block_size
         k = k[:period].repeat(T // period + 1, 1, 1)[:T].contiguous()
     k1, k2, _, _, idx_ref = reference_selection(q, k)
-    monkeypatch.setattr(ts, "ROW_TOPK", True)
+    seen = _capture_launches(monkeypatch, {"row": ttop._row_topk_kernel})
     assert torch.equal(select_blocks_triton(q, k1, k2, P, D ** -0.5, T), idx_ref)
+    assert len(seen["row"]) == 1
     if pattern == "ties":
         return
     n_blocks = -(-T // P.block_size)
@@ -383,3 +390,35 @@ def test_decode_falls_back_to_general_path_when_row_topk_cannot_compile(monkeypa
     assert tri.DECODE_FUSED is False
     torch.testing.assert_close(o, ref.infllmv2_attention(q, k, v, P, D ** -0.5, k1=k1, k2=k2, decode=True),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_prefill_falls_back_to_int64_keys_when_row_topk_cannot_compile(monkeypatch):
+    """A card that rejects the row top-k kernel must still select (torch.topk on int64 keys), same blocks."""
+    import triton
+
+    def reject(*a, **kw):
+        raise triton.OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(ts, "row_topk", reject)
+    monkeypatch.setattr(ts, "ROW_TOPK", True)
+    T = T_LONG
+    q, k, _ = make(T, 8, 2, 40, seed=31)
+    k1, k2, _, _, idx_ref = reference_selection(q, k)
+    with pytest.warns(UserWarning, match="torch.topk"):
+        idx = select_blocks_triton(q, k1, k2, P, D ** -0.5, T)
+    assert ts.ROW_TOPK is False
+    assert torch.equal(idx, idx_ref)
+
+
+def test_prefill_rows_wider_than_row_kernel_use_int64_keys(monkeypatch):
+    """Rows with more blocks than the row kernel holds (contexts over 2M tokens at block 64) take the
+    int64-key top-k: simulated by lowering the limit below this sequence's block count."""
+    from sala.ops import infllmv2_triton_topk as ttop
+
+    T = T_LONG
+    q, k, _ = make(T, 8, 1, 30, seed=37)
+    k1, k2, _, _, idx_ref = reference_selection(q, k)
+    monkeypatch.setattr(ts, "MAX_ROW_BLOCKS", -(-T // P.block_size) - 1)
+    seen = _capture_launches(monkeypatch, {"row": ttop._row_topk_kernel})
+    assert torch.equal(select_blocks_triton(q, k1, k2, P, D ** -0.5, T), idx_ref)
+    assert seen["row"] == []

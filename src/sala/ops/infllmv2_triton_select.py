@@ -1,7 +1,8 @@
 """InfLLM-V2 stage 1 and block selection in Triton (SPEC section 2, steps 2-4).
 
-Two kernels per query chunk, then a top-k in PyTorch (or, with ``ROW_TOPK`` and for decode, the Triton row
-top-k of :mod:`.infllmv2_triton_topk` on float32 block scores):
+Two kernels per query chunk, then the Triton row top-k of :mod:`.infllmv2_triton_topk` on float32 block
+scores (``ROW_TOPK``, the default), or ``torch.topk`` + sort on int64 block keys (rows wider than
+``MAX_ROW_BLOCKS``, a card that rejects the row kernel, or ``ROW_TOPK = False``):
 
 * ``_k2_lse_kernel``: LSE over the visible K2 chunks for every (query row, q head), log2 domain. It can split
   the K2 range over programs (decode: one row, a long cache) and the splits are merged with a logsumexp.
@@ -21,6 +22,7 @@ block keys exist for one query chunk at a time.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -56,8 +58,15 @@ TILE_ROWS: int | None = None
 
 
 # Selection of many rows (prefill) by the Triton row top-k on float32 block scores (infllmv2_triton_topk)
-# instead of torch.topk + sort on int64 keys. Off until a GPU run measures it faster (bench variant).
-ROW_TOPK = False
+# instead of torch.topk + sort on int64 keys. Measured faster with identical selections (H200, commit 82c7109,
+# bench/results/infllmv2.md): whole forward 106.8 vs 120.6 ms at 128K, 285.1 vs 315.4 ms at 256K.
+ROW_TOPK = True
+
+
+def _disable_row_topk(err: Exception) -> None:
+    global ROW_TOPK
+    ROW_TOPK = False
+    warnings.warn(f"InfLLM-V2 row top-k failed to compile, selecting with torch.topk on block keys: {err!r:.300}")
 
 
 # Unmasked path for the K1 tiles below the causal diagonal (False: every tile masked, the first version).
@@ -394,7 +403,11 @@ def select_blocks_chunk(q, k1, k2, scale, params, q_pos0, total_len, decode=Fals
     if ROW_TOPK and n_cols <= MAX_ROW_BLOCKS:
         sc = block_keys(q, k1, lse2, scale, q_pos0, off1, params, n_cols, splits=key_splits,
                         scores_out=scores_out, n1=n1, rows=rows, float_out=True)
-        return row_topk(sc, params.n_select, width, q_pos0, bs)
+        try:
+            return row_topk(sc, params.n_select, width, q_pos0, bs)
+        except (triton.CompilationError, triton.OutOfResources) as err:  # rejected on this card: int64 keys
+            _disable_row_topk(err)
+        del sc
     keys = block_keys(q, k1, lse2, scale, q_pos0, off1, params, n_cols, splits=key_splits,
                       scores_out=scores_out, n1=n1, rows=rows)
     if R == 1:
