@@ -5,16 +5,10 @@ student's training stages (a ``sala.train`` recipe) and the evaluation. Unknown 
 
 from __future__ import annotations
 
-import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-from ..train.recipe import RecipeError, parse_recipe
+from ..train.recipe import RecipeError, build_dataclass, parse_recipe, read_named_toml
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -96,14 +90,7 @@ class Profile:
 
 
 def _build(cls, raw: dict, where: str):
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ProfileError(f"{where}: unknown keys {unknown}; expected some of {sorted(names)}")
-    try:
-        return cls(**raw)
-    except TypeError as e:
-        raise ProfileError(f"{where}: {e}") from None
+    return build_dataclass(cls, raw, where, ProfileError)
 
 
 def parse_profile(raw: dict) -> Profile:
@@ -132,11 +119,4 @@ def parse_profile(raw: dict) -> Profile:
 
 def load_profile(path_or_name: str | Path) -> Profile:
     """A profile from a TOML path, or by name from the bundled profiles (``cpu``, ``gpu``)."""
-    p = Path(path_or_name)
-    if not p.is_file():
-        p = PROFILE_DIR / f"{path_or_name}.toml"
-    if not p.is_file():
-        have = sorted(x.stem for x in PROFILE_DIR.glob("*.toml"))
-        raise ProfileError(f"no profile file {path_or_name!r} (bundled profiles: {have})")
-    with open(p, "rb") as f:
-        return parse_profile(tomllib.load(f))
+    return parse_profile(read_named_toml(path_or_name, PROFILE_DIR, "profile", ProfileError))

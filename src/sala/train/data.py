@@ -65,8 +65,11 @@ def load_documents(source: str, tokenizer=None, vocab_size: int = 256, seed: int
         return synthetic_documents(vocab_size=vocab_size, seed=seed, **options)
     if tokenizer is None:
         raise ValueError(f"data source {source!r} needs a tokenizer (the teacher's)")
-    key = (source, json.dumps(options, sort_keys=True), getattr(tokenizer, "name_or_path", ""), len(tokenizer),
-           tokenizer.__class__.__name__)
+    name = getattr(tokenizer, "name_or_path", "")  # only a tokenizer loaded from a folder has a stable key
+    if not name:
+        return _tokenized_documents(source, tokenizer, **options)
+    mtime = Path(source[5:]).stat().st_mtime_ns if source.startswith("text:") else 0
+    key = (source, mtime, json.dumps(options, sort_keys=True), name, len(tokenizer))
     if key not in _TOKENIZED:
         _TOKENIZED.clear()  # keep one corpus in memory at most
         _TOKENIZED[key] = _tokenized_documents(source, tokenizer, **options)

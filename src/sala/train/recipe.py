@@ -72,15 +72,31 @@ class Recipe:
     stages: list[Stage] = field(default_factory=list)
 
 
-def _build(cls, raw: dict, where: str):
+def build_dataclass(cls, raw: dict, where: str, error: type[ValueError] = RecipeError):
+    """``cls(**raw)``, refusing unknown keys with an ``error`` that names them and the expected ones."""
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise RecipeError(f"{where}: unknown keys {unknown}; expected some of {sorted(names)}")
+        raise error(f"{where}: unknown keys {unknown}; expected some of {sorted(names)}")
     try:
         return cls(**raw)
     except TypeError as e:
-        raise RecipeError(f"{where}: {e}") from None
+        raise error(f"{where}: {e}") from None
+
+
+def read_named_toml(path_or_name: str | Path, folder: Path, what: str, error: type[ValueError]) -> dict:
+    """A TOML file by path, or by name from a folder of bundled files (the error lists them)."""
+    p = Path(path_or_name)
+    if not p.is_file():
+        p = folder / f"{path_or_name}.toml"
+    if not p.is_file():
+        have = sorted(x.stem for x in folder.glob("*.toml"))
+        raise error(f"no {what} file {path_or_name!r} (bundled {what}s: {have})")
+    with open(p, "rb") as f:
+        return tomllib.load(f)
+
+
+_build = build_dataclass
 
 
 def parse_recipe(raw: dict) -> Recipe:
@@ -119,11 +135,4 @@ def parse_recipe(raw: dict) -> Recipe:
 
 def load_recipe(path_or_name: str | Path) -> Recipe:
     """A recipe from a TOML path, or by name from the bundled recipes (``cpu_tiny``, ``gpu_smollm2``)."""
-    p = Path(path_or_name)
-    if not p.is_file():
-        p = RECIPE_DIR / f"{path_or_name}.toml"
-    if not p.is_file():
-        have = sorted(x.stem for x in RECIPE_DIR.glob("*.toml"))
-        raise RecipeError(f"no recipe file {path_or_name!r} (bundled recipes: {have})")
-    with open(p, "rb") as f:
-        return parse_recipe(tomllib.load(f))
+    return parse_recipe(read_named_toml(path_or_name, RECIPE_DIR, "recipe", RecipeError))
