@@ -108,13 +108,68 @@ def test_bf16x3_backward_matches_reference_autograd():
         assert rel(a, b) < 2e-4
 
 
+LAUNCH_ENV = ("SALA_LIGHTNING_CHUNK", "SALA_LIGHTNING_BV", "SALA_LIGHTNING_WARPS", "SALA_LIGHTNING_STAGES",
+              "SALA_LIGHTNING_SEG")
+
+
+def test_launch_defaults_are_the_measured_winners(monkeypatch):
+    """bench/results/lightning.md: float32 with TF32 runs 32-token chunks on 4 warps (9.14 vs 12.82 ms at
+    128K, H200); the ieee path keeps 64-token chunks on 8 warps; bf16 (and bf16x3's bf16 tiles) 64-token
+    chunks on 4 warps; 16-bit inputs take segments up to 8192 tokens, float32 up to 4096."""
+    from sala.ops.lightning_triton import _launch_cfg, choose_segment_len
+
+    for var in LAUNCH_ENV:
+        monkeypatch.delenv(var, raising=False)
+
+    def cfg(dtype, precision="tf32"):
+        c = _launch_cfg(128, dtype, precision)
+        return c["C"], c["BV"], c["num_warps"], c["num_stages"]
+
+    assert cfg(torch.float32) == (32, 64, 4, 2)
+    assert cfg(torch.float32, "ieee") == (64, 64, 8, 2)
+    assert cfg(torch.bfloat16) == cfg(torch.float16) == cfg(torch.float32, "bf16x3") == (64, 64, 4, 2)
+    assert _launch_cfg(32, torch.float32)["BV"] == 32  # never wider than the padded head dim
+    assert choose_segment_len(131072, 32, torch.bfloat16) == 8192
+    assert choose_segment_len(1 << 20, 32, torch.bfloat16) == 8192
+    assert choose_segment_len(8192, 32, torch.bfloat16) == 512
+    assert choose_segment_len(131072, 32, torch.float32) == choose_segment_len(1 << 20, 32) == 4096
+    assert choose_segment_len(200, 3, torch.bfloat16) == 64
+    monkeypatch.setenv("SALA_LIGHTNING_CHUNK", "16")
+    assert cfg(torch.float32, "ieee")[0] == 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_settings_match_float64(dtype, monkeypatch):
+    """No segment length, precision or launch setting given: the library defaults (float32: TF32 with
+    32-token chunks; bf16: 64-token chunks, the 16-bit segment rule) over several segments, forward,
+    final state and gradients against float64 autograd of the reference."""
+    for var in LAUNCH_ENV:
+        monkeypatch.delenv(var, raising=False)
+    H, D = (3, 32) if not CUDA else (9, 128)
+    T = 200 if not CUDA else 20000  # 4 segments of 64 tokens (interpreter); 79 of 256 (GPU, bf16)
+    q, k, v = (x.requires_grad_(True) for x in inputs(2, T, H, D, dtype, seed=26))
+    g = lightning_decay(H).to(DEV)
+    h0 = rand(2, H, D, D, seed=27).requires_grad_(True)
+    do, dht = rand(2, T, H, D, seed=28), rand(2, H, D, D, seed=29)
+    o, s = lightning_attn_triton(q, k, v, g, initial_state=h0)
+    ours = grads_of(lambda a, b, c, h: lightning_attn_triton(a, b, c, g, initial_state=h), [q, k, v, h0], do, dht)
+    leaves64 = [x.detach().double().requires_grad_(True) for x in (q, k, v, h0)]
+    ro, rs = lightning_attn_chunked(*leaves64[:3], g, initial_state=leaves64[3])
+    assert rel(o, ro) < TOL[dtype] and rel(s, rs) < TOL[dtype]
+    ref = grads_of(lambda a, b, c, h: lightning_attn_chunked(a, b, c, g, initial_state=h), leaves64,
+                   do.double(), dht.double())
+    assert [a.dtype for a in ours] == [dtype, dtype, dtype, torch.float32]
+    for a, b in zip(ours, ref):
+        assert rel(a, b) < (TOL[dtype] if dtype == torch.float32 else 3e-2)
+
+
 def test_chunk_32_matches_reference(monkeypatch):
-    """SALA_LIGHTNING_CHUNK=32 (a candidate float32 launch setting): forward and gradients equal the
-    64-token chunking's reference, with several segments per sequence and an initial state."""
+    """SALA_LIGHTNING_CHUNK=32 on the ieee path (whose default stays 64): forward and gradients equal
+    the 64-token chunking's reference, with several segments per sequence and an initial state."""
     from sala.ops.lightning_triton import _launch_cfg
 
     monkeypatch.setenv("SALA_LIGHTNING_CHUNK", "32")
-    assert _launch_cfg(32, torch.float32)["C"] == 32
+    assert _launch_cfg(32, torch.float32, "ieee")["C"] == 32
     H, D = (3, 32) if not CUDA else (9, 64)
     T, seg = (150, 64) if not CUDA else (2500, 512)
     q, k, v = (x.requires_grad_(True) for x in inputs(2, T, H, D, torch.float32, seed=22))

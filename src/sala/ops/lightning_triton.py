@@ -8,7 +8,8 @@ Precision: q/k/v in float32 or bfloat16 (float16 works too); every product accum
 state stays float32. With float32 inputs the matrix products use TF32 by default (``precision="tf32"``,
 what fla and so the release do); ``precision="ieee"`` gives full float32 products at a large speed cost;
 ``precision="bf16x3"`` splits each float32 operand into two bfloat16 halves and sums three bf16 products
-(finer than TF32, ~2^-16 relative) -- a candidate for the fp32 fast path, selectable until measured.
+(finer than TF32, ~2^-16 relative; measured slower than the TF32 default: 12.3 ms at best against 9.1 ms
+at T=131072 on an H200, bench/results/lightning.md).
 
 Backward needs no new kernel: with dS_t the gradient flowing into S_t,
 
@@ -41,23 +42,34 @@ def _pad_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-# (V block, warps, pipeline stages) per input dtype: the fastest of the sweep at T=131072 on an H100
-# (bench/results/lightning.md); float32 tiles are twice as large and take 8 warps
-_DEFAULT_CFG = {torch.float32: (64, 8, 2), torch.bfloat16: (64, 4, 2), torch.float16: (64, 4, 2)}
+# (tokens per chunk, V block, warps, pipeline stages) per (input dtype, precision of float32 products).
+# bf16/fp16: the sweep's fastest at T=131072 on an H100 (bench/results/lightning.md). float32 with TF32:
+# 32-token chunks and 4 warps (halved [C, C] and k/v tiles, no spills; 9.14 ms against 12.82 ms for
+# 64-token chunks with 8 warps, same run on an H200). float32 "ieee": kept at 64 tokens and 8 warps
+# (not measured with 32-token chunks). bf16x3 runs bf16 tiles, so it starts from bf16's settings.
+_DEFAULT_CFG = {
+    (torch.float32, "tf32"): (32, 64, 4, 2),
+    (torch.float32, "ieee"): (CHUNK, 64, 8, 2),
+    (torch.bfloat16, None): (CHUNK, 64, 4, 2),
+    (torch.float16, None): (CHUNK, 64, 4, 2),
+}
+
+
+def _default_cfg(dtype: torch.dtype, precision: str) -> tuple[int, int, int, int]:
+    if dtype == torch.float32 and precision != "bf16x3":
+        return _DEFAULT_CFG[(dtype, precision)]
+    return _DEFAULT_CFG.get((torch.bfloat16 if dtype == torch.float32 else dtype, None), (CHUNK, 32, 8, 2))
 
 
 def _launch_cfg(vd: int, dtype: torch.dtype, precision: str = "tf32") -> dict:
-    """Block and warp choices (measured on H100: see bench/results/lightning.md); the environment
-    variables SALA_LIGHTNING_BV / _WARPS / _STAGES override them (used by the benchmark's sweep).
-    bf16x3 float32 runs bf16 tiles (same shared-memory shapes as bf16 inputs): start from bf16's."""
-    key = torch.bfloat16 if precision == "bf16x3" else dtype
-    bv, warps, stages = _DEFAULT_CFG.get(key, (32, 8, 2))
-    chunk = int(os.environ.get("SALA_LIGHTNING_CHUNK", CHUNK))
+    """Chunk, block and warp choices (measured: see bench/results/lightning.md); the environment
+    variables SALA_LIGHTNING_CHUNK / _BV / _WARPS / _STAGES override them (used by the benchmark)."""
+    chunk, bv, warps, stages = _default_cfg(dtype, precision)
+    chunk = int(os.environ.get("SALA_LIGHTNING_CHUNK", chunk))
     if chunk not in (16, 32, 64):
         raise ValueError(f"SALA_LIGHTNING_CHUNK must be 16, 32 or 64, got {chunk}")
     return {
-        # tokens per chunk (intra-chunk [C, C] tile): 32 halves the float32 tiles (less shared memory, no
-        # spills at 4 warps, offline sm_90 compile) at the cost of twice the chunk steps; 64 by default
+        # tokens per chunk (intra-chunk [C, C] tile); always divides the segment (a multiple of CHUNK)
         "C": chunk,
         "BV": min(int(os.environ.get("SALA_LIGHTNING_BV", bv)), _pad_dim(vd)),
         "num_warps": int(os.environ.get("SALA_LIGHTNING_WARPS", warps)),
@@ -65,15 +77,23 @@ def _launch_cfg(vd: int, dtype: torch.dtype, precision: str = "tf32") -> dict:
     }
 
 
-def choose_segment_len(total_tokens: int, n_heads: int) -> int:
-    """Tokens per segment: as long as possible (fewer states in memory) while leaving ~1024
-    (segment, head) pairs of parallel work. A power of two in [64, 4096]."""
+# Segment rule per input width: (least (segment, head) pairs of parallel work, longest segment).
+# 16-bit inputs: >= 512 pairs, up to 8192 tokens (8192 beat 4096 at T=131072 and 1M, H=32: 2.456 vs
+# 2.571 ms and 19.38 vs 19.78 ms, same run on an H200; fewer segment states to write and read).
+# float32: >= 1024 pairs, up to 4096 tokens (the H100 sweep; 8192 not measured for float32).
+_SEG_RULE = {2: (512, 8192), 4: (1024, 4096)}
+
+
+def choose_segment_len(total_tokens: int, n_heads: int, dtype: torch.dtype = torch.float32) -> int:
+    """Tokens per segment: as long as possible (fewer states in memory) while leaving enough
+    (segment, head) pairs of parallel work (see ``_SEG_RULE``). A power of two in [64, max]."""
     env = os.environ.get("SALA_LIGHTNING_SEG")
     if env:
         return int(env)
-    want = max(1, total_tokens * n_heads // 1024)
+    pairs, longest = _SEG_RULE[2 if dtype.itemsize <= 2 else 4]
+    want = max(1, total_tokens * n_heads // pairs)
     seg = 1 << max(0, want.bit_length() - 1)
-    return int(min(4096, max(CHUNK, seg)))
+    return int(min(longest, max(CHUNK, seg)))
 
 
 _TABLES: dict = {}
@@ -145,7 +165,7 @@ def lightning_forward(
     VD = v.shape[-1]
     lens = _sequence_lengths(B, T, cu_seqlens)
     N = len(lens)
-    seg = segment_len or choose_segment_len(B * T, H)
+    seg = segment_len or choose_segment_len(B * T, H, q.dtype)
     if seg % CHUNK:
         raise ValueError(f"segment_len must be a multiple of {CHUNK}, got {seg}")
     seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0 = _segment_table(lens, seg, q.device)
