@@ -44,8 +44,9 @@ def _pad_dim(d: int) -> int:
 
 # (tokens per chunk, V block, warps, pipeline stages) per (input dtype, precision of float32 products).
 # bf16/fp16: the sweep's fastest at T=131072 on an H100 (bench/results/lightning.md). float32 with TF32:
-# 32-token chunks and 4 warps (halved [C, C] and k/v tiles, no spills; 9.14 ms against 12.82 ms for
-# 64-token chunks with 8 warps, same run on an H200). float32 "ieee": kept at 64 tokens and 8 warps
+# 32-token chunks and 4 warps (halved [C, C] and k/v tiles; offline sm_90: 76 KB shared memory, 32 B
+# spilled, against 176 KB and 428 B; 9.14 ms against 12.82 ms for 64-token chunks on 8 warps at T=131072,
+# same run on an H200). float32 "ieee": kept at 64 tokens and 8 warps
 # (not measured with 32-token chunks). bf16x3 runs bf16 tiles, so it starts from bf16's settings.
 _DEFAULT_CFG = {
     (torch.float32, "tf32"): (32, 64, 4, 2),
