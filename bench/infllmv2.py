@@ -314,22 +314,24 @@ def bench_fwd(res, T, ok, dense=True, check=True):
     if not dense:
         row["note"] = "sparse only (dense baseline not run at this length); peak_extra_gib = memory beyond q/k/v"
     res.add(**row)
-    if T <= 262144:  # variant: Triton row top-k on float32 scores instead of torch.topk + sort on int64 keys
+    if T <= 262144:  # variant: the other selection path (the default is tsel.ROW_TOPK, the Triton row top-k)
+        default = tsel.ROW_TOPK
+        name = "torch_topk" if default else "row_topk"
         try:
-            tsel.ROW_TOPK = True
+            tsel.ROW_TOPK = not default
             idx_v = select_blocks_triton(q, k1, k2, PARAMS, SCALE, T)
             same = torch.equal(idx_v, idx)
             t_sel_v = timeit(lambda: select_blocks_triton(q, k1, k2, PARAMS, SCALE, T))
             ms_v = timeit(lambda: infllmv2_attention_triton(q, k, v, PARAMS, SCALE))
-            res.add(**dict(row, variant="sala.infllmv2_triton.row_topk", ms=round(ms_v, 3),
+            res.add(**dict(row, variant=f"sala.infllmv2_triton.{name}", ms=round(ms_v, 3),
                            speedup=round(valid[bname] / ms_v, 2) if bname else None,
                            correct=bool(good and same), idx_equal_to_default=same,
                            stages_ms=dict(row["stages_ms"], stage1_select=round(t_sel_v, 3)),
-                           tflops={}, note="selection by the Triton row top-k (tsel.ROW_TOPK); not the default"))
+                           tflops={}, note=f"selection with tsel.ROW_TOPK={not default} (not the default)"))
         except Exception as e:  # noqa: BLE001
-            log("row_topk variant failed:", repr(e)[:300])
+            log(f"{name} variant failed:", repr(e)[:300])
         finally:
-            tsel.ROW_TOPK = False
+            tsel.ROW_TOPK = default
     del q, k, v, o, idx
     torch.cuda.empty_cache()
 
