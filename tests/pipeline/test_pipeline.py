@@ -107,3 +107,16 @@ def test_profile_errors_name_the_problem(teacher_dir, tmp_path):
 def test_bundled_profiles_parse(name):
     prof = load_profile(name)
     assert prof.teacher == "default" and prof.stages and prof.compare.stage
+
+
+def test_a_stage_of_only_retrieval_rows_runs(teacher_dir, tmp_path):
+    """retrieval_fraction 1.0 (or one row rounded up to one retrieval row): no row comes from the text stream."""
+    from sala.train.trainer import Trainer
+
+    prof = parse_profile(tiny_profile(teacher_dir))
+    stage = {"name": "lm", "kind": "lm", "steps": 2, "seq_len": 512, "batch_size": 1, "lr": 1e-3,
+             "retrieval_fraction": 1.0}
+    res = Trainer(prof.recipe("only_retrieval", "uniform", [stage]), tmp_path / "r", device="cpu",
+                  log=lambda *a: None).run()
+    assert res["finished"] and len(res["history"]) == 2
+    assert all(r["targets"] > 400 for r in res["history"])  # one full 512-token retrieval row per step

@@ -280,15 +280,15 @@ class Trainer:
             total, count = total + s_, count + c_
         return total, count
 
-    def _calibrated_steps(self, stage: Stage, done: int, step_times: list[float]) -> int:
-        """Steps of a time-budgeted stage: the budget over the median of the recent step times (the first
-        steps include compilation), at least one more than done, at most ``stage.steps``; the same on every
-        process (rank 0 decides)."""
+    def _calibrated_steps(self, stage: Stage, done: int, step_times: list[float]) -> tuple[int, float]:
+        """(steps, seconds per step) of a time-budgeted stage: the budget over the median of the recent step
+        times (the first steps include compilation), at least one more than done, at most ``stage.steps``;
+        the same on every process (rank 0 decides)."""
         recent = sorted(step_times[-max(4, len(step_times) // 2):])
         per_step = recent[len(recent) // 2]
         n = min(stage.steps, max(done + 1, int(stage.time_budget_s / max(per_step, 1e-6))))
         mine = torch.tensor(float(n) if self.rank == 0 else 0.0, device=self.device)
-        return int(D.all_sum(mine).item())
+        return int(D.all_sum(mine).item()), per_step
 
     # ------------------------------------------------------------------ main loop
     def run(self, stop_after: int | None = None, deadline: float | None = None) -> dict:
@@ -350,9 +350,8 @@ class Trainer:
                            stage.decay_fraction, stage.decay_shape)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                batch = stream.next_batch(stage.batch_size - n_aux)
-                if aux is not None:
-                    batch = concat_packed([batch, aux.next_batch(n_aux)]) if len(batch) else aux.next_batch(n_aux)
+                parts = [stream.next_batch(stage.batch_size - n_aux)] if stage.batch_size > n_aux else []
+                batch = concat_packed(parts + ([aux.next_batch(n_aux)] if aux is not None else []))
                 opt.zero_grad(set_to_none=True)
                 loss_sum, count = self._loss(stage, module, batch)
                 total = D.all_sum(count).clamp_min(1.0)
@@ -373,10 +372,10 @@ class Trainer:
                 step_times.append(rec["seconds"])
                 if (stage.time_budget_s and str(si) not in state["steps_override"]
                         and state["stage_step"] >= CALIBRATION_STEPS and len(step_times) >= 3):
-                    n_steps = self._calibrated_steps(stage, state["stage_step"], step_times)
+                    n_steps, per_step = self._calibrated_steps(stage, state["stage_step"], step_times)
                     state["steps_override"][str(si)] = n_steps
-                    self.log(f"  [{stage.name}] {sorted(step_times)[len(step_times) // 2]:.3f} s/step -> "
-                             f"{n_steps} steps in the {stage.time_budget_s:.0f} s budget")
+                    self.log(f"  [{stage.name}] {per_step:.3f} s/step -> {n_steps} steps in the "
+                             f"{stage.time_budget_s:.0f} s budget")
                 history.append(rec)
                 if self.rank == 0:
                     self.out.mkdir(parents=True, exist_ok=True)
