@@ -101,15 +101,23 @@ def task_scores(results: dict, model: str, task: str) -> dict[str, float]:
             if r["model"] == model and r["task"] == task}
 
 
-def summary(pipe, results: dict) -> dict:
-    """The issue's result schema (accuracies in [0, 1]) plus what a reader needs to interpret it."""
+def training_runs(pipe) -> dict[str, tuple[Path, list[dict]]]:
+    """Every training run of the pipeline: name -> (run folder, its stages)."""
+    from .run import LAYER_CHOICES
+
     p, out = pipe.p, pipe.out
     runs = {"halo_align": (out / "halo" / "align", [{"name": "align", "kind": "align", "seq_len": p.halo.seq_len,
                                                       "batch_size": p.halo.batch_size}]),
             "student": (out / "student", p.stages)}
-    for name, _ in (("halo", 0), ("uniform", 0), ("all_linear", 0)):
+    for name, _ in LAYER_CHOICES:
         runs[f"compare_{name}"] = (out / "compare" / name, [p.compare.stage])
-    stages = {name: stage_rows(run, st) for name, (run, st) in runs.items()}
+    return runs
+
+
+def summary(pipe, results: dict) -> dict:
+    """The issue's result schema (accuracies in [0, 1]) plus what a reader needs to interpret it."""
+    p, out = pipe.p, pipe.out
+    stages = {name: stage_rows(run, st) for name, (run, st) in training_runs(pipe).items()}
     tokens = sum(r["tokens"] for rows in stages.values() for r in rows)
     seconds = sum(r["seconds"] for rows in stages.values() for r in rows)
     sweep = json.loads((out / "halo" / "sweep.json").read_text())
@@ -188,8 +196,7 @@ def write_pipeline_report(pipe, out_dir: Path) -> dict[str, Path]:
     paths["markdown"] = out / "eval_report.md"
     s = summary(pipe, results)
     images = {"sweep": plot_sweep(json.loads((pipe.out / "halo" / "sweep.json").read_text()), out / "halo_sweep.png"),
-              "training": plot_training({"align": pipe.out / "halo" / "align", "student": pipe.out / "student",
-                                         **{f"compare_{k}": pipe.out / "compare" / k for k in ("halo", "uniform", "all_linear")}},
+              "training": plot_training({name: run for name, (run, _) in training_runs(pipe).items()},
                                         out / "training.png")}
     (out / "summary.json").write_text(json.dumps(s, indent=1))
     (out / "summary.md").write_text(_markdown(s, images))

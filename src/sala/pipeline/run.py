@@ -173,6 +173,7 @@ class Pipeline:
         scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
         c = self.p.compare
         text = self.eval_text_path().read_text(encoding="utf-8")
+        probe = None  # the in-context recall probe on the evaluation text: the same rows for every choice
         for name, layers in LAYER_CHOICES:
             if name in scores:
                 continue
@@ -185,8 +186,10 @@ class Pipeline:
             with torch.no_grad(), self._autocast():
                 rec = retrieval_accuracy(student, tr.tokenizer, text, c.tasks, c.lengths, c.samples, seed=4242 + self.p.seed,
                                          max_new_tokens=self.p.eval.max_new_tokens, chunk_size=self.p.eval.chunk_size or None)
-                docs = load_documents(f"text:{self.eval_text_path()}", tr.tokenizer)
-                probe = RecallCommonProbe(docs, self.p.halo.probe_seq_len or self.p.halo.seq_len, self.p.halo.probe_rows, tr.eos)
+                if probe is None:
+                    docs = load_documents(f"text:{self.eval_text_path()}", tr.tokenizer)
+                    probe = RecallCommonProbe(docs, self.p.halo.probe_seq_len or self.p.halo.seq_len,
+                                              self.p.halo.probe_rows, tr.eos)
                 r, cc = probe(student)
             scores[name] = {"recall": rec["score"], "per_task": rec["per_task"], "bigram_recall": r, "other_acc": cc,
                             "attention_layers": [i for i, m in enumerate(student.config.mixer_types) if m != LIGHTNING]}

@@ -56,7 +56,10 @@ def _split_text(text: str, doc_chars: int = 20000) -> list[str]:
     return docs
 
 
-_TOKENIZED: dict[tuple, list[list[int]]] = {}  # one process tokenizes a corpus once (the pipeline builds several trainers)
+# One process tokenizes a text once: the pipeline builds several trainers on the training corpus and reads
+# the evaluation text between them, so the two most recent texts are kept.
+_TOKENIZED: dict[tuple, list[list[int]]] = {}
+_TOKENIZED_KEEP = 2
 
 
 def load_documents(source: str, tokenizer=None, vocab_size: int = 256, seed: int = 0, **options) -> list[list[int]]:
@@ -70,10 +73,13 @@ def load_documents(source: str, tokenizer=None, vocab_size: int = 256, seed: int
         return _tokenized_documents(source, tokenizer, **options)
     mtime = Path(source[5:]).stat().st_mtime_ns if source.startswith("text:") else 0
     key = (source, mtime, json.dumps(options, sort_keys=True), name, len(tokenizer))
-    if key not in _TOKENIZED:
-        _TOKENIZED.clear()  # keep one corpus in memory at most
-        _TOKENIZED[key] = _tokenized_documents(source, tokenizer, **options)
-    return [list(d) for d in _TOKENIZED[key]]
+    docs = _TOKENIZED.pop(key, None)
+    if docs is None:
+        docs = _tokenized_documents(source, tokenizer, **options)
+    _TOKENIZED[key] = docs  # most recently used last
+    while len(_TOKENIZED) > _TOKENIZED_KEEP:
+        del _TOKENIZED[next(iter(_TOKENIZED))]
+    return [list(d) for d in docs]
 
 
 def _tokenized_documents(source: str, tokenizer, **options) -> list[list[int]]:
