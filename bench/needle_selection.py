@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 def main(argv=None) -> dict:
     from sala.eval.cli import parse_length
-    from sala.eval.generation import eos_ids, greedy_generate
+    from sala.eval.generation import answer, eos_ids
     from sala.eval.haystack import Haystack
     from sala.eval.runner import load_model, parse_model_spec, resolve_device, resolve_dtype
     from sala.eval.scoring import sample_score
@@ -52,8 +52,7 @@ def main(argv=None) -> dict:
     for L in [parse_length(x) for x in args.lengths]:
         for s in generate_samples("passkey", tok, hay, L, args.samples, seed=42):
             ids = torch.tensor([s.input_ids])
-            gen = greedy_generate(model, ids, s.max_new_tokens, eos, args.chunk)
-            ok = sample_score(tok.decode(gen.tokens, skip_special_tokens=True), s.answers)
+            ok = sample_score(answer(model, tok, s, eos, args.chunk)[0], s.answers)
             span = needle_token_span(tok, s.prompt, s.needles[0])
             sel = needle_selection(model, ids, span, args.chunk)
             rows.append({"length": L, "depth": s.depths[0], "correct": ok, "span": span,

@@ -123,6 +123,13 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_tok
     return Generation(tokens, t1 - t0, t2 - t1)
 
 
+def answer(model, tokenizer, sample, eos_token_ids=(), chunk_size: int | None = None) -> tuple[str, Generation]:
+    """A task sample's greedy answer: (decoded text, the generation with its timings)."""
+    gen = greedy_generate(model, torch.tensor([sample.input_ids], dtype=torch.long), sample.max_new_tokens,
+                          eos_token_ids, chunk_size)
+    return tokenizer.decode(gen.tokens, skip_special_tokens=True), gen
+
+
 def eos_ids(model, tokenizer) -> list[int]:
     """EOS ids from the generation config, the model config and the tokenizer (deduplicated)."""
     ids: list[int] = []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .generation import eos_ids, greedy_generate
+from .generation import answer, eos_ids
 from .haystack import Haystack
 from .perplexity import perplexity_at_lengths, window_starts
 from .scoring import sample_score
@@ -176,9 +176,7 @@ def run_eval(cfg: EvalConfig, progress=None) -> dict:
                     try:
                         samples = generate_samples(task, tok, hay, L, cfg.samples, cfg.seed, cfg.depths, cfg.max_new_tokens)
                         for s in samples:
-                            ids = torch.tensor([s.input_ids], dtype=torch.long)
-                            gen = greedy_generate(model, ids, s.max_new_tokens, eos, cfg.chunk_size)
-                            pred = tok.decode(gen.tokens, skip_special_tokens=True)
+                            pred, gen = answer(model, tok, s, eos, cfg.chunk_size)
                             rows.append({**s.summary(), "prediction": pred, "score": sample_score(pred, s.answers),
                                          "prefill_s": round(gen.prefill_s, 4)})
                             advance()

@@ -47,7 +47,7 @@ def retrieval_accuracy(model, tokenizer, text: str, tasks: list[str], lengths: l
                        seed: int = 42, max_new_tokens: int | None = None, chunk_size: int | None = 4096) -> dict:
     """Mean RULER string-match score (in [0, 1]) of greedy answers to retrieval samples, per task@length
     and overall; samples come from ``sala.eval.tasks`` with ``text`` as haystack."""
-    from ..eval.generation import eos_ids, greedy_generate
+    from ..eval.generation import answer, eos_ids
     from ..eval.haystack import Haystack
     from ..eval.scoring import sample_score
     from ..eval.tasks import generate_samples
@@ -56,10 +56,8 @@ def retrieval_accuracy(model, tokenizer, text: str, tasks: list[str], lengths: l
     per, all_scores = {}, []
     for task in tasks:
         for length in lengths:
-            scores = []
-            for s in generate_samples(task, tokenizer, hay, length, samples, seed, None, max_new_tokens):
-                gen = greedy_generate(model, torch.tensor([s.input_ids]), s.max_new_tokens, eos, chunk_size)
-                scores.append(sample_score(tokenizer.decode(gen.tokens, skip_special_tokens=True), s.answers))
+            scores = [sample_score(answer(model, tokenizer, s, eos, chunk_size)[0], s.answers)
+                      for s in generate_samples(task, tokenizer, hay, length, samples, seed, None, max_new_tokens)]
             per[f"{task}@{length}"] = sum(scores) / len(scores)
             all_scores += scores
     return {"score": sum(all_scores) / len(all_scores), "per_task": per}
