@@ -209,10 +209,40 @@ def test_retrieval_documents_end_with_an_answer_from_the_text():
     text = (__import__("pathlib").Path(__file__).parents[1] / "eval" / "data" / "shakespeare_excerpt.txt").read_text()
     tok = train_bpe_tokenizer(text, vocab_size=300)
     filler = tok(text[:20000], add_special_tokens=False)["input_ids"]
-    docs = retrieval_documents(tok, filler, 6, 400, seed=1)
+    docs = retrieval_documents(tok, filler, 6, 400, seed=1, questions="one")
     assert all(380 <= len(d) <= 400 for d in docs) and len({tuple(d) for d in docs}) == 6
     decoded = [tok.decode(d) for d in docs]
     for d in decoded:  # the question is last and its answer is one of the inserted values
         answer = d.rstrip(".").split()[-1]
         assert answer.isdigit() and d.count(answer) >= 2, d[-200:]
-    assert docs == retrieval_documents(tok, filler, 6, 400, seed=1)
+    assert docs == retrieval_documents(tok, filler, 6, 400, seed=1, questions="one")
+
+
+def test_retrieval_documents_ask_about_every_fact_with_its_own_answer():
+    """questions='all': every inserted fact is asked once after the text, and each answer is that fact's value."""
+    import re
+
+    from sala.testing import train_bpe_tokenizer
+    from sala.data.retrieval import TEMPLATES, facts_for_length, retrieval_documents
+
+    text = (__import__("pathlib").Path(__file__).parents[1] / "eval" / "data" / "shakespeare_excerpt.txt").read_text()
+    tok = train_bpe_tokenizer(text, vocab_size=300)
+    filler = tok(text[:20000], add_special_tokens=False)["input_ids"]
+    assert facts_for_length(16384) == 8 and facts_for_length(1000) == 4
+    docs = retrieval_documents(tok, filler, 12, 3000, seed=2)
+    def pattern(template: str) -> re.Pattern:
+        return re.compile(re.escape(template).replace(r"\{k\}", r"(?P<k>[a-z]+-[a-z]+)", 1)
+                          .replace(r"\{k\}", r"(?P=k)").replace(r"\{v\}", r"(?P<v>\d+)"))
+
+    fact_res = [pattern(f) for f, _ in TEMPLATES]
+    ask_res = [pattern(q + " {v}.") for _, q in TEMPLATES]
+    n_questions = []
+    for d in docs:
+        s = tok.decode(d)
+        facts = {m["k"]: (m["v"], m.end()) for rx in fact_res for m in rx.finditer(s)}
+        asks = {m["k"]: (m["v"], m.start()) for rx in ask_res for m in rx.finditer(s)}
+        assert facts and asks.keys() == facts.keys(), (facts, asks)
+        assert all(asks[k][0] == facts[k][0] for k in facts)  # each answer is its own fact's value
+        assert min(p for _, p in asks.values()) > max(p for _, p in facts.values())  # questions come last
+        n_questions.append(len(asks))
+    assert max(n_questions) > 1 and len(docs[0]) <= 3000

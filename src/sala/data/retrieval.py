@@ -2,8 +2,8 @@
 
 The release's last stages mix "synthesized long-context data (retrieval, cross-document)" into real text
 (paper section 5, stage 5). A document here is real filler text (token ids of the training split) with a
-few key -> value facts inserted at random depths and, at the end, a question about one of them followed
-by its answer, so the next-token loss on the answer rewards looking far back.
+few key -> value facts inserted at random depths and, at the end, questions about them, each followed by
+its answer, so the next-token loss on the answers rewards looking far back.
 
 The phrasings are deliberately not the evaluation suite's (``sala.eval.tasks``: "pass key",
 "special magic number"), and callers take the filler from the training split while evaluation reads the
@@ -36,24 +36,31 @@ def _value(rng: random.Random) -> str:
     return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
 
 
-def retrieval_document(tokenizer, filler: list[int], length: int, rng: random.Random, n_facts: int = 3) -> list[int]:
-    """One document of about ``length`` tokens (never more): filler with ``n_facts`` facts, then a question
-    about one of them and its answer."""
-    tpl = rng.randrange(len(TEMPLATES))
-    fact_t, ask_t = TEMPLATES[tpl]
+def retrieval_document(tokenizer, filler: list[int], length: int, rng: random.Random, n_facts: int = 3,
+                       n_questions: int | None = None) -> list[int]:
+    """One document of about ``length`` tokens (never more): filler with ``n_facts`` facts at random depths,
+    then questions about ``n_questions`` of them (default: all, in random order), each followed by its answer.
+
+    Every fact has its own key and template, so a question is answered only by matching its key. Asking
+    several questions multiplies the answer tokens per row, the only tokens whose loss needs the far past."""
     keys: list[str] = []
     while len(keys) < n_facts:
         k = _key(rng)
         if k not in keys:
             keys.append(k)
     values = [_value(rng) for _ in keys]
+    templates = [TEMPLATES[rng.randrange(len(TEMPLATES))] for _ in keys]
     facts = [tokenizer(" " + fact_t.format(k=k, v=v) + " ", add_special_tokens=False)["input_ids"]
-             for k, v in zip(keys, values)]
-    asked = rng.randrange(n_facts)
-    tail = tokenizer("\n\n" + ask_t.format(k=keys[asked]) + " " + values[asked] + ".", add_special_tokens=False)["input_ids"]
+             for (fact_t, _), k, v in zip(templates, keys, values)]
+    n_questions = n_facts if n_questions is None else n_questions
+    if not 1 <= n_questions <= n_facts:
+        raise ValueError(f"n_questions={n_questions} must be in [1, n_facts={n_facts}]")
+    asked = rng.sample(range(n_facts), n_questions)
+    tail_text = "".join("\n\n" + templates[i][1].format(k=keys[i]) + " " + values[i] + "." for i in asked)
+    tail = tokenizer(tail_text, add_special_tokens=False)["input_ids"]
     room = length - len(tail) - sum(len(f) for f in facts)
     if room < n_facts:
-        raise ValueError(f"length {length} is too short for {n_facts} facts and a question")
+        raise ValueError(f"length {length} is too short for {n_facts} facts and {n_questions} question(s)")
     start = rng.randrange(max(1, len(filler) - room))
     text = filler[start: start + room]
     if len(text) < room:  # short filler: wrap around
@@ -68,10 +75,25 @@ def retrieval_document(tokenizer, filler: list[int], length: int, rng: random.Ra
     return out
 
 
+def facts_for_length(length: int, max_facts: int = 4, tokens_per_fact: int = 2048) -> int:
+    """The most facts a document of ``length`` tokens gets: ``max_facts``, and one more per
+    ``tokens_per_fact`` tokens beyond that, so long rows carry as many answers per token as short ones."""
+    return max(max_facts, length // tokens_per_fact)
+
+
 def retrieval_documents(tokenizer, filler: list[int], n_docs: int, length: int, seed: int = 0,
-                        max_facts: int = 4) -> list[list[int]]:
-    """``n_docs`` seeded documents of at most ``length`` tokens (1 to ``max_facts`` facts each)."""
+                        max_facts: int = 4, questions: str = "all") -> list[list[int]]:
+    """``n_docs`` seeded documents of at most ``length`` tokens, each with 1 to
+    ``facts_for_length(length, max_facts)`` facts; ``questions`` is ``"all"`` (ask about every fact) or
+    ``"one"`` (one question per document)."""
     if not filler:
         raise ValueError("retrieval documents need filler tokens")
+    if questions not in ("all", "one"):
+        raise ValueError(f"questions must be 'all' or 'one', got {questions!r}")
     rng = random.Random(f"retrieval:{seed}:{length}")
-    return [retrieval_document(tokenizer, filler, length, rng, rng.randint(1, max_facts)) for _ in range(n_docs)]
+    top = facts_for_length(length, max_facts)
+    docs = []
+    for _ in range(n_docs):
+        n = rng.randint(1, top)
+        docs.append(retrieval_document(tokenizer, filler, length, rng, n, None if questions == "all" else 1))
+    return docs
