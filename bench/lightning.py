@@ -266,6 +266,14 @@ VARIANTS = {
         ("sala-bf16x3-w8", {"precision": "bf16x3"}, {"SALA_LIGHTNING_WARPS": "8"}),
         # the default is now 32-token chunks on 4 warps (76 KB, 32 B spilled); the previous 64/8 warps compared
         ("sala-tf32-c64-w8", {}, {"SALA_LIGHTNING_CHUNK": "64", "SALA_LIGHTNING_WARPS": "8"}),
+        # kernel="kmajor": k^T and v^T tiles loaded by swapped strides, every dot K-major. Offline sm_90
+        # (output kernel): default C32/BV64/4w/2s 1 of 4 dots on wgmma (3 mma.sync), 76 KB, 32 B spilled;
+        # kmajor C64/BV32/4w/2s 4 of 4 on wgmma, 216 KB, no spill; C64/BV64/8w/1s 4 of 4, 144 KB, 64 B
+        ("sala-kmajor-c64-bv32", {"kernel": "kmajor"}, {"SALA_LIGHTNING_CHUNK": "64", "SALA_LIGHTNING_BV": "32"}),
+        ("sala-kmajor-c64-w8s1", {"kernel": "kmajor"},
+         {"SALA_LIGHTNING_CHUNK": "64", "SALA_LIGHTNING_WARPS": "8", "SALA_LIGHTNING_STAGES": "1"}),
+        # the default kernels at C64/BV64/8w/1s also put 4 of 4 dots on wgmma: 144 KB, no spill
+        ("sala-tf32-c64-w8s1", {}, {"SALA_LIGHTNING_CHUNK": "64", "SALA_LIGHTNING_WARPS": "8", "SALA_LIGHTNING_STAGES": "1"}),
     ],
     # fwd+bwd variants cost ~6 more compiles each: add ("fwdbwd", dtype, T) entries once a forward variant wins
 }

@@ -336,3 +336,90 @@ def test_offsets_past_int32_are_exact():
     w0 = T - 12288
     ro, rs = lightning_attn_chunked(*(x[:, w0:].float() for x in (q, k, v)), g)
     assert rel(o[:, -4096:], ro[:, -4096:]) < 2e-2 and rel(s, rs) < 2e-2
+
+
+# "kmajor" kernel pair (tiles loaded in the order their products reduce over; the float32 candidate):
+# the same semantics as the default pair, checked under its candidate launch settings
+KMAJOR_LAUNCH = [{"SALA_LIGHTNING_CHUNK": "64", "SALA_LIGHTNING_BV": "32"}, {"SALA_LIGHTNING_CHUNK": "32"}]
+
+
+@pytest.mark.parametrize("launch", KMAJOR_LAUNCH)
+@pytest.mark.parametrize("shape", SHAPES + ([(70, 2, 24, 64)] if not CUDA else [(1000, 4, 96, 256)]))
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_kmajor_forward_matches_float64(shape, with_h0, launch, monkeypatch):
+    """Several segments, partial last chunks, padded head dims (24 -> 32 / 96 -> 128 masks columns)."""
+    for var in LAUNCH_ENV:
+        monkeypatch.delenv(var, raising=False)
+    for var, val in launch.items():
+        monkeypatch.setenv(var, val)
+    T, H, D, seg = shape
+    q, k, v = inputs(2, T, H, D, torch.float32, seed=31)
+    g = lightning_decay(H).to(DEV)
+    h0 = rand(2, H, D, D, seed=32) if with_h0 else None
+    o, s = lightning_attn_triton(q, k, v, g, initial_state=h0, segment_len=seg, kernel="kmajor")
+    ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g,
+                                    initial_state=None if h0 is None else h0.double())
+    assert rel(o, ro) < TOL[torch.float32] and rel(s, rs) < TOL[torch.float32]
+    od, sd = lightning_attn_triton(q, k, v, g, initial_state=h0, segment_len=seg)
+    assert rel(o, od) < TOL[torch.float32] and rel(s, sd) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kmajor_varlen_matches_reference(dtype, monkeypatch):
+    for var in LAUNCH_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SALA_LIGHTNING_BV", "32")
+    lens = VARLEN
+    H, D = (3, 32) if not CUDA else (9, 128)
+    T = sum(lens)
+    cu = torch.tensor([0] + lens, device=DEV).cumsum(0)
+    q, k, v = inputs(1, T, H, D, dtype, seed=33)
+    g = lightning_decay(H).to(DEV)
+    h0 = rand(len(lens), H, D, D, seed=34)
+    o, s = lightning_attn_triton(q, k, v, g, initial_state=h0, cu_seqlens=cu, segment_len=64 if not CUDA else 512,
+                                 kernel="kmajor")
+    ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g, initial_state=h0.double(), cu_seqlens=cu)
+    assert rel(o, ro) < TOL[dtype] and rel(s, rs) < TOL[dtype]
+    assert torch.equal(s[1], h0[1])  # the empty sequence passes its state through
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_kmajor_backward_matches_reference_autograd(varlen, monkeypatch):
+    """The backward runs the reversed passes (REVERSE) through the kmajor kernels too."""
+    for var in LAUNCH_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SALA_LIGHTNING_CHUNK", "64")
+    H, D = (3, 32) if not CUDA else (9, 64)
+    if varlen:
+        cu = torch.tensor([0] + VARLEN, device=DEV).cumsum(0)
+        B, T, N = 1, sum(VARLEN), len(VARLEN)
+    else:
+        cu, B, T, N = None, 2, (150 if not CUDA else 2500), 2
+    q, k, v = (x.requires_grad_(True) for x in inputs(B, T, H, D, torch.float32, seed=35))
+    g = lightning_decay(H).to(DEV)
+    h0 = rand(N, H, D, D, seed=36).requires_grad_(True)
+    do, dht = rand(B, T, H, D, seed=37), rand(N, H, D, D, seed=38)
+    seg = 64 if not CUDA else 512
+    ours = grads_of(lambda a, b, c, h: lightning_attn_triton(a, b, c, g, initial_state=h, cu_seqlens=cu,
+                                                             segment_len=seg, kernel="kmajor"), [q, k, v, h0], do, dht)
+    leaves64 = [x.detach().double().requires_grad_(True) for x in (q, k, v, h0)]
+    ref = grads_of(lambda a, b, c, h: lightning_attn_chunked(a, b, c, g, initial_state=h, cu_seqlens=cu),
+                   leaves64, do.double(), dht.double())
+    for a, b in zip(ours, ref):
+        assert rel(a, b) < TOL[torch.float32]
+
+
+def test_kmajor_strong_decay_takes_the_exact_path():
+    """|g| C / 2 past float32's exp range: the kmajor output kernel's unfactored [C, C] decay table."""
+    g = torch.tensor([-3.0, -0.01, 0.0], device=DEV)
+    T, _, D, seg = SHAPES[0]
+    q, k, v = inputs(1, T, 3, D, torch.float32, seed=39)
+    o, s = lightning_attn_triton(q, k, v, g, precision="ieee", segment_len=seg, kernel="kmajor")
+    ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g)
+    assert rel(o, ro) < 1e-5 and rel(s, rs) < 1e-5
+
+
+def test_unknown_kernel_is_rejected():
+    q, k, v = inputs(1, 8, 2, 16, torch.float32, seed=40)
+    with pytest.raises(ValueError, match="kernel"):
+        lightning_attn_triton(q, k, v, lightning_decay(2).to(DEV), kernel="fast")

@@ -36,6 +36,9 @@ CHUNK = 64
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 PRECISIONS = ("tf32", "ieee", "bf16x3")  # float32 products (bf16/fp16 inputs ignore it)
+# forward kernel pair: "default", or "kmajor" (every tile loaded in the order its product reduces over,
+# k^T and v^T by swapped strides: the float32/TF32 candidate, see lightning_triton_kernels). Same math.
+KERNELS = ("default", "kmajor")
 
 
 def _pad_dim(d: int) -> int:
@@ -157,11 +160,16 @@ def lightning_forward(
     precision: str = "tf32",
     segment_len: int | None = None,
     factored_decay: bool | None = None,
+    kernel: str = "default",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Raw forward (no autograd). q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, all one dtype, contiguous.
 
     ``factored_decay`` (see :func:`factored_decay_ok`) is computed from ``g`` when not given; callers
-    that run several passes with one ``g`` pass it to save a device-to-host sync per pass."""
+    that run several passes with one ``g`` pass it to save a device-to-host sync per pass.
+    ``kernel`` picks the delta/output kernel pair (``KERNELS``)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    kmajor = kernel == "kmajor"
     B, T, H, KD = q.shape
     VD = v.shape[-1]
     lens = _sequence_lengths(B, T, cu_seqlens)
@@ -190,7 +198,7 @@ def lightning_forward(
                   MASK_COLS=KP != KD or VD % BV != 0, SPLIT_BF16=split)
     warps = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if nseg:
-        _kn._segment_delta_kernel[(nseg * H * NV,)](
+        (_kn._segment_delta_kmajor_kernel if kmajor else _kn._segment_delta_kernel)[(nseg * H * NV,)](
             k, v, g, delta, seg_seq, seg_tau0, seq_bos, seq_len, **common, **warps
         )
     BK = 16 if KD <= 64 else 32
@@ -203,7 +211,7 @@ def lightning_forward(
         )
     if nseg:
         factored = factored_decay_ok(g) if factored_decay is None else factored_decay
-        _kn._segment_output_kernel[(nseg * H * NV,)](
+        (_kn._segment_output_kmajor_kernel if kmajor else _kn._segment_output_kernel)[(nseg * H * NV,)](
             q, k, v, g, delta, o, seg_seq, seg_tau0, seq_bos, seq_len, float(scale), **common, **warps,
             FACTORED_DECAY=factored,
         )
@@ -220,16 +228,18 @@ def _prepare(q, k, v):
 
 class _LightningAttn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, initial_state, cu_seqlens, out_dtype, precision, segment_len):
+    def forward(ctx, q, k, v, g, scale, initial_state, cu_seqlens, out_dtype, precision, segment_len, kernel):
         ctx.set_materialize_grads(False)
         qc, kc, vc = _prepare(q, k, v)
         factored = factored_decay_ok(g)
         o, ht = lightning_forward(
             qc, kc, vc, g, scale, initial_state, cu_seqlens,
             out_dtype=out_dtype, precision=precision, segment_len=segment_len, factored_decay=factored,
+            kernel=kernel,
         )
         ctx.save_for_backward(qc, kc, vc, g, initial_state, cu_seqlens)
         ctx.scale, ctx.precision, ctx.segment_len, ctx.factored = scale, precision, segment_len, factored
+        ctx.kernel = kernel
         ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
         return o, ht
 
@@ -237,7 +247,8 @@ class _LightningAttn(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, g, h0, cu = ctx.saved_tensors
         scale = ctx.scale
-        kw = dict(precision=ctx.precision, segment_len=ctx.segment_len, factored_decay=ctx.factored)
+        kw = dict(precision=ctx.precision, segment_len=ctx.segment_len, factored_decay=ctx.factored,
+                  kernel=ctx.kernel)
         gf = g.to(device=q.device, dtype=torch.float32)
         if do is None:
             do = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
@@ -256,7 +267,7 @@ class _LightningAttn(torch.autograd.Function):
         dv, dsf = lightning_forward(k, q, do, gf, scale, init, cu, reverse=True, out_dtype=ctx.in_dtypes[2],
                                     output_final_state=need_dh0, **kw)
         dh0 = (dsf * (torch.exp(gf) * scale)[None, :, None, None]).to(h0.dtype) if need_dh0 else None
-        return dq, dk, dv, None, None, dh0, None, None, None, None
+        return dq, dk, dv, None, None, dh0, None, None, None, None, None
 
 
 def lightning_attn_triton(
@@ -271,8 +282,10 @@ def lightning_attn_triton(
     out_dtype: torch.dtype = torch.float32,
     precision: str = "tf32",
     segment_len: int | None = None,
+    kernel: str = "default",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked lightning attention; differentiable in q, k, v and ``initial_state``.
+    """Chunked lightning attention; differentiable in q, k, v and ``initial_state``. ``kernel="kmajor"``
+    runs the K-major kernel pair (forward and backward passes); launch settings are unchanged.
 
     Returns (o ``[B, T, H, V]`` in ``out_dtype``, final states float32 ``[N, H, K, V]``).
     """
@@ -282,13 +295,16 @@ def lightning_attn_triton(
         raise ValueError(f"g_gamma must have shape [H]=[{q.shape[2]}], got {tuple(g_gamma.shape)}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None and tuple(initial_state.shape) != (N, q.shape[2], q.shape[3], v.shape[3]):
         raise ValueError(f"initial_state must be [N, H, K, V], got {tuple(initial_state.shape)}")
     if g_gamma.requires_grad:
         g_gamma = g_gamma.detach()  # the decay is a fixed function of the head count (SPEC 3)
-    return _LightningAttn.apply(q, k, v, g_gamma, scale, initial_state, cu_seqlens, out_dtype, precision, segment_len)
+    return _LightningAttn.apply(q, k, v, g_gamma, scale, initial_state, cu_seqlens, out_dtype, precision, segment_len,
+                                kernel)
 
 
 def lightning_decode_triton(

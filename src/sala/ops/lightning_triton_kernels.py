@@ -266,3 +266,145 @@ def _decode_kernel(
     tl.store(ptr, S, mask=mask)
     o = tl.sum(b_q[:, None] * S, axis=0) * scale
     tl.store(o_ptr + bh * VD + offs_v, o, mask=mask_v)
+
+
+# ------------------------------------------------------------------------------------------------------
+# "kmajor" forward kernels (float32/TF32 candidate): on Hopper, wgmma with 32-bit operands reads both
+# operands from shared memory only in K-major order (the reduction axis contiguous); a transposed view of a
+# tile (tl.trans of a loaded k) is lowered as a second copy through registers, or the dot falls back to
+# mma.sync. Here every tile is loaded from global memory already in the order its product reduces over:
+# q and k as [C, K] rows (reduction over K), k^T and v^T as [K, C] / [BV, C] tiles (reduction over the
+# chunk's tokens) by swapped strides. The only tl.trans left are views of such tiles whose reduction axis
+# stays contiguous. Rows are addressed per token (int64), so REVERSE needs no shifted block pointers.
+# Same math, same products and accumulation order as the default kernels.
+
+
+@triton.jit
+def _chunk_rows(tau0, c0, cl, slen, bos, C: tl.constexpr, REVERSE: tl.constexpr):
+    """Packed token index (int64) of each chunk row in virtual-time order, and whether it is valid.
+    Invalid rows point at the sequence's first token (never outside the tensor); loads mask them."""
+    ar = tl.arange(0, C)
+    valid = ar < cl
+    tau = tau0 + c0 + ar
+    if REVERSE:
+        row = bos + slen - 1 - tau
+    else:
+        row = bos + tau
+    return tl.where(valid, row, bos), valid
+
+
+@triton.jit
+def _segment_delta_kmajor_kernel(
+    k_ptr, v_ptr, g_ptr, delta_ptr,
+    seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr,
+    H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, KP: tl.constexpr,
+    SEG: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
+    MASK_COLS: tl.constexpr, SPLIT_BF16: tl.constexpr = False,
+):
+    """As ``_segment_delta_kernel``: delta = sum_t exp(g (end-1-t)) k_t^T v_t, from k^T [K, C] and
+    v^T [BV, C] tiles (tokens contiguous in shared memory: K-major operands of the [K, C] x [C, BV] dot)."""
+    NV: tl.constexpr = (VD + BV - 1) // BV
+    pid = tl.program_id(0).to(tl.int64)
+    iv = pid % NV
+    sh = pid // NV
+    h = sh % H
+    seg = sh // H
+    n = tl.load(seg_seq_ptr + seg)
+    tau0 = tl.load(seg_tau0_ptr + seg)
+    bos = tl.load(seq_bos_ptr + n)
+    slen = tl.load(seq_len_ptr + n)
+    seg_len = tl.minimum(SEG, slen - tau0)
+    g = tl.load(g_ptr + h).to(tl.float32)
+
+    ar = tl.arange(0, C)
+    offs_k = tl.arange(0, KP)
+    offs_v = iv * BV + tl.arange(0, BV)
+    mask_k = offs_k < KD
+    mask_v = offs_v < VD
+    acc = tl.zeros([KP, BV], dtype=tl.float32)
+    for ci in range(0, tl.cdiv(seg_len, C) if DYN_LOOP else SEG_CHUNKS):
+        c0 = ci * C
+        cl = tl.maximum(tl.minimum(C, seg_len - c0), 0)
+        rows, valid = _chunk_rows(tau0, c0, cl, slen, bos, C, REVERSE)
+        tok = rows * H + h
+        b_kt = tl.load(k_ptr + tok[None, :] * KD + offs_k[:, None], mask=valid[None, :] & mask_k[:, None], other=0.0)
+        b_vt = tl.load(v_ptr + tok[None, :] * VD + offs_v[:, None], mask=valid[None, :] & mask_v[:, None], other=0.0)
+        w = tl.where(valid, tl.exp(g * (cl - 1 - ar).to(tl.float32)), 0.0)
+        vwt = (b_vt.to(tl.float32) * w[None, :]).to(b_vt.dtype)  # weight the [BV, C] tile, not the [K, C] one
+        acc = _mm(b_kt, tl.trans(vwt), acc * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST, SPLIT_BF16)
+    base = (seg * H + h) * (KD * VD)
+    tl.store(delta_ptr + base + offs_k[:, None] * VD + offs_v[None, :], acc, mask=mask_k[:, None] & mask_v[None, :])
+
+
+@triton.jit
+def _segment_output_kmajor_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, state_ptr, o_ptr,
+    seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, scale,
+    H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, KP: tl.constexpr,
+    SEG: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
+    MASK_COLS: tl.constexpr,
+    FACTORED_DECAY: tl.constexpr, SPLIT_BF16: tl.constexpr = False,
+):
+    """As ``_segment_output_kernel``, with every operand K-major as loaded:
+
+    A = q k^T        q [C, K] rows; k [C, K] rows (its transpose is a view: K stays contiguous)
+    o = q S + A v    S stored by the compiler in whatever order it picks (it lives in registers);
+                     v^T [BV, C] (tokens contiguous), used through a view
+    S += k^T (w v)   k^T [K, C] loaded with swapped strides; (w v)^T [BV, C] from registers
+    """
+    NV: tl.constexpr = (VD + BV - 1) // BV
+    pid = tl.program_id(0).to(tl.int64)
+    iv = pid % NV
+    sh = pid // NV
+    h = sh % H
+    seg = sh // H
+    n = tl.load(seg_seq_ptr + seg)
+    tau0 = tl.load(seg_tau0_ptr + seg)
+    bos = tl.load(seq_bos_ptr + n)
+    slen = tl.load(seq_len_ptr + n)
+    seg_len = tl.minimum(SEG, slen - tau0)
+    g = tl.load(g_ptr + h).to(tl.float32)
+
+    ar = tl.arange(0, C)
+    offs_k = tl.arange(0, KP)
+    offs_v = iv * BV + tl.arange(0, BV)
+    mask_k = offs_k < KD
+    mask_v = offs_v < VD
+    S = tl.load(state_ptr + (seg * H + h) * (KD * VD) + offs_k[:, None] * VD + offs_v[None, :],
+                mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+    if FACTORED_DECAY:
+        row_decay = tl.exp(g * (ar - C // 2).to(tl.float32))
+        col_decay = tl.exp(-g * (ar - C // 2).to(tl.float32))
+    else:
+        intra_decay = tl.exp(tl.where(ar[:, None] >= ar[None, :], g * (ar[:, None] - ar[None, :]).to(tl.float32),
+                                      float("-inf")))
+    q_decay = tl.exp(g * (ar + 1).to(tl.float32))
+    for ci in range(0, tl.cdiv(seg_len, C) if DYN_LOOP else SEG_CHUNKS):
+        c0 = ci * C
+        cl = tl.maximum(tl.minimum(C, seg_len - c0), 0)
+        rows, valid = _chunk_rows(tau0, c0, cl, slen, bos, C, REVERSE)
+        tok = rows * H + h
+        qk_rows = tok[:, None] * KD + offs_k[None, :]
+        mask_rows = valid[:, None] & mask_k[None, :]
+        b_q = tl.load(q_ptr + qk_rows, mask=mask_rows, other=0.0)
+        b_k = tl.load(k_ptr + qk_rows, mask=mask_rows, other=0.0)
+        b_kt = tl.load(k_ptr + tok[None, :] * KD + offs_k[:, None], mask=valid[None, :] & mask_k[:, None], other=0.0)
+        b_vt = tl.load(v_ptr + tok[None, :] * VD + offs_v[:, None], mask=valid[None, :] & mask_v[:, None], other=0.0)
+        dt = b_vt.dtype
+        A = _mm(b_q, tl.trans(b_k), None, DOT_PRECISION, UPCAST, SPLIT_BF16)
+        if FACTORED_DECAY:
+            # the mask also drops columns past cl (zero rows of k): it depends on the chunk, so the
+            # compiler keeps no [C, C] predicate tile live across the loop
+            causal = (ar[:, None] >= ar[None, :]) & (ar[None, :] < cl)
+            A = tl.where(causal, A * row_decay[:, None] * col_decay[None, :], 0.0)
+        else:
+            A = A * intra_decay
+        b_o = _mm(b_q, S.to(dt), None, DOT_PRECISION, UPCAST, SPLIT_BF16) * q_decay[:, None]
+        b_o = _mm(A.to(dt), tl.trans(b_vt), b_o, DOT_PRECISION, UPCAST, SPLIT_BF16)
+        tl.store(o_ptr + tok[:, None] * VD + offs_v[None, :], (b_o * scale).to(o_ptr.dtype.element_ty),
+                 mask=valid[:, None] & mask_v[None, :])
+        w = tl.where(valid, tl.exp(g * (cl - 1 - ar).to(tl.float32)), 0.0)
+        vwt = (b_vt.to(tl.float32) * w[None, :]).to(dt)
+        S = _mm(b_kt, tl.trans(vwt), S * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST, SPLIT_BF16)
