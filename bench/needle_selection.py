@@ -1,8 +1,9 @@
-"""Passkey retrieval beyond dense_len: is a miss a selection miss or a use miss?
+"""Passkey retrieval beyond dense_len: is a miss a selection miss, a use miss, or one dense attention makes too?
 
-For each length and needle depth: greedy answer correctness, and per sparse layer / KV group whether the
-answer's query selects a block that holds the needle, with the needle's rank by block score
-(``sala.eval.selection``). Writes ``needle_selection.json`` under ``$OUT`` (or ``--out``) and prints a table.
+A thin CLI over ``sala.eval.selection.needle_study``: per length and needle depth, the greedy answer's
+correctness with the sparse path and with dense attention only, and per sparse layer / KV group whether the
+answer's query selects a block that holds the needle, with the needle's rank by block score. Writes
+``needle_selection.json`` under ``$OUT`` (or ``--out``) and prints a table.
 
     python bench/needle_selection.py --model runs/gpu/student/final --lengths 16K 32K --samples 16
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,14 +24,11 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def main(argv=None) -> dict:
-    from sala.eval.cli import parse_length
-    from sala.eval.generation import answer, eos_ids
-    from sala.eval.haystack import Haystack
-    from sala.eval.runner import load_model, parse_model_spec, resolve_device, resolve_dtype
-    from sala.eval.scoring import sample_score
-    from sala.eval.selection import needle_selection, needle_token_span
-    from sala.eval.tasks import generate_samples
     from sala.data.corpora import resolve_text
+    from sala.eval.cli import parse_length
+    from sala.eval.report import fmt_len
+    from sala.eval.runner import load_model, parse_model_spec, resolve_device, resolve_dtype
+    from sala.eval.selection import needle_study, summary_table
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", required=True)
@@ -39,38 +36,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--haystack", default="shakespeare,brown,austen", help="corpus names (held-out split) or a .txt")
     ap.add_argument("--chunk", type=int, default=8192)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
 
     device = resolve_device(args.device)
-    model, tok = load_model(parse_model_spec(args.model), device, resolve_dtype("auto", device))
-    hay = Haystack(resolve_text(args.haystack, "heldout"), tok)
-    eos = eos_ids(model, tok)
-    rows = []
+    model, tok = load_model(parse_model_spec(args.model), device, resolve_dtype(args.dtype, device))
+    text = resolve_text(args.haystack, "heldout")
     t0 = time.perf_counter()
-    for L in [parse_length(x) for x in args.lengths]:
-        for s in generate_samples("passkey", tok, hay, L, args.samples, seed=42):
-            ids = torch.tensor([s.input_ids])
-            ok = sample_score(answer(model, tok, s, eos, args.chunk)[0], s.answers)
-            span = needle_token_span(tok, s.prompt, s.needles[0])
-            sel = needle_selection(model, ids, span, args.chunk)
-            rows.append({"length": L, "depth": s.depths[0], "correct": ok, "span": span,
-                         "selected_frac": sum(r["selected"] for r in sel) / max(1, len(sel)),
-                         "median_rank": statistics.median(r["rank"] for r in sel) if sel else None,
-                         "per_layer": sel})
-            print(f"{L:>7} depth {s.depths[0]:.2f}: correct {ok:.0f} selected {rows[-1]['selected_frac']:.2f} "
-                  f"median rank {rows[-1]['median_rank']}", flush=True)
+    study = needle_study(model, tok, text, [parse_length(x) for x in args.lengths], args.samples,
+                         args.chunk or None, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                         log=lambda line: print(line, flush=True))
     result = {"model": args.model, "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-              "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+              "seconds": round(time.perf_counter() - t0, 1), **study}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "needle_selection.json").write_text(json.dumps(result, indent=1))
-    for L in sorted({r["length"] for r in rows}):
-        sub = [r for r in rows if r["length"] == L]
-        hit = [r for r in sub if r["selected_frac"] >= 0.5]
-        print(f"{L}: accuracy {sum(r['correct'] for r in sub) / len(sub):.2f}; needle selected by most layers in "
-              f"{len(hit)}/{len(sub)} samples, accuracy there {sum(r['correct'] for r in hit) / max(1, len(hit)):.2f}")
+    print("\n".join(summary_table(study["summary"], fmt_len)))
     return result
 
 

@@ -48,3 +48,119 @@ def test_dense_model_is_refused(builders, tokenizer):
                                          num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
     with pytest.raises(ValueError, match="no sparse"):
         needle_selection(llama, torch.tensor([[1, 2, 3]]), (0, 1))
+
+
+# ------------------------------------------------------------------ dense_attention_only and needle_study
+def _sparse_modules(model):
+    from sala.layers.sparse import SparseAttention
+
+    return [m for m in model.modules() if isinstance(m, SparseAttention)]
+
+
+def test_dense_attention_only_matches_a_dense_configured_model_and_restores(tokenizer, samples, builders):
+    from sala.eval.selection import DENSE_ALWAYS, dense_attention_only
+    from sala.modeling import SALAForCausalLM
+
+    model = builders["sala"](len(tokenizer), seed=4)
+    layers = _sparse_modules(model)
+    layers[0].dense_len = -1  # per-layer values come back, not one shared value
+    before = [m.dense_len for m in layers]
+    ids = torch.tensor([samples[1].input_ids])  # 700 tokens: past dense_len (256)
+    cfg = model.config.to_dict()
+    cfg["sparse_config"] = dict(cfg["sparse_config"], dense_len=1 << 30)
+    dense = SALAForCausalLM(type(model.config)(**cfg)).eval()
+    dense.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        sparse_logits = model(ids).logits
+        with dense_attention_only(model) as m:
+            assert m is model and all(l.dense_len == DENSE_ALWAYS for l in layers)
+            dense_logits = model(ids).logits
+        ref = dense(ids).logits
+    assert [m.dense_len for m in layers] == before
+    torch.testing.assert_close(dense_logits, ref)  # the same as a model configured to attend densely
+    assert (dense_logits - sparse_logits).abs().max() > 1e-3  # and not what the sparse path computes
+    # restored after an error inside the block too
+    with pytest.raises(RuntimeError, match="boom"):
+        with dense_attention_only(model):
+            raise RuntimeError("boom")
+    assert [m.dense_len for m in layers] == before
+
+
+def test_needle_study_real_model_rows_and_summary(tokenizer, corpus_text, builders):
+    """A random tiny model: the structure, and the summary as means over its rows; below dense_len (200 < 256)
+    nothing is selected and the selection fields are None."""
+    from sala.eval.selection import needle_study
+
+    model = builders["sala"](len(tokenizer), seed=3)
+    before = [m.dense_len for m in _sparse_modules(model)]
+    res = needle_study(model, tokenizer, corpus_text, [200, 700], 3, chunk_size=256, seed=5, max_new_tokens=3)
+    assert [m.dense_len for m in _sparse_modules(model)] == before
+    rows, summ = res["rows"], res["summary"]
+    assert len(rows) == 6 and [s["length"] for s in summ] == [200, 700] and res["dense_len"] == [256]
+    for r in rows:
+        assert 0.0 <= r["correct_sparse"] <= 1.0 and 0.0 <= r["correct_dense"] <= 1.0
+        if r["length"] == 200:
+            assert not r["sparse_path"] and r["selected_frac"] is None and r["median_rank"] is None
+            assert r["per_layer"] == [] and r["correct_dense"] == r["correct_sparse"]
+        else:
+            assert r["sparse_path"] and r["n_pairs"] == len(r["per_layer"]) == 2 * 2  # 2 sparse layers x 2 groups
+            assert r["selected_frac"] == pytest.approx(sum(p["selected"] for p in r["per_layer"]) / 4, abs=1e-4)
+            assert 1 <= r["median_rank"] <= r["per_layer"][0]["n_blocks"]
+    assert [r["depth"] for r in rows[:3]] == [0.0, 0.5, 1.0]
+    low, high = summ
+    assert low["sparse_path"] is False and low["selected_share"] is None
+    assert low["acc_selected"] is None and low["acc_not_selected"] is None and low["median_rank"] is None
+    assert high["sparse_path"] is True and 0.0 <= high["selected_share"] <= 1.0
+    for s in summ:
+        sub = [r for r in rows if r["length"] == s["length"]]
+        assert s["acc_sparse"] == pytest.approx(sum(r["correct_sparse"] for r in sub) / 3)
+        assert s["acc_dense"] == pytest.approx(sum(r["correct_dense"] for r in sub) / 3)
+
+
+def test_needle_study_summary_separates_the_causes(tokenizer, corpus_text, builders, monkeypatch):
+    """With answers scripted (right with dense attention; with the sparse path right only for even samples),
+    the summary's accuracies, shares and miss counts are the ones the rows imply."""
+    import sala.eval.selection as sel
+    from sala.eval.selection import DENSE_ALWAYS
+
+    model = builders["sala"](len(tokenizer), seed=3)
+    layers = _sparse_modules(model)
+
+    def scripted(model_, tok, sample, eos, chunk):
+        dense = all(m.dense_len == DENSE_ALWAYS for m in layers)
+        return (f"It is {sample.answers[0]}." if dense or sample.index % 2 == 0 else "It is 1.", None)
+
+    monkeypatch.setattr(sel, "answer", scripted)
+    res = sel.needle_study(model, tokenizer, corpus_text, [200, 700], 4, chunk_size=None, seed=5)
+    low, high = res["summary"]
+    # depths 0, 1/3, 2/3, 1: even samples (right) are depths 0 and 2/3
+    assert low["acc_sparse"] == high["acc_sparse"] == 0.5
+    assert high["acc_dense"] == 1.0 and low["acc_dense"] == 0.5  # below dense_len the dense answer is the same run
+    assert high["acc_shallow"] == 0.5 and high["acc_deep"] == 0.5
+    assert high["misses"]["total"] == 2 and high["misses"]["dense_also_wrong"] == 0
+    assert low["misses"] == {"total": 2, "dense_also_wrong": 2, "not_selected": 0, "selected": 0}
+    rows = [r for r in res["rows"] if r["length"] == 700]
+    hit = [r for r in rows if r["selected_frac"] > 0.5]
+    assert high["selected_share"] == len(hit) / 4
+    assert high["misses"]["selected"] == sum(r["index"] % 2 == 1 for r in hit)
+    assert high["misses"]["not_selected"] == 2 - high["misses"]["selected"]
+    exp = lambda rs: sum(r["index"] % 2 == 0 for r in rs) / len(rs) if rs else None  # noqa: E731
+    assert high["acc_selected"] == exp(hit) and high["acc_not_selected"] == exp([r for r in rows if r not in hit])
+
+
+def test_summary_table_and_log_line():
+    from sala.eval.selection import format_summary, summarize_length, summary_table
+
+    def row(i, depth, ok_s, ok_d, frac):
+        return {"length": 4096, "index": i, "n_tokens": 4090, "depth": depth, "sparse_path": True,
+                "correct_sparse": ok_s, "correct_dense": ok_d, "selected_frac": frac, "median_rank": 3.0}
+
+    s = summarize_length([row(0, 0.0, 0.0, 1.0, 0.25), row(1, 0.3, 1.0, 1.0, 0.75), row(2, 0.6, 0.0, 0.0, 1.0),
+                          row(3, 0.9, 1.0, 1.0, 0.5)])
+    assert s["acc_sparse"] == 0.5 and s["acc_dense"] == 0.75 and s["selected_share"] == 0.5
+    assert s["acc_selected"] == 0.5 and s["acc_not_selected"] == 0.5  # selected: 1 (right), 2 (wrong)
+    assert s["acc_shallow"] == 0.5 and s["acc_deep"] == 0.5
+    assert s["misses"] == {"total": 2, "dense_also_wrong": 1, "not_selected": 1, "selected": 1}
+    lines = summary_table([s], lambda n: f"{n // 1024}K")
+    assert lines[2] == "| 4K | 50% | 75% | 50% | 50% | 50% | 50% | 50% |"
+    assert "2 wrong: 1 not selected, 1 selected, 1 also wrong dense" in format_summary(s)

@@ -120,3 +120,59 @@ def test_a_stage_of_only_retrieval_rows_runs(teacher_dir, tmp_path):
                   log=lambda *a: None).run()
     assert res["finished"] and len(res["history"]) == 2
     assert all(r["targets"] > 400 for r in res["history"])  # one full 512-token retrieval row per step
+
+
+def test_student_diagnosis_beyond_dense_len(teacher_dir, tmp_path):
+    """diagnose_lengths on: the student_eval phase writes eval/student_diagnosis.json (a length below and one
+    above the student's dense_len, 256), the report gets its section and summary.json its 'diagnosis'; a
+    report without the file says nothing about it; a misspelled key is an error."""
+    from sala.pipeline.report import write_pipeline_report
+
+    raw = tiny_profile(teacher_dir)
+    raw["convert"]["sparse"]["dense_len"] = 256
+    raw["eval"].update(diagnose_lengths=[240, 320], diagnose_samples=2)
+    prof = parse_profile(raw)
+    out = tmp_path / "run"
+    lines = []
+    pipe = Pipeline(prof, out, device="cpu", log=lines.append)
+    assert pipe.run()["finished"]
+    d = json.loads((out / "eval" / "student_diagnosis.json").read_text())
+    assert not (out / "eval" / "student_diagnosis.partial.json").exists()
+    assert d["dense_len"] == [256] and [s["length"] for s in d["summary"]] == [240, 320] and len(d["rows"]) == 4
+    below, above = d["summary"]
+    assert not below["sparse_path"] and below["selected_share"] is None
+    assert above["sparse_path"] and above["selected_share"] is not None
+    assert all(r["n_pairs"] > 0 for r in d["rows"] if r["length"] == 320)
+    assert sum("needle study 320" in line for line in lines) == 1
+    s = json.loads((out / "report" / "summary.json").read_text())
+    assert [r["length"] for r in s["diagnosis"]["summary"]] == [240, 320]
+    md = (out / "report" / "summary.md").read_text()
+    assert "## Retrieval beyond dense_len: selection vs use" in md
+    assert "| length | sparse acc | dense acc | needle selected (share of samples) |" in md
+    assert "| 320 |" in md and "| 240 | " in md and "- (dense path)" in md
+    # resumable: the file is kept, not recomputed
+    stamp = (out / "eval" / "student_diagnosis.json").stat().st_mtime_ns
+    assert pipe._diagnose("student", str(out / "student" / "final"), None) == out / "eval" / "student_diagnosis.json"
+    assert (out / "eval" / "student_diagnosis.json").stat().st_mtime_ns == stamp
+    # a call stopped between lengths keeps the finished ones; the next call computes only the rest
+    final, part = out / "eval" / "student_diagnosis.json", out / "eval" / "student_diagnosis.partial.json"
+    kept = dict(d, rows=[dict(r, marker=1) for r in d["rows"] if r["length"] == 240], summary=[below])
+    final.unlink()
+    part.write_text(json.dumps(kept))
+    assert pipe._diagnose("student", str(out / "student" / "final"), time.time() - 1) is None
+    assert pipe._diagnose("student", str(out / "student" / "final"), None) == final
+    again = json.loads(final.read_text())
+    assert [r.get("marker") for r in again["rows"]] == [1, 1, None, None] and again["summary"] == d["summary"]
+    assert not part.exists()
+    # off (no file): no section, no key
+    final.unlink()
+    write_pipeline_report(pipe, tmp_path / "report_off")
+    assert "diagnosis" not in json.loads((tmp_path / "report_off" / "summary.json").read_text())
+    assert "dense_len: selection vs use" not in (tmp_path / "report_off" / "summary.md").read_text()
+    bad = tiny_profile(teacher_dir)
+    bad["eval"]["diagnose_length"] = [320]
+    with pytest.raises(ProfileError, match="unknown keys"):
+        parse_profile(bad)
+    bad["eval"] = dict(tiny_profile(teacher_dir)["eval"], diagnose_lengths=[320], diagnose_samples=0)
+    with pytest.raises(ProfileError, match="diagnose"):
+        parse_profile(bad)

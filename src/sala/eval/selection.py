@@ -10,13 +10,23 @@ block that overlaps the needle is among the selected ones, and the needle's best
 The decode step is the path of every generated token after the first; the first answer token comes from
 the prefill's last row, whose selection follows the prefill visibility rule (the same blocks up to the
 last, partly filled compression window).
+
+``needle_study`` puts the pieces together for passkey samples: per sample the answer with the sparse path,
+the answer to the same sample with every sparse layer attending densely (``dense_attention_only``), and
+the selection result, so a miss can be told apart as a selection miss (the needle's block not chosen), a
+use miss (chosen, still wrong) or a miss dense attention makes too (not the sparse path's fault).
 """
 
 from __future__ import annotations
 
+import statistics
+from contextlib import contextmanager
+
 import torch
 
-from .generation import forward_chunk, prefill
+from .generation import answer, eos_ids, forward_chunk, prefill
+
+DENSE_ALWAYS = 1 << 62  # a dense_len no context reaches
 
 
 def needle_token_span(tokenizer, prompt: str, needle: str) -> tuple[int, int]:
@@ -37,6 +47,34 @@ def _sparse_layers(model):
 
     return [(i, layer.self_attn) for i, layer in enumerate(model.model.layers)
             if isinstance(layer.self_attn, SparseAttention)]
+
+
+def _sparse_modules(model) -> list:
+    from ..layers.sparse import SparseAttention
+
+    return [m for m in model.modules() if isinstance(m, SparseAttention)]
+
+
+@contextmanager
+def dense_attention_only(model):
+    """Every sparse (InfLLM-V2) layer of ``model`` attends densely at any length inside the block; the
+    previous ``dense_len`` values come back on exit, also after an error. A model without sparse layers
+    is left as it is."""
+    layers = _sparse_modules(model)
+    saved = [m.dense_len for m in layers]
+    try:
+        for m in layers:
+            m.dense_len = DENSE_ALWAYS
+        yield model
+    finally:
+        for m, d in zip(layers, saved):
+            m.dense_len = d
+
+
+def sparse_path_runs(model, n_tokens: int) -> bool:
+    """Whether a prompt of ``n_tokens`` takes the sparse path in some layer (the layer's switch is on the
+    total length: ``n_tokens >= dense_len``)."""
+    return any(n_tokens >= m.dense_len for m in _sparse_modules(model))
 
 
 @torch.no_grad()
@@ -73,3 +111,128 @@ def needle_selection(model, input_ids: torch.Tensor, span: tuple[int, int], chun
             rows.append({"layer": i, "group": g, "selected": bool(chosen & set(needle_blocks.tolist())),
                          "rank": rank, "n_blocks": int(score.shape[1]), "n_selected": len(chosen)})
     return rows
+
+
+MOST = 0.5  # a sample's needle counts as selected when more than this share of (layer, group) pairs select it
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def sample_score_of(model, tokenizer, sample, eos, chunk_size: int | None) -> float:
+    """The RULER score (in [0, 1]) of the greedy answer to one sample."""
+    from .scoring import sample_score
+
+    return sample_score(answer(model, tokenizer, sample, eos, chunk_size)[0], sample.answers)
+
+
+@torch.no_grad()
+def study_sample(model, tokenizer, sample, eos, chunk_size: int | None) -> dict:
+    """One passkey sample: correctness with the model as it is and with dense attention only, and the
+    needle's selection (``None`` fields where no layer runs sparse at this length: nothing is selected, and
+    the dense answer is the same computation as the sparse one, so it is not run twice)."""
+    sparse_on = sparse_path_runs(model, sample.n_tokens)
+    ok_sparse = sample_score_of(model, tokenizer, sample, eos, chunk_size)
+    row = {"length": sample.length, "index": sample.index, "n_tokens": sample.n_tokens,
+           "depth": round(float(sample.depths[0]), 4), "sparse_path": sparse_on, "correct_sparse": ok_sparse,
+           "correct_dense": ok_sparse, "span": None, "selected_frac": None, "median_rank": None, "n_pairs": 0,
+           "per_layer": []}
+    if not sparse_on:
+        return row
+    with dense_attention_only(model):
+        row["correct_dense"] = sample_score_of(model, tokenizer, sample, eos, chunk_size)
+    span = needle_token_span(tokenizer, sample.prompt, sample.needles[0])
+    sel = needle_selection(model, torch.tensor([sample.input_ids], dtype=torch.long), span, chunk_size)
+    row.update(span=list(span), per_layer=sel, n_pairs=len(sel))
+    if sel:
+        row["selected_frac"] = round(sum(r["selected"] for r in sel) / len(sel), 4)
+        row["median_rank"] = float(statistics.median(r["rank"] for r in sel))
+    return row
+
+
+def summarize_length(rows: list[dict]) -> dict:
+    """One length's rows -> accuracies (sparse, dense, when selected / not, by needle depth), the share of
+    samples whose needle most (layer, group) pairs select, and the misses by cause. Accuracies are means of
+    the per-sample scores in [0, 1]; ``None`` where no sample falls in the group or nothing ran sparse."""
+    if not rows:
+        raise ValueError("no rows to summarize")
+    sel_rows = [r for r in rows if r["selected_frac"] is not None]
+    hit = [r for r in sel_rows if r["selected_frac"] > MOST]
+    miss = [r for r in sel_rows if r["selected_frac"] <= MOST]
+    acc = lambda rs, key="correct_sparse": _mean([r[key] for r in rs])  # noqa: E731
+    wrong = [r for r in rows if r["correct_sparse"] < 1.0]
+    out = {
+        "length": rows[0]["length"], "samples": len(rows),
+        "n_tokens": round(_mean([r["n_tokens"] for r in rows])),
+        "sparse_path": any(r["sparse_path"] for r in rows),
+        "acc_sparse": acc(rows), "acc_dense": acc(rows, "correct_dense"),
+        "selected_share": len(hit) / len(sel_rows) if sel_rows else None,
+        "mean_selected_frac": _mean([r["selected_frac"] for r in sel_rows]),
+        "median_rank": float(statistics.median(r["median_rank"] for r in sel_rows)) if sel_rows else None,
+        "acc_selected": acc(hit), "acc_not_selected": acc(miss),
+        "acc_shallow": acc([r for r in rows if r["depth"] < 0.5]),
+        "acc_deep": acc([r for r in rows if r["depth"] >= 0.5]),
+        # wrong answers (score < 1) by cause; a sample can be both a dense miss and a selection/use miss
+        "misses": {"total": len(wrong),
+                   "dense_also_wrong": sum(r["correct_dense"] < 1.0 for r in wrong),
+                   "not_selected": sum(r["selected_frac"] is not None and r["selected_frac"] <= MOST for r in wrong),
+                   "selected": sum(r["selected_frac"] is not None and r["selected_frac"] > MOST for r in wrong)},
+    }
+    return out
+
+
+@torch.no_grad()
+def needle_study(model, tokenizer, text: str, lengths: list[int], samples: int, chunk_size: int | None,
+                 seed: int = 42, max_new_tokens: int | None = None, log=None) -> dict:
+    """Passkey samples at each length (``text`` as haystack, needles evenly from the start to the end of the
+    context): ``{'rows': [per sample], 'summary': [per length, see summarize_length], 'dense_len': [...]}``.
+
+    Each sample at a length where the sparse path runs costs two generations and one extra prefill."""
+    from .haystack import Haystack
+    from .tasks import generate_samples
+
+    hay, eos = Haystack(text, tokenizer), eos_ids(model, tokenizer)
+    rows, summ = [], []
+    for L in lengths:
+        sub = [study_sample(model, tokenizer, s, eos, chunk_size)
+               for s in generate_samples("passkey", tokenizer, hay, L, samples, seed, None, max_new_tokens)]
+        rows += sub
+        summ.append(summarize_length(sub))
+        if log is not None:
+            log(format_summary(summ[-1]))
+    return {"rows": rows, "summary": summ, "dense_len": sorted({m.dense_len for m in _sparse_modules(model)}),
+            "most": MOST}
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def format_summary(s: dict) -> str:
+    """One line per length for logs."""
+    head = (f"needle study {s['length']} ({s['samples']} samples): sparse {_pct(s['acc_sparse'])}, "
+            f"dense {_pct(s['acc_dense'])}")
+    if not s["sparse_path"]:
+        return head + "; below every layer's dense_len (no sparse path, nothing selected)"
+    m = s["misses"]
+    return (head + f"; needle selected in {_pct(s['selected_share'])} of samples (median rank {s['median_rank']}), "
+            f"acc selected {_pct(s['acc_selected'])} / not {_pct(s['acc_not_selected'])}; "
+            f"depth<0.5 {_pct(s['acc_shallow'])}, >=0.5 {_pct(s['acc_deep'])}; "
+            f"{m['total']} wrong: {m['not_selected']} not selected, {m['selected']} selected, "
+            f"{m['dense_also_wrong']} also wrong dense")
+
+
+TABLE_HEADER = ("| length | sparse acc | dense acc | needle selected (share of samples) | acc when selected | "
+                "acc when not | acc depth<0.5 | acc depth>=0.5 |")
+
+
+def summary_table(summary: list[dict], fmt_len=str) -> list[str]:
+    """The per-length summary as markdown table lines."""
+    lines = [TABLE_HEADER, "|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        sel = _pct(s["selected_share"]) if s["sparse_path"] else "- (dense path)"
+        lines.append(f"| {fmt_len(s['length'])} | {_pct(s['acc_sparse'])} | {_pct(s['acc_dense'])} | {sel} | "
+                     f"{_pct(s['acc_selected'])} | {_pct(s['acc_not_selected'])} | {_pct(s['acc_shallow'])} | "
+                     f"{_pct(s['acc_deep'])} |")
+    return lines

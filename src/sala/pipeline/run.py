@@ -213,7 +213,64 @@ class Pipeline:
         return {"final": str(self.out / "student" / "final"), "global_steps": res["state"]["global_step"]}
 
     def _phase_student_eval(self, deadline):
-        return self._eval("student", str(self.out / "student" / "final"))
+        path = str(self.out / "student" / "final")
+        done = self.out / "eval" / "student.json"
+        if done.is_file() and self.p.eval.diagnose_lengths:  # an earlier call stopped in the diagnosis
+            res = json.loads(done.read_text())
+            out = {"results": str(done), "scores": {f"{t['task']}@{t['length']}": round(t["score"], 2)
+                                                    for t in res["tasks"]}}
+            self.log(f"student: evaluation kept from {done}")
+        else:
+            out = self._eval("student", path)
+        if self.p.eval.diagnose_lengths:
+            diag = self._diagnose("student", path, deadline)
+            if diag is None:
+                return None
+            out["diagnosis"] = str(diag)
+        return out
+
+    @property
+    def diagnosis(self) -> Path:
+        return self.out / "eval" / "student_diagnosis.json"
+
+    def _diagnose(self, label: str, path: str, deadline) -> Path | None:
+        """``sala.eval.selection.needle_study`` of a model at the profile's ``diagnose_lengths``, on the
+        evaluation text with the evaluation's chunk size and seed, one length at a time: each finished length
+        is saved, a deadline between lengths stops the phase (``None``) and the next call goes on from there."""
+        from ..eval.runner import load_model, parse_model_spec, resolve_dtype
+        from ..eval.selection import format_summary, needle_study
+
+        e = self.p.eval
+        part = self.diagnosis.with_suffix(".partial.json")
+        if self.diagnosis.is_file():
+            return self.diagnosis
+        done = json.loads(part.read_text()) if part.is_file() else {"model": label, "rows": [], "summary": []}
+        todo = [L for L in e.diagnose_lengths if L not in {s["length"] for s in done["summary"]}]
+        if todo:
+            model, tok = load_model(parse_model_spec(path), self.device, resolve_dtype("auto", self.device))
+            text = self.eval_text_path().read_text(encoding="utf-8")
+            for L in todo:
+                if deadline is not None and time.time() >= deadline:
+                    self.log(f"{label} diagnosis: stopping before length {L} (deadline)")
+                    return None
+                with torch.no_grad(), self._autocast():
+                    res = needle_study(model, tok, text, [L], e.diagnose_samples, e.chunk_size or None,
+                                       seed=42 + self.p.seed, max_new_tokens=e.max_new_tokens)
+                self.log(f"{label} diagnosis: {format_summary(res['summary'][0])}")
+                done["rows"] += res["rows"]
+                done["summary"] += res["summary"]
+                done["dense_len"], done["most"] = res["dense_len"], res["most"]
+                part.parent.mkdir(parents=True, exist_ok=True)
+                part.write_text(json.dumps(done, indent=1))
+            del model
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        order = {L: i for i, L in enumerate(e.diagnose_lengths)}
+        done["summary"].sort(key=lambda s: order.get(s["length"], len(order)))
+        done["card"] = device_name(self.device)
+        self.diagnosis.write_text(json.dumps(done, indent=1))
+        part.unlink(missing_ok=True)
+        return self.diagnosis
 
     def _phase_report(self, deadline):
         from .report import write_pipeline_report
