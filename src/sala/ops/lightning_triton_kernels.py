@@ -88,15 +88,11 @@ def _mm(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT_BF16
 
 
 @triton.jit
-def _segment_delta_kernel(
-    k_ptr, v_ptr, g_ptr, delta_ptr,
-    seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr,
-    H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, KP: tl.constexpr,
-    SEG: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
-    MASK_COLS: tl.constexpr, SPLIT_BF16: tl.constexpr = False,
-):
-    """delta[seg, h, :, vblock] = sum over the segment's tokens of exp(g (end-1-t)) k_t^T v_t."""
+def _segment_program(g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr,
+                     H: tl.constexpr, VD: tl.constexpr, SEG: tl.constexpr, BV: tl.constexpr):
+    """What a segment kernel's program works on: its V block, head and segment (program ids run V block
+    fastest, then head, then segment), the segment's sequence start and length, its first token within the
+    sequence, its token count and the head's decay."""
     NV: tl.constexpr = (VD + BV - 1) // BV
     pid = tl.program_id(0).to(tl.int64)
     iv = pid % NV
@@ -109,6 +105,21 @@ def _segment_delta_kernel(
     slen = tl.load(seq_len_ptr + n)
     seg_len = tl.minimum(SEG, slen - tau0)
     g = tl.load(g_ptr + h).to(tl.float32)
+    return iv, h, seg, tau0, bos, slen, seg_len, g
+
+
+@triton.jit
+def _segment_delta_kernel(
+    k_ptr, v_ptr, g_ptr, delta_ptr,
+    seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr,
+    H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, KP: tl.constexpr,
+    SEG: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
+    MASK_COLS: tl.constexpr, SPLIT_BF16: tl.constexpr = False,
+):
+    """delta[seg, h, :, vblock] = sum over the segment's tokens of exp(g (end-1-t)) k_t^T v_t."""
+    iv, h, seg, tau0, bos, slen, seg_len, g = _segment_program(
+        g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, H, VD, SEG, BV)
 
     ar = tl.arange(0, C)
     offs_k = tl.arange(0, KP)
@@ -183,18 +194,8 @@ def _segment_output_kernel(
     FACTORED_DECAY: tl.constexpr, SPLIT_BF16: tl.constexpr = False,
 ):
     """o of one (segment, head, V-block): walk the chunks from the entering state kept in registers."""
-    NV: tl.constexpr = (VD + BV - 1) // BV
-    pid = tl.program_id(0).to(tl.int64)
-    iv = pid % NV
-    sh = pid // NV
-    h = sh % H
-    seg = sh // H
-    n = tl.load(seg_seq_ptr + seg)
-    tau0 = tl.load(seg_tau0_ptr + seg)
-    bos = tl.load(seq_bos_ptr + n)
-    slen = tl.load(seq_len_ptr + n)
-    seg_len = tl.minimum(SEG, slen - tau0)
-    g = tl.load(g_ptr + h).to(tl.float32)
+    iv, h, seg, tau0, bos, slen, seg_len, g = _segment_program(
+        g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, H, VD, SEG, BV)
 
     ar = tl.arange(0, C)
     offs_k = tl.arange(0, KP)
@@ -304,18 +305,8 @@ def _segment_delta_kmajor_kernel(
 ):
     """As ``_segment_delta_kernel``: delta = sum_t exp(g (end-1-t)) k_t^T v_t, from k^T [K, C] and
     v^T [BV, C] tiles (tokens contiguous in shared memory: K-major operands of the [K, C] x [C, BV] dot)."""
-    NV: tl.constexpr = (VD + BV - 1) // BV
-    pid = tl.program_id(0).to(tl.int64)
-    iv = pid % NV
-    sh = pid // NV
-    h = sh % H
-    seg = sh // H
-    n = tl.load(seg_seq_ptr + seg)
-    tau0 = tl.load(seg_tau0_ptr + seg)
-    bos = tl.load(seq_bos_ptr + n)
-    slen = tl.load(seq_len_ptr + n)
-    seg_len = tl.minimum(SEG, slen - tau0)
-    g = tl.load(g_ptr + h).to(tl.float32)
+    iv, h, seg, tau0, bos, slen, seg_len, g = _segment_program(
+        g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, H, VD, SEG, BV)
 
     ar = tl.arange(0, C)
     offs_k = tl.arange(0, KP)
@@ -354,18 +345,8 @@ def _segment_output_kmajor_kernel(
                      v^T [BV, C] (tokens contiguous), used through a view
     S += k^T (w v)   k^T [K, C] loaded with swapped strides; (w v)^T [BV, C] from registers
     """
-    NV: tl.constexpr = (VD + BV - 1) // BV
-    pid = tl.program_id(0).to(tl.int64)
-    iv = pid % NV
-    sh = pid // NV
-    h = sh % H
-    seg = sh // H
-    n = tl.load(seg_seq_ptr + seg)
-    tau0 = tl.load(seg_tau0_ptr + seg)
-    bos = tl.load(seq_bos_ptr + n)
-    slen = tl.load(seq_len_ptr + n)
-    seg_len = tl.minimum(SEG, slen - tau0)
-    g = tl.load(g_ptr + h).to(tl.float32)
+    iv, h, seg, tau0, bos, slen, seg_len, g = _segment_program(
+        g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, H, VD, SEG, BV)
 
     ar = tl.arange(0, C)
     offs_k = tl.arange(0, KP)
