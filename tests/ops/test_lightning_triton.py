@@ -216,8 +216,13 @@ def test_bf16_output_dtype_and_segment_lengths_agree():
 VARLEN = [70, 0, 1, 129, 64] if not CUDA else [1500, 0, 1, 2049, 64, 777]
 
 
+@pytest.mark.parametrize("kernel", ["default", "kmajor"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_varlen_matches_reference(dtype):
+def test_varlen_matches_reference(dtype, kernel, monkeypatch):
+    for var in LAUNCH_ENV:
+        monkeypatch.delenv(var, raising=False)
+    if kernel == "kmajor":
+        monkeypatch.setenv("SALA_LIGHTNING_BV", "32")  # its C64/BV32 launch
     lens = VARLEN
     H, D = (3, 32) if not CUDA else (9, 128)
     T = sum(lens)
@@ -225,7 +230,8 @@ def test_varlen_matches_reference(dtype):
     q, k, v = inputs(1, T, H, D, dtype, seed=4)
     g = lightning_decay(H).to(DEV)
     h0 = rand(len(lens), H, D, D, seed=10)
-    o, s = lightning_attn_triton(q, k, v, g, initial_state=h0, cu_seqlens=cu, segment_len=64 if not CUDA else 512)
+    o, s = lightning_attn_triton(q, k, v, g, initial_state=h0, cu_seqlens=cu, segment_len=64 if not CUDA else 512,
+                                 kernel=kernel)
     ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g, initial_state=h0.double(), cu_seqlens=cu)
     assert rel(o, ro) < TOL[dtype] and rel(s, rs) < TOL[dtype]
     assert torch.equal(s[1], h0[1])  # the empty sequence passes its state through
@@ -362,25 +368,6 @@ def test_kmajor_forward_matches_float64(shape, with_h0, launch, monkeypatch):
     assert rel(o, ro) < TOL[torch.float32] and rel(s, rs) < TOL[torch.float32]
     od, sd = lightning_attn_triton(q, k, v, g, initial_state=h0, segment_len=seg)
     assert rel(o, od) < TOL[torch.float32] and rel(s, sd) < TOL[torch.float32]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kmajor_varlen_matches_reference(dtype, monkeypatch):
-    for var in LAUNCH_ENV:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("SALA_LIGHTNING_BV", "32")
-    lens = VARLEN
-    H, D = (3, 32) if not CUDA else (9, 128)
-    T = sum(lens)
-    cu = torch.tensor([0] + lens, device=DEV).cumsum(0)
-    q, k, v = inputs(1, T, H, D, dtype, seed=33)
-    g = lightning_decay(H).to(DEV)
-    h0 = rand(len(lens), H, D, D, seed=34)
-    o, s = lightning_attn_triton(q, k, v, g, initial_state=h0, cu_seqlens=cu, segment_len=64 if not CUDA else 512,
-                                 kernel="kmajor")
-    ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g, initial_state=h0.double(), cu_seqlens=cu)
-    assert rel(o, ro) < TOL[dtype] and rel(s, rs) < TOL[dtype]
-    assert torch.equal(s[1], h0[1])  # the empty sequence passes its state through
 
 
 @pytest.mark.parametrize("varlen", [False, True])
