@@ -58,7 +58,8 @@ def _sparse_modules(model):
 
 
 def test_dense_attention_only_matches_a_dense_configured_model_and_restores(tokenizer, samples, builders):
-    from sala.eval.selection import DENSE_ALWAYS, dense_attention_only
+    from sala.eval.selection import dense_attention_only
+    from sala.layers.sparse import DENSE_ALWAYS
     from sala.modeling import SALAForCausalLM
 
     model = builders["sala"](len(tokenizer), seed=4)
@@ -121,7 +122,7 @@ def test_needle_study_summary_separates_the_causes(tokenizer, corpus_text, build
     """With answers scripted (right with dense attention; with the sparse path right only for even samples),
     the summary's accuracies, shares and miss counts are the ones the rows imply."""
     import sala.eval.selection as sel
-    from sala.eval.selection import DENSE_ALWAYS
+    from sala.layers.sparse import DENSE_ALWAYS
 
     model = builders["sala"](len(tokenizer), seed=3)
     layers = _sparse_modules(model)

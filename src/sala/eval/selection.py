@@ -26,9 +26,6 @@ import torch
 
 from .generation import answer, eos_ids, forward_chunk, prefill
 
-DENSE_ALWAYS = 1 << 62  # a dense_len no context reaches
-
-
 def needle_token_span(tokenizer, prompt: str, needle: str) -> tuple[int, int]:
     """Token positions ``[start, end)`` covering the first occurrence of ``needle`` in ``prompt`` under the
     same tokenization as ``sala.eval.tasks`` (special tokens added)."""
@@ -50,9 +47,7 @@ def _sparse_layers(model):
 
 
 def _sparse_modules(model) -> list:
-    from ..layers.sparse import SparseAttention
-
-    return [m for m in model.modules() if isinstance(m, SparseAttention)]
+    return [attn for _, attn in _sparse_layers(model)]
 
 
 @contextmanager
@@ -60,6 +55,8 @@ def dense_attention_only(model):
     """Every sparse (InfLLM-V2) layer of ``model`` attends densely at any length inside the block; the
     previous ``dense_len`` values come back on exit, also after an error. A model without sparse layers
     is left as it is."""
+    from ..layers.sparse import DENSE_ALWAYS
+
     layers = _sparse_modules(model)
     saved = [m.dense_len for m in layers]
     try:

@@ -16,6 +16,8 @@ from ..config import SALAConfig
 from ..ops.infllmv2_reference import SparseParams
 from .common import apply_rope, rope_cos_sin
 
+DENSE_ALWAYS = 1 << 62  # a dense_len no context reaches: the layer attends densely at any length
+
 
 class SparseAttention(nn.Module):
     def __init__(self, config: SALAConfig, layer_idx: int):

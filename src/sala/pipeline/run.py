@@ -63,6 +63,11 @@ def retrieval_accuracy(model, tokenizer, text: str, tasks: list[str], lengths: l
     return {"score": sum(all_scores) / len(all_scores), "per_task": per}
 
 
+def scores_by_task(results: dict) -> dict[str, float]:
+    """``{'task@length': score}`` of an evaluation's results (``sala.eval.runner.run_eval``)."""
+    return {f"{t['task']}@{t['length']}": round(t["score"], 2) for t in results["tasks"]}
+
+
 class Pipeline:
     def __init__(self, profile: Profile, out_dir: str | Path, device: str | None = None, log=print):
         self.p = profile
@@ -141,7 +146,7 @@ class Pipeline:
         path_out = self.out / "eval" / f"{label}.json"
         path_out.parent.mkdir(parents=True, exist_ok=True)
         path_out.write_text(json.dumps(res, indent=1, default=str))
-        scores = {f"{t['task']}@{t['length']}": round(t["score"], 2) for t in res["tasks"]}
+        scores = scores_by_task(res)
         self.log(f"{label}: {scores}; ppl {[round(p['ppl'], 2) for p in res['perplexity']]}")
         return {"results": str(path_out), "scores": scores}
 
@@ -217,8 +222,7 @@ class Pipeline:
         done = self.out / "eval" / "student.json"
         if done.is_file() and self.p.eval.diagnose_lengths:  # an earlier call stopped in the diagnosis
             res = json.loads(done.read_text())
-            out = {"results": str(done), "scores": {f"{t['task']}@{t['length']}": round(t["score"], 2)
-                                                    for t in res["tasks"]}}
+            out = {"results": str(done), "scores": scores_by_task(res)}
             self.log(f"student: evaluation kept from {done}")
         else:
             out = self._eval("student", path)

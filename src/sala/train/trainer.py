@@ -31,7 +31,7 @@ from ..convert.teacher import load_teacher, random_llama_teacher, resolve_teache
 from ..convert.transfer import ConvertOptions, convert_model, save_converted
 from ..data.packing import Packed, concat_packed, unpack_segments
 from ..data.retrieval import retrieval_documents
-from ..layers.sparse import SparseAttention
+from ..layers.sparse import DENSE_ALWAYS, SparseAttention
 from . import distributed as D
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .data import PackedStream, StreamState, load_documents
@@ -39,7 +39,6 @@ from .losses import kl_sum, lm_sum, masked_mse_sum
 from .recipe import Recipe, Stage
 from .schedule import lr_at
 
-DENSE_ALWAYS = 1 << 62
 CALIBRATION_STEPS = 10  # a stage with a time budget measures this many steps before fixing its length
 MAX_RETRIEVAL_DOCS = 256  # synthetic retrieval documents per stage (the stream cycles through them)
 
