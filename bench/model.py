@@ -70,12 +70,15 @@ def check_fixture() -> float:
     return worst
 
 
-def prefill(model, ids: torch.Tensor, chunk: int):
+def prefill(model, ids: torch.Tensor, chunk: int, reserve: int = 0):
+    """Chunked prefill; ``reserve`` sizes the cache for the prompt and the decode steps after the first chunk."""
     cache = None
     out = None
     for s in range(0, ids.shape[1], chunk):
         out = model(ids[:, s : s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = getattr(out, CACHE_FIELD)
+        if s == 0 and reserve:
+            cache.reserve(reserve)
     return out, cache
 
 
@@ -127,7 +130,7 @@ def main() -> None:
             with torch.no_grad():
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                out, cache = prefill(model, ids, chunk)
+                out, cache = prefill(model, ids, chunk, reserve=T + args.decode + 16)
                 torch.cuda.synchronize()
                 ttft = time.perf_counter() - t0
                 tok = out.logits[:, -1:].argmax(-1)

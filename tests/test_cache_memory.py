@@ -71,3 +71,60 @@ def test_sparse_path_memory_is_far_below_t_squared():
     grown = int(out.stdout.strip().splitlines()[-1])
     t_squared = T * T * 4
     assert grown * 4 < t_squared, f"sparse path grew RSS by {grown / 2**20:.0f} MiB; T x T fp32 is {t_squared / 2**30:.0f} GiB"
+
+
+def test_grow_buffer_keeps_rows_and_grows_by_a_quarter():
+    from sala.cache import ALIGN, GROWTH, _GrowBuffer
+
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(n, 2, 3, generator=g) for n in [5] + [37] * 300 + [1] * 20]
+    buf = _GrowBuffer(chunks[0])
+    for c in chunks[1:]:
+        before = buf.data.shape[0]
+        buf.append(c)
+        cap = buf.data.shape[0]
+        assert cap >= buf.length
+        if cap != before:  # grew: by the factor (aligned), or just to what was needed
+            assert cap <= max(buf.length, -(-int(before * GROWTH) // ALIGN) * ALIGN)
+    torch.testing.assert_close(buf.view(), torch.cat(chunks), rtol=0, atol=0)
+    assert buf.data.shape[0] <= GROWTH * buf.length + ALIGN  # doubling could hold up to 2x
+
+
+def _prefill_and_decode(model, ids, steps, reserve):
+    from sala.eval.generation import forward_chunk, prefill
+
+    logits, cache = prefill(model, ids, chunk_size=64, reserve=reserve)
+    outs = [logits]
+    tok = logits.argmax(-1, keepdim=True)
+    for _ in range(steps):
+        step_logits, cache = forward_chunk(model, tok, cache, keep=1)
+        outs.append(step_logits[:, -1])
+        tok = step_logits[:, -1].argmax(-1, keepdim=True)
+    return torch.cat(outs), cache
+
+
+def test_reserve_sizes_the_cache_exactly_and_changes_nothing():
+    from sala.cache import SparseLayerCache
+
+    cfg = small_config()
+    model = make_model(cfg)
+    T, steps = 300, 7
+    ids = random_ids(cfg, 1, T)
+    with torch.no_grad():
+        grown_logits, grown = _prefill_and_decode(model, ids, steps, reserve=None)
+        exact_logits, exact = _prefill_and_decode(model, ids, steps, reserve=T + steps)
+    torch.testing.assert_close(exact_logits, grown_logits, rtol=0, atol=0)
+    sparse = [layer for layer in exact.layers if isinstance(layer, SparseLayerCache)]
+    assert sparse
+    for layer in sparse:
+        assert layer.keys[0].length == T + steps
+        assert layer.keys[0].data.shape[0] == T + steps  # allocated once, at the reserved size
+        assert layer.values[0].data.shape[0] == T + steps
+    assert exact.nbytes() < grown.nbytes()
+
+
+def test_reserve_rejects_a_negative_count():
+    import pytest
+
+    with pytest.raises(ValueError, match="reserve"):
+        SALACache(small_config()).reserve(-1)

@@ -1,8 +1,8 @@
 """The hybrid cache: K/V plus compressed keys for sparse layers, a recurrent state for lightning layers.
 
-Sparse layers keep, per sequence, only the real (unpadded) tokens in capacity-doubling buffers laid out
-``[T, Hk, D]`` (the ops' layout), so a decode step appends in place and reads a contiguous prefix; the
-compressed keys K1/K2 are kept incrementally and only once the sparse path is first used (the release
+Sparse layers keep, per sequence, only the real (unpadded) tokens in growing buffers (1.25x, or sized up
+front by ``SALACache.reserve``) laid out ``[T, Hk, D]`` (the ops' layout), so a decode step appends in place
+and reads a contiguous prefix; the compressed keys K1/K2 are kept incrementally and only once the sparse path is first used (the release
 compresses the whole history at the first sparse step, then incrementally: the same values).
 Lightning layers keep one float32 state ``[B, H, K, V]``.
 
@@ -19,22 +19,41 @@ from .config import LIGHTNING, SALAConfig
 from .ops.infllmv2_reference import compress_keys, n_compressed
 
 
-class _GrowBuffer:
-    """A ``[T, ...]`` tensor that grows by doubling; ``view()`` is the filled prefix."""
+GROWTH = 1.25  # capacity factor when a buffer fills: at 1M tokens doubling would hold up to 2x the K/V
+ALIGN = 256  # capacities are multiples of this many tokens
 
-    def __init__(self, chunk: torch.Tensor, min_capacity: int = 256):
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+class _GrowBuffer:
+    """A ``[T, ...]`` tensor that grows by ``GROWTH`` (or to a reserved size); ``view()`` is the filled prefix.
+
+    Growth copies the filled prefix once; ``reserve`` sizes the buffer for a known total length up front, so a
+    long prefill followed by decoding holds exactly what it needs.
+    """
+
+    def __init__(self, chunk: torch.Tensor, min_capacity: int = ALIGN):
         cap = max(min_capacity, chunk.shape[0])
         self.data = chunk.new_empty(cap, *chunk.shape[1:])
         self.length = 0
         self.append(chunk)
 
+    def _resize(self, cap: int) -> None:
+        grown = self.data.new_empty(cap, *self.data.shape[1:])
+        grown[: self.length] = self.data[: self.length]
+        self.data = grown
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for ``capacity`` rows in total (never shrinks below what is filled)."""
+        if capacity > self.data.shape[0]:
+            self._resize(capacity)
+
     def append(self, chunk: torch.Tensor) -> None:
         need = self.length + chunk.shape[0]
         if need > self.data.shape[0]:
-            cap = max(need, 2 * self.data.shape[0])
-            grown = self.data.new_empty(cap, *self.data.shape[1:])
-            grown[: self.length] = self.data[: self.length]
-            self.data = grown
+            self._resize(max(need, _aligned(int(self.data.shape[0] * GROWTH))))
         self.data[self.length : need] = chunk
         self.length = need
 
@@ -62,6 +81,7 @@ class SparseLayerCache:
         self.values: list[_GrowBuffer | None] = []
         self.k1: list[_GrowBuffer | None] = []
         self.k2: list[_GrowBuffer | None] = []
+        self.reserved = 0  # tokens per sequence to allocate up front (SALACache.reserve)
 
     def _ensure(self, batch: int) -> None:
         if not self.keys:
@@ -74,11 +94,20 @@ class SparseLayerCache:
         """Append real tokens k/v ``[t, Hk, D]`` of sequence b; return all its keys and values."""
         self._ensure(batch)
         if self.keys[b] is None:
-            self.keys[b], self.values[b] = _GrowBuffer(k), _GrowBuffer(v)
+            cap = max(ALIGN, self.reserved)
+            self.keys[b], self.values[b] = _GrowBuffer(k, cap), _GrowBuffer(v, cap)
         elif k.shape[0]:
             self.keys[b].append(k)
             self.values[b].append(v)
         return self.keys[b].view(), self.values[b].view()
+
+    def reserve(self, tokens: int) -> None:
+        """Room for ``tokens`` real tokens per sequence: buffers made later start at it, existing ones grow to it."""
+        self.reserved = max(self.reserved, tokens)
+        for lst in (self.keys, self.values):
+            for buf in lst:
+                if buf is not None:
+                    buf.reserve(tokens)
 
     def length(self, b: int) -> int:
         return 0 if not self.keys or self.keys[b] is None else self.keys[b].length
@@ -202,6 +231,18 @@ class SALACache(Cache):
         n = self.batch_size
         if n > 0:
             self.batch_select_indices(torch.arange(n).repeat_interleave(repeats))
+
+    def reserve(self, tokens: int) -> None:
+        """Allocate K/V room for ``tokens`` tokens per sequence (prompt + new tokens) in every sparse layer.
+
+        Optional: without it buffers grow by 1.25x as tokens arrive. With it, a 1M-token prefill followed by
+        decoding holds exactly ``tokens`` rows and never copies them to grow.
+        """
+        if tokens < 0:
+            raise ValueError(f"reserve takes a token count >= 0, got {tokens}")
+        for layer in self.layers:
+            if isinstance(layer, SparseLayerCache):
+                layer.reserve(tokens)
 
     # ---- memory accounting
     def nbytes(self) -> int:

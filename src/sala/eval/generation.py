@@ -78,8 +78,13 @@ def forward_chunk(model, ids: torch.Tensor, past, keep: int | None):
 
 
 @torch.no_grad()
-def prefill(model, input_ids: torch.Tensor, chunk_size: int | None = None):
-    """Run the prompt [1, T] through the model in chunks; return (last-position logits [1, V], cache)."""
+def prefill(model, input_ids: torch.Tensor, chunk_size: int | None = None, reserve: int | None = None):
+    """Run the prompt [1, T] through the model in chunks; return (last-position logits [1, V], cache).
+
+    ``reserve``: the total tokens the cache will hold (prompt + tokens to generate). Caches that can size
+    themselves up front (``SALACache.reserve``) are told after the first chunk, so a long prompt never
+    leaves them over-allocated by growth.
+    """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"prefill takes one sequence [1, T], got {tuple(input_ids.shape)}")
     T = input_ids.shape[1]
@@ -87,6 +92,8 @@ def prefill(model, input_ids: torch.Tensor, chunk_size: int | None = None):
     past, logits = None, None
     for a in range(0, T, step):
         logits, past = forward_chunk(model, input_ids[:, a : a + step], past, keep=1)
+        if a == 0 and reserve and hasattr(past, "reserve"):
+            past.reserve(max(reserve, T))
     return logits[:, -1], past
 
 
@@ -106,7 +113,7 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_tok
     eos = set(int(e) for e in eos_token_ids if e is not None)
     synchronize(device)
     t0 = time.perf_counter()
-    logits, past = prefill(model, input_ids, chunk_size)
+    logits, past = prefill(model, input_ids, chunk_size, reserve=input_ids.shape[1] + max_new_tokens)
     nxt = int(logits.argmax(-1))
     synchronize(device)
     t1 = time.perf_counter()
