@@ -94,6 +94,7 @@ class SALAConfig(PretrainedConfig):
         shift_labels: bool = True,
         mixer_types: list[str] | None = None,
         sparse_config: dict | None = None,
+        prefill_chunk_tokens: int | None = 32768,
         bos_token_id: int | None = 1,
         eos_token_id: int | list[int] | None = (2, 73440),
         pad_token_id: int | None = 2,
@@ -136,6 +137,9 @@ class SALAConfig(PretrainedConfig):
         self.pretraining_tp = pretraining_tp
         self.use_cache = use_cache
         self.shift_labels = shift_labels
+        # sala's own: cached forwards longer than this run in chunks of it (at least dense_len), so a 1M-token
+        # prompt through generate() never holds whole-prompt activations; None runs every input in one piece.
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         if mixer_types is None:
             mixer_types = [SPARSE] * num_hidden_layers
         self.mixer_types = [self._normalize_mixer(i, m) for i, m in enumerate(mixer_types)]
@@ -201,6 +205,8 @@ class SALAConfig(PretrainedConfig):
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "head_dim", "lightning_nkv", "max_position_embeddings"):
             positive(key)
+        if self.prefill_chunk_tokens is not None:
+            positive("prefill_chunk_tokens")
         if len(self.mixer_types) != self.num_hidden_layers:
             raise _bad("mixer_types", self.mixer_types,
                        f"has {len(self.mixer_types)} entries but num_hidden_layers={self.num_hidden_layers}")

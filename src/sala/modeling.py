@@ -306,6 +306,11 @@ class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         past_key_values = _pick_cache(past_key_values, kwargs)
+        chunk = self._prefill_chunk(input_ids if input_ids is not None else inputs_embeds, use_cache, labels,
+                                    output_hidden_states, cu_seqlens, logits_to_keep)
+        if chunk:
+            return self._chunked_forward(chunk, input_ids, inputs_embeds, attention_mask, position_ids,
+                                         past_key_values, logits_to_keep)
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -316,13 +321,55 @@ class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
             h = h[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             h = h[:, logits_to_keep]
-        logits = self.lm_head(h / self.config.logit_divisor).float()
+        logits = self._logits(h)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_FIELD: getattr(out, CACHE_FIELD)}
         )
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h / self.config.logit_divisor).float()
+
+    def _prefill_chunk(self, src, use_cache, labels, output_hidden_states, cu_seqlens, logits_to_keep) -> int | None:
+        """The chunk length for a long cached inference forward, or None to run it in one piece.
+
+        Chunks are at least ``dense_len`` long, so each chunk takes the same dense/sparse branch as the whole
+        input would (the branch depends on the longest position seen), and chunked equals one-shot.
+        """
+        size = getattr(self.config, "prefill_chunk_tokens", None)
+        if not size or src is None or self.training or labels is not None or output_hidden_states:
+            return None
+        if cu_seqlens is not None or isinstance(logits_to_keep, torch.Tensor):
+            return None
+        if not (use_cache if use_cache is not None else self.config.use_cache):
+            return None
+        if self.config.sparse_layers:
+            size = max(size, int(self.config.sparse_config.get("dense_len", 0)))
+        return size if src.shape[1] > size else None
+
+    def _chunked_forward(self, chunk, input_ids, inputs_embeds, attention_mask, position_ids, cache, logits_to_keep):
+        """The cached forward in chunks; logits only for the positions ``logits_to_keep`` asks for."""
+        T = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        past = cache.get_seq_length() if isinstance(cache, SALACache) else 0
+        first_kept = T - logits_to_keep if logits_to_keep > 0 else 0
+        pieces = []
+        for a in range(0, T, chunk):
+            b = min(T, a + chunk)
+            out = self.model(
+                input_ids=None if input_ids is None else input_ids[:, a:b],
+                inputs_embeds=None if inputs_embeds is None else inputs_embeds[:, a:b],
+                attention_mask=None if attention_mask is None else attention_mask[:, : past + b],
+                position_ids=None if position_ids is None else position_ids[:, a:b],
+                past_key_values=cache, use_cache=True,
+            )
+            cache = getattr(out, CACHE_FIELD)
+            if a == 0:
+                cache.reserve(past + T)  # one allocation for the whole prompt
+            if b > first_kept:
+                pieces.append(self._logits(out.last_hidden_state[:, max(first_kept - a, 0):]))
+        return CausalLMOutputWithPast(logits=torch.cat(pieces, 1), **{CACHE_FIELD: cache})
 
     def prepare_inputs_for_generation(
         self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs
