@@ -330,7 +330,9 @@ class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
         )
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h / self.config.logit_divisor).float()
+        """At least float32 (the release upcasts 16-bit logits); a float64 model keeps float64."""
+        logits = self.lm_head(h / self.config.logit_divisor)
+        return logits if logits.dtype == torch.float64 else logits.float()
 
     def _prefill_chunk(self, src, use_cache, labels, output_hidden_states, cu_seqlens, logits_to_keep) -> int | None:
         """The chunk length for a long cached inference forward, or None to run it in one piece.

@@ -39,3 +39,24 @@ def test_stops_at_eos_and_strips_it(builders):
 def test_eos_ids_collects_config_and_tokenizer(tokenizer, builders):
     model = builders["llama"](len(tokenizer))
     assert eos_ids(model, tokenizer) == [2]
+
+
+def test_chunks_below_dense_len_do_not_change_a_sala_prefill():
+    """A 128-token chunk on a model with dense_len 512 would route the first positions through dense attention;
+    the prefill and the perplexity window raise it to dense_len, so both equal the prompt in one piece."""
+    from sala.eval.generation import branch_safe_chunk
+    from sala.eval.perplexity import window_nll, window_nll_unchunked
+    from sala.testing import make_model, random_ids, small_config
+
+    sparse = dict(kernel_size=32, kernel_stride=16, init_blocks=1, block_size=64, window_size=64, topk=2, dense_len=512)
+    model = make_model(small_config(sparse_config=sparse, prefill_chunk_tokens=None)).double()
+    ids = random_ids(model.config, 1, 700)  # 11 blocks, 5 selected: sparse differs from dense
+    assert branch_safe_chunk(model, 128) == 512 and branch_safe_chunk(model, 1024) == 1024
+    assert branch_safe_chunk(model, None) is None
+    last, _ = prefill(model, ids, chunk_size=128)  # 1.9e-4 off without the rule
+    ref = model(input_ids=ids, use_cache=False).logits[:, -1]
+    torch.testing.assert_close(last, ref, rtol=1e-10, atol=1e-10)
+    got, n = window_nll(model, ids, score_tokens=200, chunk_size=128)  # 7.7e-4 off without the rule
+    want, m = window_nll_unchunked(model, ids, score_tokens=200)
+    assert n == m == 200
+    assert abs(got - want) < 1e-10 * abs(want)

@@ -61,6 +61,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def branch_safe_chunk(model, chunk_size: int | None) -> int | None:
+    """``chunk_size`` raised to the model's ``dense_len`` where it has one (SALA models).
+
+    A SALA sparse layer takes its dense or sparse branch from the longest position in the forward, so a
+    chunk shorter than ``dense_len`` would send the first positions of a long prompt down the dense branch
+    where the whole prompt in one piece takes the sparse one: chunking must not change what is measured.
+    """
+    sc = getattr(getattr(model, "config", None), "sparse_config", None)
+    if chunk_size and isinstance(sc, dict) and sc.get("dense_len"):
+        return max(chunk_size, int(sc["dense_len"]))
+    return chunk_size
+
+
 @torch.no_grad()
 def forward_chunk(model, ids: torch.Tensor, past, keep: int | None):
     """One cached forward of ``ids`` [1, n]; returns (logits of the last ``keep`` positions, cache).
@@ -88,6 +101,7 @@ def prefill(model, input_ids: torch.Tensor, chunk_size: int | None = None, reser
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"prefill takes one sequence [1, T], got {tuple(input_ids.shape)}")
     T = input_ids.shape[1]
+    chunk_size = branch_safe_chunk(model, chunk_size)
     step = T if not chunk_size or chunk_size >= T else chunk_size
     past, logits = None, None
     for a in range(0, T, step):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .generation import forward_chunk, model_device
+from .generation import branch_safe_chunk, forward_chunk, model_device
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -36,6 +36,7 @@ def window_nll(model, ids: torch.Tensor, score_tokens: int, chunk_size: int | No
     ids = ids.to(model_device(model))
     inputs, first = ids[:, : L - 1], L - 1 - score_tokens  # first input position whose logits are scored
     n_in = inputs.shape[1]
+    chunk_size = branch_safe_chunk(model, chunk_size)
     step = n_in if not chunk_size or chunk_size >= n_in else chunk_size
     past, total, counted = None, 0.0, 0
     for a in range(0, n_in, step):
