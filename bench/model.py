@@ -172,10 +172,16 @@ def warm_up(model, device: str, chunk: int, vocab: int, length: int) -> None:
     sync(device)
 
 
-def measure(model, T: int, chunk: int, decode: int, device: str, profile_decode: bool = False) -> dict:
-    """TTFT of a T-token random prompt (chunked prefill), then ``decode`` timed greedy steps after 4 untimed."""
-    vocab = model.config.vocab_size
-    ids = torch.randint(3, vocab, (1, T), device=device)
+def prompt(T: int, vocab: int, device: str) -> torch.Tensor:
+    """The random prompt of length T (seeded: every variant of a length sees the same tokens)."""
+    g = torch.Generator().manual_seed(T)
+    return torch.randint(3, vocab, (1, T), generator=g).to(device)
+
+
+def measure(model, ids: torch.Tensor, chunk: int, decode: int, device: str, profile_decode: bool = False) -> dict:
+    """TTFT of the prompt ``ids`` (chunked prefill), then ``decode`` timed greedy steps after 4 untimed.
+    The row's ``tokens`` are the greedy tokens (compared across variants, then dropped from the JSON)."""
+    T = ids.shape[1]
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -188,9 +194,11 @@ def measure(model, T: int, chunk: int, decode: int, device: str, profile_decode:
             sync(device)
             ttft = time.perf_counter() - t0
             tok = logits.argmax(-1, keepdim=True)
-            for _ in range(4):  # untimed: new shapes of this context length
+            toks = [tok]
+            for _ in range(4):  # untimed: new shapes of this context length (and graph captures)
                 logits, cache = forward_chunk(model, tok, cache, keep=1)
                 tok = logits[:, -1].argmax(-1, keepdim=True)
+                toks.append(tok)
             sync(device)
             clock = StepClock(device, decode)
             t1 = time.perf_counter()
@@ -198,6 +206,7 @@ def measure(model, T: int, chunk: int, decode: int, device: str, profile_decode:
             for _ in range(decode):
                 logits, cache = forward_chunk(model, tok, cache, keep=1)
                 tok = logits[:, -1].argmax(-1, keepdim=True)
+                toks.append(tok)
                 clock.mark()
             sync(device)
             per_tok = (time.perf_counter() - t1) / max(1, decode)
@@ -215,12 +224,29 @@ def measure(model, T: int, chunk: int, decode: int, device: str, profile_decode:
                    decode_step_ms_median=steps[len(steps) // 2] if steps else None,
                    decode_step_ms_max=steps[-1] if steps else None,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
-                   cache_gib=cache_bytes(cache) / 2**30)
+                   cache_gib=cache_bytes(cache) / 2**30, tokens=torch.cat(toks, 1)[0].tolist())
         del cache
     except torch.OutOfMemoryError as err:
         row.update(ms=None, note=f"out of memory: {str(err)[:120]}")
-    del ids
     gc.collect()
+    return row
+
+
+def graphs_row(model, ids, eager: dict, eager_tokens: list[int], chunk: int, decode: int, device: str) -> dict:
+    """The same prompt with decode graphs on: decode time against the eager row, tokens compared."""
+    from sala.engine.graphs import CudaGraphBackend, EagerBackend, disable_decode_graphs, enable_decode_graphs
+
+    runner = enable_decode_graphs(model, CudaGraphBackend() if device.startswith("cuda") else EagerBackend())
+    try:
+        row = {"case": eager["case"], "variant": "sala-graphs", "layers": eager["layers"],
+               **measure(model, ids, chunk, decode, device)}
+    finally:
+        disable_decode_graphs(model)
+    tokens = row.pop("tokens", None)
+    base = eager.get("decode_ms_per_token")
+    row.update(baseline="sala (eager decode)", baseline_ms=base, graphs=len(runner.graphs),
+               speedup=(base / row["decode_ms_per_token"]) if base and row.get("decode_ms_per_token") else None,
+               correct=tokens == eager_tokens, note="ms = TTFT; speedup = eager decode ms / graph decode ms")
     return row
 
 
@@ -232,6 +258,8 @@ def main() -> None:
     ap.add_argument("--chunk", default="32K")
     ap.add_argument("--baseline", choices=["none", "qwen3-8b"], default="none",
                     help="a dense model timed on the same lengths in the same run")
+    ap.add_argument("--decode-graphs", action="store_true",
+                    help="also time SALA with lightning layers replayed as CUDA graphs (sala.engine.graphs)")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--profile-decode", action="store_true", help="print where 5 decode steps spend time")
     ap.add_argument("--device", default="cuda")
@@ -271,11 +299,13 @@ def main() -> None:
         warm_up(model, device, chunk, model.config.vocab_size, min(9000, max(lengths)))
         for T in lengths:
             row = {"case": f"ttft_T{T}", "variant": variant, "layers": model.config.num_hidden_layers}
+            ids = prompt(T, model.config.vocab_size, device)
             too_big = kv_exceeds_card(model, T, device) if variant != "sala" else None
             if too_big:  # a dense prefill would run for minutes before failing: say so without running it
                 row.update(ms=None, note=too_big)
             else:
-                row.update(measure(model, T, chunk, args.decode, device, args.profile_decode and variant == "sala"))
+                row.update(measure(model, ids, chunk, args.decode, device, args.profile_decode and variant == "sala"))
+            tokens = row.pop("tokens", None)
             if variant == "sala":
                 base = dense_ms.get(T)
                 row.update(baseline="dense-qwen3-8b" if T in dense_ms else None, baseline_ms=base,
@@ -287,11 +317,16 @@ def main() -> None:
             result["rows"].append(row)
             save()
             print(json.dumps(row), flush=True)
+            if variant == "sala" and args.decode_graphs and row.get("ms") is not None:
+                result["rows"].append(graphs_row(model, ids, row, tokens, chunk, args.decode, device))
+                save()
+                print(json.dumps(result["rows"][-1]), flush=True)
         del model
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    print(f"\n{'case':>16} {'variant':>16} {'TTFT s':>8} {'decode ms/tok':>14} {'peak GiB':>9} {'TTFT speedup':>13}")
+    print("\nspeedup: sala rows = dense TTFT / sala TTFT; sala-graphs rows = eager decode / graph decode")
+    print(f"{'case':>16} {'variant':>16} {'TTFT s':>8} {'decode ms/tok':>14} {'peak GiB':>9} {'speedup':>13}")
     for r in result["rows"]:
         if r.get("ms") is None:
             print(f"{r['case']:>16} {r['variant']:>16} {r.get('note')}")

@@ -180,6 +180,9 @@ class SALAModel(SALAPreTrainedModel):
         self.layers = nn.ModuleList(SALADecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        # Optional: runs the layers of a one-token decode step instead of the loop below (sala.engine.graphs
+        # installs one that replays lightning layers as CUDA graphs); its ``run`` returns None to decline.
+        self.decode_runner = None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -253,11 +256,18 @@ class SALAModel(SALAPreTrainedModel):
 
         h = inputs_embeds * cfg.scale_emb
         all_hidden = [] if output_hidden_states else None
-        for i, layer in enumerate(self.layers):
-            if all_hidden is not None:
-                all_hidden.append(h)
-            layer_cache = past_key_values.layers[i] if past_key_values is not None else None
-            h = layer(h, position_ids, token_mask, layer_cache, cu_seqlens)
+        ran = None
+        if self.decode_runner is not None and T == 1 and token_mask is None and cu_seqlens is None \
+                and all_hidden is None and past_key_values is not None and not torch.is_grad_enabled():
+            ran = self.decode_runner.run(h, position_ids, past_key_values)
+        if ran is not None:
+            h = ran
+        else:
+            for i, layer in enumerate(self.layers):
+                if all_hidden is not None:
+                    all_hidden.append(h)
+                layer_cache = past_key_values.layers[i] if past_key_values is not None else None
+                h = layer(h, position_ids, token_mask, layer_cache, cu_seqlens)
         h = self.norm(h)
         if all_hidden is not None:
             all_hidden.append(h)

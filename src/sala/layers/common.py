@@ -25,14 +25,20 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-_INV_FREQ_CACHE: dict[tuple[int, float], torch.Tensor] = {}
+_INV_FREQ_CACHE: dict[tuple[int, float, str], torch.Tensor] = {}
 
 
-def rope_inv_freq(dim: int, theta: float) -> torch.Tensor:
-    """fp32 inverse frequencies, computed once on the CPU so that every device uses the same values."""
-    key = (dim, float(theta))
+def rope_inv_freq(dim: int, theta: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """fp32 inverse frequencies, computed once on the CPU (every device uses the same values) and kept per
+    device: a decode step would otherwise copy them host-to-device in every RoPE layer (and a CUDA graph
+    cannot capture a copy from pageable host memory)."""
+    device = torch.device(device)
+    key = (dim, float(theta), str(device))
     if key not in _INV_FREQ_CACHE:
-        _INV_FREQ_CACHE[key] = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        cpu_key = (dim, float(theta), "cpu")
+        if cpu_key not in _INV_FREQ_CACHE:
+            _INV_FREQ_CACHE[cpu_key] = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        _INV_FREQ_CACHE[key] = _INV_FREQ_CACHE[cpu_key].to(device)
     return _INV_FREQ_CACHE[key]
 
 
@@ -42,7 +48,7 @@ def rope_cos_sin(position_ids: torch.Tensor, dim: int, theta: float) -> tuple[to
     Same fp32 product ``position * inv_freq`` as the release's precomputed table, so the angles round
     identically, without its 524288 x dim table per layer.
     """
-    inv = rope_inv_freq(dim, theta).to(position_ids.device)
+    inv = rope_inv_freq(dim, theta, position_ids.device)
     freqs = position_ids.float()[..., None] * inv
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()

@@ -1,0 +1,1 @@
+"""Inference engine: generation helpers, decode graphs, the HTTP server (the floor above the model)."""
