@@ -93,3 +93,18 @@ def test_no_chunking_for_training_labels_or_short_inputs():
 def test_bad_chunk_size_is_a_config_error():
     with pytest.raises(ConfigError, match="prefill_chunk_tokens"):
         small_config(prefill_chunk_tokens=0)
+
+
+def test_transformers_prefill_chunk_size_becomes_sala_chunking():
+    """generate(prefill_chunk_size=...) (transformers' knob) runs sala's chunked prefill and changes nothing."""
+    one, _ = _models(chunk=128)
+    calls = _calls(one)
+    ids = random_ids(one.config, 1, 300)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = one.generate(ids, **kw)
+        n_plain = len(calls)
+        got = one.generate(ids, prefill_chunk_size=128, **kw)
+    assert len(calls) - n_plain == n_plain + 2  # the 300-token prefill ran as 3 chunks instead of 1
+    assert torch.equal(got, ref)
+    assert one.config.prefill_chunk_tokens is None  # restored after the call

@@ -8,6 +8,7 @@ before an untied ``lm_head``; logits in float32. Positions come from the attenti
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -382,6 +383,28 @@ class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
             if b > first_kept:
                 pieces.append(self._logits(out.last_hidden_state[:, max(first_kept - a, 0):]))
         return CausalLMOutputWithPast(logits=torch.cat(pieces, 1), **{CACHE_FIELD: cache})
+
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate``. Its ``prefill_chunk_size`` (argument or generation config) becomes sala's
+        own chunked prefill, ``config.prefill_chunk_tokens`` for this call (raised to ``dense_len``): transformers'
+        version feeds chunks itself, needs a cache made before the call and ignores the dense/sparse branch."""
+        gen_cfg = kwargs.get("generation_config")
+        size = kwargs.pop("prefill_chunk_size", None)
+        for cfg in (gen_cfg, self.generation_config):
+            size = size or getattr(cfg, "prefill_chunk_size", None)
+        if not size:
+            return super().generate(*args, **kwargs)
+        if gen_cfg is not None and getattr(gen_cfg, "prefill_chunk_size", None):
+            gen_cfg = copy.deepcopy(gen_cfg)
+            gen_cfg.prefill_chunk_size = None
+            kwargs["generation_config"] = gen_cfg
+        saved = (self.config.prefill_chunk_tokens, getattr(self.generation_config, "prefill_chunk_size", None))
+        self.config.prefill_chunk_tokens = int(size)
+        self.generation_config.prefill_chunk_size = None
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self.config.prefill_chunk_tokens, self.generation_config.prefill_chunk_size = saved
 
     def prepare_inputs_for_generation(
         self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs
