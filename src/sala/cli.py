@@ -138,6 +138,7 @@ from .convert.cli import register as _register_convert; _register_convert(app)  
 from .eval.cli import eval_command as _eval_command; app.command("eval")(_eval_command)  # noqa: E402,E702
 from .train.cli import register as _register_train; _register_train(app)  # noqa: E402,E702
 from .pipeline.cli import register as _register_pipeline; _register_pipeline(app)  # noqa: E402,E702
+from .engine.cli import register as _register_serve; _register_serve(app)  # noqa: E402,E702
 
 
 if __name__ == "__main__":
