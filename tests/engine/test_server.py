@@ -12,8 +12,7 @@ import threading
 import pytest
 import torch
 
-pytest.importorskip("fastapi", reason="the server needs fastapi (pip install 'sala[test]')")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402  (fastapi + httpx: the 'test' extra)
 
 from sala.demo import byte_tokenizer  # noqa: E402
 from sala.engine.server import create_app  # noqa: E402
