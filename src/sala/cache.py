@@ -2,8 +2,9 @@
 
 Sparse layers keep, per sequence, only the real (unpadded) tokens in growing buffers (1.25x, or sized up
 front by ``SALACache.reserve``) laid out ``[T, Hk, D]`` (the ops' layout), so a decode step appends in place
-and reads a contiguous prefix; the compressed keys K1/K2 are kept incrementally and only once the sparse path is first used (the release
-compresses the whole history at the first sparse step, then incrementally: the same values).
+and reads a contiguous prefix; the compressed keys K1/K2 are kept incrementally and only once the sparse
+path is first used (the release compresses the whole history at the first sparse step, then incrementally:
+the same values).
 Lightning layers keep one float32 state ``[B, H, K, V]``.
 
 ``SALACache`` subclasses transformers' ``Cache`` so that ``generate()`` accepts it; it overrides every

@@ -180,6 +180,16 @@ class SALAConfig(PretrainedConfig):
         """Sparse layers recompute their head size as hidden // heads, as the release does."""
         return self.hidden_size // self.num_attention_heads
 
+    def branch_safe_chunk(self, tokens: int) -> int:
+        """A prefill chunk length raised to ``dense_len`` when there are sparse layers.
+
+        A sparse layer takes its dense or sparse branch from the longest position in the forward, so a chunk
+        shorter than ``dense_len`` would run the first positions of a long prompt densely where the prompt in
+        one piece runs them sparse: chunks of at least ``dense_len`` keep chunked equal to one piece."""
+        if self.sparse_layers and self.sparse_config:
+            return max(tokens, int(self.sparse_config.get("dense_len", 0)))
+        return tokens
+
     @property
     def residual_scale(self) -> float:
         return self.scale_depth / self.num_hidden_layers**0.5

@@ -348,8 +348,7 @@ class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
     def _prefill_chunk(self, src, use_cache, labels, output_hidden_states, cu_seqlens, logits_to_keep) -> int | None:
         """The chunk length for a long cached inference forward, or None to run it in one piece.
 
-        Chunks are at least ``dense_len`` long, so each chunk takes the same dense/sparse branch as the whole
-        input would (the branch depends on the longest position seen), and chunked equals one-shot.
+        Chunks are at least ``dense_len`` long (``SALAConfig.branch_safe_chunk``), so chunked equals one piece.
         """
         size = getattr(self.config, "prefill_chunk_tokens", None)
         if not size or src is None or self.training or labels is not None or output_hidden_states:
@@ -358,8 +357,7 @@ class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
             return None
         if not (use_cache if use_cache is not None else self.config.use_cache):
             return None
-        if self.config.sparse_layers:
-            size = max(size, int(self.config.sparse_config.get("dense_len", 0)))
+        size = self.config.branch_safe_chunk(size)
         return size if src.shape[1] > size else None
 
     def _chunked_forward(self, chunk, input_ids, inputs_embeds, attention_mask, position_ids, cache, logits_to_keep):

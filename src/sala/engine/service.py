@@ -13,16 +13,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..eval.generation import eos_ids
+from ..eval.runner import resolve_device
 from .decoding import SamplingParams, Summary, generate_text
 from .protocol import RequestError
 
 DEFAULT_MAX_TOKENS = 256
-
-
-def pick_device(device: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 class Engine:
@@ -51,7 +46,7 @@ class Engine:
         path = Path(path)
         tdtype = "auto" if dtype == "auto" else getattr(torch, dtype)
         tok = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=tdtype).to(pick_device(device)).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=tdtype).to(resolve_device(device)).eval()
         return cls(model, tok, name or path.resolve().name, chunk_size,
                    random_init=(path / "SALA_RANDOM_INIT").exists(), **kw)
 

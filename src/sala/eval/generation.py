@@ -62,15 +62,11 @@ def synchronize(device: torch.device) -> None:
 
 
 def branch_safe_chunk(model, chunk_size: int | None) -> int | None:
-    """``chunk_size`` raised to the model's ``dense_len`` where it has one (SALA models).
-
-    A SALA sparse layer takes its dense or sparse branch from the longest position in the forward, so a
-    chunk shorter than ``dense_len`` would send the first positions of a long prompt down the dense branch
-    where the whole prompt in one piece takes the sparse one: chunking must not change what is measured.
-    """
-    sc = getattr(getattr(model, "config", None), "sparse_config", None)
-    if chunk_size and isinstance(sc, dict) and sc.get("dense_len"):
-        return max(chunk_size, int(sc["dense_len"]))
+    """``chunk_size`` as the model's config allows it (``SALAConfig.branch_safe_chunk``: at least a SALA
+    model's ``dense_len``); other models take it as given. Chunking must not change what is measured."""
+    cfg = getattr(model, "config", None)
+    if chunk_size and hasattr(cfg, "branch_safe_chunk"):
+        return cfg.branch_safe_chunk(chunk_size)
     return chunk_size
 
 
