@@ -21,7 +21,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .cache import SALACache
 from .config import LIGHTNING, SALAConfig
-from .layers.common import RMSNorm, SwiGLU
+from .layers import fusion
+from .layers.common import RMSNorm, SwiGLU, add_rms_norm, residual_add
 from .layers.lightning import LightningAttention
 from .layers.sparse import SparseAttention
 
@@ -79,8 +80,9 @@ class SALADecoderLayer(_LayerBase):
 
     def forward(self, h, position_ids, token_mask=None, layer_cache=None, cu_seqlens=None):
         attn = self.self_attn(self.input_layernorm(h), position_ids, token_mask, layer_cache, cu_seqlens)
-        h = h + attn * self.residual_scale
-        return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
+        norm = self.post_attention_layernorm
+        h, x = fusion.call(add_rms_norm, h, attn, self.residual_scale, norm.weight, norm.eps)
+        return fusion.call(residual_add, h, self.mlp(x), self.residual_scale)
 
 
 class SALAPreTrainedModel(PreTrainedModel):

@@ -5,6 +5,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from . import fusion
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    var = xf.pow(2).mean(-1, keepdim=True)
+    return (xf * torch.rsqrt(var + eps)).to(x.dtype) * weight
+
+
+def residual_add(h: torch.Tensor, update: torch.Tensor, scale: float) -> torch.Tensor:
+    return h + update * scale
+
+
+def add_rms_norm(h: torch.Tensor, update: torch.Tensor, scale: float, weight: torch.Tensor, eps: float):
+    """``(h + update * scale, rms_norm(that))``: a residual add and the next norm in one fused call."""
+    h = residual_add(h, update, scale)
+    return h, rms_norm(h, weight, eps)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class RMSNorm(nn.Module):
@@ -17,12 +40,24 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        var = xf.pow(2).mean(-1, keepdim=True)
-        return (xf * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+        return fusion.call(rms_norm, x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+_MAX_POSITION = WeakTensorKeyDictionary()  # position tensor -> (its version, its max)
+
+
+def max_position(position_ids: torch.Tensor) -> int:
+    """``int(position_ids.max())``, read from the device once per tensor: every layer of a forward gets the
+    same position tensor, and a host sync in each would stop the CPU from queuing kernels ahead."""
+    hit = _MAX_POSITION.get(position_ids)
+    if hit is not None and hit[0] == position_ids._version:
+        return hit[1]
+    value = int(position_ids.max())
+    _MAX_POSITION[position_ids] = (position_ids._version, value)
+    return value
 
 
 _INV_FREQ_CACHE: dict[tuple[int, float, str], torch.Tensor] = {}
@@ -76,4 +111,4 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(fusion.call(silu_mul, self.gate_proj(x), self.up_proj(x)))

@@ -14,7 +14,33 @@ from .. import ops
 from ..cache import LightningLayerCache
 from ..config import SALAConfig
 from ..ops.lightning_reference import lightning_decay
-from .common import RMSNorm, apply_rope, rope_cos_sin
+from . import fusion
+from .common import RMSNorm, apply_rope, rms_norm, rope_cos_sin
+
+
+def prepare_qkv(q, k, v, q_norm_w, k_norm_w, eps: float, cos, sin, rep: int, dtype):
+    """q/k per-head RMSNorm (when given), RoPE (when given), K/V heads repeated ``rep`` times, cast to
+    ``dtype`` (when given): everything between the projections and the kernel, as one fusable function."""
+    if q_norm_w is not None:
+        q, k = rms_norm(q, q_norm_w, eps), rms_norm(k, k_norm_w, eps)
+    if cos is not None:
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if rep != 1:
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    if dtype is not None:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
+
+
+def norm_and_gate(o, dtype, o_norm_w, eps: float, z):
+    """The kernel's float32 output in the layer's dtype, ``o_norm`` over the whole hidden vector (when
+    given) and the ``sigmoid(z)`` gate (when given)."""
+    o = o.to(dtype)
+    if o_norm_w is not None:
+        o = rms_norm(o, o_norm_w, eps)
+    if z is not None:
+        o = o * torch.sigmoid(z)
+    return o
 
 
 class LightningAttention(nn.Module):
@@ -60,17 +86,13 @@ class LightningAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope:
-            cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.num_kv_heads != self.num_heads:
-            rep = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-        if torch.is_autocast_enabled(x.device.type):  # the norms return float32; run the kernel in autocast's dtype
-            dt = torch.get_autocast_dtype(x.device.type)
-            q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta) if self.use_rope else (None, None)
+        # the norms return float32; under autocast the kernel runs in autocast's dtype
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        q, k, v = fusion.call(
+            prepare_qkv, q, k, v, self.q_norm.weight if self.q_norm is not None else None,
+            self.k_norm.weight if self.k_norm is not None else None, self.q_norm.eps if self.q_norm is not None else 0.0,
+            cos, sin, self.num_heads // self.num_kv_heads, dt)
         g = self.g_gamma(x.device)
         state = cache.state if cache is not None else None
         if cu_seqlens is not None:
@@ -85,11 +107,10 @@ class LightningAttention(nn.Module):
             o, final = self._varlen(q, k, v, g, state, token_mask)
         if cache is not None:
             cache.state = final
-        o = o.to(x.dtype).reshape(B, T, self.num_heads * self.head_dim)
-        if self.o_norm is not None:
-            o = self.o_norm(o)
-        if self.z_proj is not None:
-            o = o * torch.sigmoid(self.z_proj(x))
+        o = o.reshape(B, T, self.num_heads * self.head_dim)
+        z = self.z_proj(x) if self.z_proj is not None else None
+        o = fusion.call(norm_and_gate, o, x.dtype, self.o_norm.weight if self.o_norm is not None else None,
+                        self.o_norm.eps if self.o_norm is not None else 0.0, z)
         return self.o_proj(o)
 
     def _varlen(self, q, k, v, g, state, token_mask):

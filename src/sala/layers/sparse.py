@@ -14,7 +14,7 @@ from .. import ops
 from ..cache import SparseLayerCache
 from ..config import SALAConfig
 from ..ops.infllmv2_reference import SparseParams
-from .common import apply_rope, rope_cos_sin
+from .common import apply_rope, max_position, rope_cos_sin
 
 DENSE_ALWAYS = 1 << 62  # a dense_len no context reaches: the layer attends densely at any length
 
@@ -60,7 +60,7 @@ class SparseAttention(nn.Module):
             cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # The release switches on the longest total length in the batch: position_ids.max() + 1.
-        sparse = int(position_ids.max()) + 1 >= self.dense_len
+        sparse = max_position(position_ids) + 1 >= self.dense_len
         if cu_seqlens is not None:  # packed documents (batch 1): each attends only within itself
             bounds = cu_seqlens.tolist()
             o = torch.cat([self._attend(q[0, s:e], k[0, s:e], v[0, s:e], sparse, None, decode=False)

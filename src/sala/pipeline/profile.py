@@ -72,6 +72,7 @@ class Profile:
     force_first_last: bool = True
     autocast_bf16: bool = False
     gradient_checkpointing: bool = False
+    fuse: bool = False  # CUDA: fused elementwise chains in training (torch.compile, sala.layers.fusion)
     convert: dict = field(default_factory=dict)
     halo: HaloSpec = field(default_factory=HaloSpec)
     compare: CompareSpec = field(default_factory=CompareSpec)
@@ -86,7 +87,7 @@ class Profile:
             "force_first_last": self.force_first_last, "convert": dict(self.convert), "data": self.data,
             "data_options": dict(self.data_options), "init_lightning_from": init_lightning_from, "seed": self.seed,
             "autocast_bf16": self.autocast_bf16, "gradient_checkpointing": self.gradient_checkpointing,
-            "checkpoint_every": checkpoint_every, "log_every": log_every, "stages": [dict(s) for s in stages],
+            "fuse": self.fuse, "checkpoint_every": checkpoint_every, "log_every": log_every, "stages": [dict(s) for s in stages],
         })
 
     def to_dict(self) -> dict:

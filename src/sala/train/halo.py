@@ -19,7 +19,7 @@ def halo_select(out_dir: str | Path, teacher: str = "default", data: str = "synt
                 probe_rows: int = 8, probe_seq_len: int | None = None, ratio: float = 0.25,
                 force_first_last: bool = True, teacher_shape: dict | None = None, seed: int = 0,
                 recall: str = "bigram", haystack: str = "shakespeare", time_budget_s: float = 0.0,
-                autocast_bf16: bool = False, deadline: float | None = None, device: str | None = None,
+                autocast_bf16: bool = False, fuse: bool = False, deadline: float | None = None, device: str | None = None,
                 log=print) -> dict | None:
     """``recall``: 'bigram' (in-context bigram recall on the data) or 'task:<name>:<length>:<samples>'
     (RULER-style retrieval from ``sala.eval.tasks`` on the ``haystack`` corpus or text file, e.g.
@@ -30,7 +30,7 @@ def halo_select(out_dir: str | Path, teacher: str = "default", data: str = "synt
     recipe = parse_recipe({
         "name": "halo_align", "teacher": teacher, "teacher_shape": teacher_shape or {}, "layers": "all-linear",
         "data": data, "data_options": data_options or {}, "seed": seed, "checkpoint_every": max(1, align_steps // 4),
-        "log_every": max(1, align_steps // 10), "autocast_bf16": autocast_bf16,
+        "log_every": max(1, align_steps // 10), "autocast_bf16": autocast_bf16, "fuse": fuse,
         "stages": [{"name": "align", "kind": "align", "trainable": "lightning", "steps": align_steps,
                     "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "schedule": "cosine",
                     "warmup": min(50, align_steps // 10), "final_lr": lr / 100, "time_budget_s": time_budget_s}],

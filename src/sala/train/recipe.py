@@ -66,6 +66,7 @@ class Recipe:
     seed: int = 0
     autocast_bf16: bool = False
     gradient_checkpointing: bool = False
+    fuse: bool = False  # CUDA: run the layers' elementwise chains through torch.compile (sala.layers.fusion)
     parallel: str = "ddp"  # with several processes: 'ddp' (replicas) or 'fsdp2' (fully_shard per layer)
     checkpoint_every: int = 50
     log_every: int = 1

@@ -31,6 +31,7 @@ from ..convert.teacher import load_teacher, random_llama_teacher, resolve_teache
 from ..convert.transfer import ConvertOptions, convert_model, save_converted
 from ..data.packing import Packed, concat_packed, unpack_segments
 from ..data.retrieval import retrieval_documents
+from ..layers.fusion import fusion
 from ..layers.sparse import DENSE_ALWAYS, SparseAttention
 from . import distributed as D
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
@@ -46,7 +47,7 @@ MAX_RETRIEVAL_DOCS = 256  # synthetic retrieval documents per stage (the stream 
 def recipe_fingerprint(recipe: Recipe) -> str:
     """Short hash of everything in the recipe that changes what a step computes (not the logging cadence)."""
     d = asdict(recipe)
-    for k in ("checkpoint_every", "log_every"):
+    for k in ("checkpoint_every", "log_every", "fuse"):
         d.pop(k)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -219,6 +220,9 @@ class Trainer:
         dev = self.device
         return ids.to(dev), (am.to(dev) if am is not None else None), labels.to(dev)
 
+    def _fusion(self):
+        return fusion(self.recipe.fuse and self.device.type == "cuda")
+
     def _autocast(self):
         if not self.recipe.autocast_bf16:
             return nullcontext()
@@ -352,7 +356,8 @@ class Trainer:
                 parts = [stream.next_batch(stage.batch_size - n_aux)] if stage.batch_size > n_aux else []
                 batch = concat_packed(parts + ([aux.next_batch(n_aux)] if aux is not None else []))
                 opt.zero_grad(set_to_none=True)
-                loss_sum, count = self._loss(stage, module, batch)
+                with self._fusion():
+                    loss_sum, count = self._loss(stage, module, batch)
                 total = D.all_sum(count).clamp_min(1.0)
                 (loss_sum * (self.world / total)).backward()  # DDP averages: world * sum / total = global mean
                 gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in params], stage.grad_clip) \

@@ -1,0 +1,26 @@
+"""bench/train_step.py runs end to end at toy sizes on the CPU: dense baseline, student, fused student."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_step_bench_on_cpu(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "train_step.py"), "--tiny", "--device", "cpu", "--steps", "1",
+           "--cases", "long32k", "--fuse"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OUT": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dense_llama", "sala", "sala-fused"]
+    base = rows[0]["ms"]
+    for r in rows:
+        assert r["case"] == "step_long32k_2x128" and r["ms"] > 0 and r["tokens_per_s"] > 0
+        assert r["profile"]["kernel_launches"] > 0 and r["profile"]["top"]
+    for r in rows[1:]:
+        assert r["sparse"] is True and r["baseline_ms"] == base and abs(r["speedup"] - base / r["ms"]) < 1e-3  # rounded to 3 places
