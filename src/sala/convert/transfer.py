@@ -47,18 +47,12 @@ def choose_sparse_config(spec: TeacherSpec, overrides: dict | None = None) -> di
     token counts, not model width, so the release's values stay. Attention is dense up to
     ``dense_len = min(8192, teacher context)``: inside the context the teacher was trained on, the kept
     layers attend exactly as it did; beyond it InfLLM-V2 takes over. The local window is a quarter of
-    that (at most the release's 2048). ``topk`` (blocks per query, the forced initial and local blocks
-    included) is the release's 64 when a KV group has at least 8 query heads (the release: 16) and 128 below:
-    the block scores are summed over the group's heads, and with few heads the sum ranks the block holding
-    a fact lower (SmolLM2-135M, 3 heads per group, 16K passkey: the needle's block was selected in 69% of
-    samples at top-64, whose 31 free picks sit after 33 forced blocks; accuracy 69% at top-64, 81% at
-    top-128, 88% at top-256, 94% dense; docs/results/convert_gpu/needle_topk*.json).
+    that (at most the release's 2048) and ``topk`` the release's 64 blocks, so a sparse query reads about
+    ``window + 64 * 64`` keys.
     """
     dense_len = min(8192, max(SPARSE_DEFAULTS["block_size"] * 4, spec.max_position_embeddings))
     window = min(SPARSE_DEFAULTS["window_size"], max(SPARSE_DEFAULTS["block_size"], (dense_len // 4) // 64 * 64))
-    group = spec.num_heads // max(1, spec.num_kv_heads)
-    topk = SPARSE_DEFAULTS["topk"] if group >= 8 else 2 * SPARSE_DEFAULTS["topk"]
-    cfg = dict(SPARSE_DEFAULTS, dense_len=dense_len, window_size=window, topk=topk)
+    cfg = dict(SPARSE_DEFAULTS, dense_len=dense_len, window_size=window)
     cfg.update(overrides or {})
     return cfg
 
