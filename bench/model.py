@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import sala  # noqa: E402,F401  (registers the Auto classes)
 from sala.config import release_config  # noqa: E402
-from sala.eval.generation import forward_chunk, prefill  # noqa: E402
+from sala.engine.generation import forward_chunk, prefill  # noqa: E402
 from sala.modeling import SALAForCausalLM  # noqa: E402
 
 

@@ -27,7 +27,7 @@ def main(argv=None) -> dict:
     from sala.data.corpora import resolve_text
     from sala.eval.cli import parse_length
     from sala.eval.report import fmt_len
-    from sala.eval.runner import load_model, parse_model_spec, resolve_device, resolve_dtype
+    from sala.engine.loading import load_model, parse_model_spec, resolve_device, resolve_dtype
     from sala.eval.selection import needle_study, summary_table
 
     ap = argparse.ArgumentParser(description=__doc__)

@@ -91,7 +91,7 @@ def test_grow_buffer_keeps_rows_and_grows_by_a_quarter():
 
 
 def _prefill_and_decode(model, ids, steps, reserve):
-    from sala.eval.generation import forward_chunk, prefill
+    from sala.engine.generation import forward_chunk, prefill
 
     logits, cache = prefill(model, ids, chunk_size=64, reserve=reserve)
     outs = [logits]

@@ -11,10 +11,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .engine.loading import RANDOM_LABEL, is_random_init
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MiniCPM-SALA hybrid sparse/linear attention models.")
 console = Console()
-
-RANDOM_LABEL = "RANDOMLY INITIALISED DEMO CHECKPOINT (not a trained model)"
 
 
 def _parse_size(text: str) -> int:
@@ -65,7 +65,7 @@ def info(
     weight_bytes = n_params * torch.empty(0, dtype=tdtype).element_size()
     per_tok = cache_bytes_per_token(cfg, tdtype)
     fixed = lightning_state_bytes(cfg)
-    if (model / "SALA_RANDOM_INIT").exists():
+    if is_random_init(model):
         console.print(f"[bold red]{RANDOM_LABEL}[/]")
     console.print(f"[bold]{model}[/]  parameters: {n_params / 1e6:,.2f} M  weights ({dtype}): {_human_bytes(weight_bytes)}")
     layer_map = "".join("L" if m == LIGHTNING else "S" for m in cfg.mixer_types)
@@ -107,18 +107,15 @@ def generate(
 ):
     """Generate from a prompt, streaming tokens as they come."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
 
-    import sala  # noqa: F401  (registers the Auto classes)
+    from .engine.loading import load_model
 
-    if (model / "SALA_RANDOM_INIT").exists():
+    if is_random_init(model):
         console.print(f"[bold red]{RANDOM_LABEL}[/]: expect gibberish.", highlight=False)
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    tdtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    tok = AutoTokenizer.from_pretrained(str(model))
-    lm = AutoModelForCausalLM.from_pretrained(str(model), dtype=tdtype).to(dev).eval()
+    lm, tok = load_model(model, device, dtype)
     torch.manual_seed(seed)
-    enc = tok(prompt, return_tensors="pt").to(dev)
+    enc = tok(prompt, return_tensors="pt").to(lm.device)
     streamer = TextStreamer(tok, skip_prompt=True)
     kwargs = dict(max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tok.pad_token_id)
     if temperature > 0:

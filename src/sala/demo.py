@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import LIGHTNING, SPARSE, SALAConfig
+from .engine.loading import RANDOM_INIT_MARKER
 
 PRESETS = {
     # 6 layers (S L L S L S), group size 16 like the release, sparse path from 512 tokens
@@ -54,5 +55,5 @@ def write_random_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0
     model = SALAForCausalLM(SALAConfig(**PRESETS[preset]))
     model.save_pretrained(out)
     byte_tokenizer().save_pretrained(out)
-    (out / "SALA_RANDOM_INIT").write_text("This checkpoint has random weights: it is for demos and tests only.\n")
+    (out / RANDOM_INIT_MARKER).write_text("This checkpoint has random weights: it is for demos and tests only.\n")
     return out

@@ -116,7 +116,7 @@ def test_greedy_on_a_non_sala_model_equals_generate():
 
 
 def test_long_prompt_in_prefill_chunks_equals_one_shot(engine, monkeypatch):
-    import sala.eval.generation as generation
+    import sala.engine.generation as generation
 
     prompt = PROMPT * 5  # 225 tokens: 4 chunks of dense_len (64; a chunk of 16 is raised to it)
     one_shot = complete(TestClient(create_app(engine)), prompt=prompt, max_tokens=8, temperature=0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from types import SimpleNamespace
 
-from sala.eval.generation import greedy_generate
+from sala.engine.generation import greedy_generate
 from sala.eval.haystack import Haystack
 from sala.eval.scoring import sample_score
 from sala.eval.tasks import TASKS, generate_samples

@@ -20,7 +20,7 @@ def serve_command(
     """Serve a checkpoint over HTTP: OpenAI-compatible /v1/completions and /v1/chat/completions."""
     from rich.console import Console
 
-    from ..cli import RANDOM_LABEL
+    from .loading import RANDOM_LABEL, is_random_init
 
     console = Console()
     if not (model / "config.json").is_file():
@@ -30,7 +30,7 @@ def serve_command(
         from .service import Engine
     except ImportError as e:
         raise typer.BadParameter(f"{e.name} is missing: pip install 'sala[serve]'") from None
-    if (model / "SALA_RANDOM_INIT").exists():
+    if is_random_init(model):
         console.print(f"[bold red]{RANDOM_LABEL}[/]: it will answer with gibberish.", highlight=False)
     engine = Engine.load(model, device=device, dtype=dtype, name=name, chunk_size=chunk_size,
                          default_max_tokens=max_tokens)

@@ -1,6 +1,6 @@
 """One request's generation: chunked prefill, token-by-token cached decode, text with stop strings.
 
-The prefill and the cached one-token forwards are the model-agnostic helpers of ``sala.eval.generation``
+The prefill and the cached one-token forwards are the model-agnostic helpers of ``sala.engine.generation``
 (chunks never shorter than a SALA model's ``dense_len``, last-position logits only, cache sized once). The
 text side turns tokens into text deltas as they come: it decodes a short window of recent tokens so a
 multi-byte character split over tokens is only emitted once complete, and it holds back any tail that could
@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..eval.generation import forward_chunk, model_device, prefill, synchronize
+from .generation import forward_chunk, model_device, prefill, synchronize
 from .sampling import make_generator, next_token
 
 

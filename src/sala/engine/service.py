@@ -12,8 +12,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..eval.generation import eos_ids
-from ..eval.runner import resolve_device
+from .generation import eos_ids
+from .loading import is_random_init, load_model
 from .decoding import SamplingParams, Summary, generate_text
 from .protocol import RequestError
 
@@ -38,17 +38,9 @@ class Engine:
     def load(cls, path: str | Path, device: str = "auto", dtype: str = "auto", name: str | None = None,
              chunk_size: int | None = 8192, **kw) -> "Engine":
         """Model and tokenizer from a checkpoint folder; the served name defaults to the folder's name."""
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        import sala  # noqa: F401  (registers the SALA Auto classes)
-
         path = Path(path)
-        tdtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-        tok = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=tdtype).to(resolve_device(device)).eval()
-        return cls(model, tok, name or path.resolve().name, chunk_size,
-                   random_init=(path / "SALA_RANDOM_INIT").exists(), **kw)
+        model, tok = load_model(path, device, dtype)
+        return cls(model, tok, name or path.resolve().name, chunk_size, random_init=is_random_init(path), **kw)
 
     # ---- prompts
     def encode_prompt(self, prompt: str) -> list[int]:

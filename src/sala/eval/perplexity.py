@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .generation import branch_safe_chunk, forward_chunk, model_device
+from ..engine.generation import branch_safe_chunk, forward_chunk, model_device
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .generation import answer, eos_ids
+from ..engine.generation import answer, eos_ids
+from ..engine.loading import ModelSpec, is_random_init, load_model, parse_model_spec, resolve_device, resolve_dtype
 from .haystack import Haystack
 from .perplexity import perplexity_at_lengths, window_starts
 from .scoring import sample_score
@@ -50,61 +51,11 @@ class EvalConfig:
     cache: str | None = None
 
 
-@dataclass
-class ModelSpec:
-    name: str
-    path: str
-    gguf_file: str | None = None
-
-    @property
-    def folder(self) -> str:
-        return str(Path(self.path).parent) if self.gguf_file else self.path
-
-
-def parse_model_spec(spec: str) -> ModelSpec:
-    """``[label=]path``; ``path`` is a folder for ``from_pretrained`` or a ``.gguf`` file."""
-    label, _, rest = spec.partition("=")
-    if rest and "/" not in label and not Path(spec).exists():
-        name, path = label, rest
-    else:
-        name, path = "", spec
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"model path {p} does not exist")
-    gguf = p.name if p.is_file() and p.suffix == ".gguf" else None
-    if p.is_file() and gguf is None:
-        raise ValueError(f"model path {p} is a file but not a .gguf; pass a checkpoint folder or a GGUF file")
-    return ModelSpec(name or (p.stem if gguf else p.name), str(p), gguf)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
-
-
-def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
-    """(model in eval mode on ``device``, tokenizer) for a folder or GGUF file."""
-    import sala  # noqa: F401  (registers SALA with the Auto classes)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kw = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(spec.folder, **kw)
-    model = AutoModelForCausalLM.from_pretrained(spec.folder, dtype=dtype, **kw).to(device).eval()
-    return model, tok
-
-
 def _model_info(spec: ModelSpec, model) -> dict:
     folder = Path(spec.folder)
     return {"name": spec.name, "path": spec.path, "class": type(model).__name__,
             "params": sum(p.numel() for p in model.parameters()),
-            "random_init": (folder / "SALA_RANDOM_INIT").exists(),
+            "random_init": is_random_init(folder),
             "max_position_embeddings": getattr(model.config, "max_position_embeddings", None)}
 
 

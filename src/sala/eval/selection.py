@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .generation import answer, eos_ids, forward_chunk, prefill
+from ..engine.generation import answer, eos_ids, forward_chunk, prefill
 
 def needle_token_span(tokenizer, prompt: str, needle: str) -> tuple[int, int]:
     """Token positions ``[start, end)`` covering the first occurrence of ``needle`` in ``prompt`` under the

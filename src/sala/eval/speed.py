@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .generation import forward_chunk, model_device, prefill, synchronize
+from ..engine.generation import forward_chunk, model_device, prefill, synchronize
 
 
 class RssSampler:

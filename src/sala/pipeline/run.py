@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..config import LIGHTNING
+from ..engine.loading import resolve_device
 from .profile import Profile
 
 PHASES = ("teacher_eval", "halo", "compare", "student", "student_eval", "report")
@@ -47,7 +48,7 @@ def retrieval_accuracy(model, tokenizer, text: str, tasks: list[str], lengths: l
                        seed: int = 42, max_new_tokens: int | None = None, chunk_size: int | None = 4096) -> dict:
     """Mean RULER string-match score (in [0, 1]) of greedy answers to retrieval samples, per task@length
     and overall; samples come from ``sala.eval.tasks`` with ``text`` as haystack."""
-    from ..eval.generation import answer, eos_ids
+    from ..engine.generation import answer, eos_ids
     from ..eval.haystack import Haystack
     from ..eval.scoring import sample_score
     from ..eval.tasks import generate_samples
@@ -72,7 +73,7 @@ class Pipeline:
     def __init__(self, profile: Profile, out_dir: str | Path, device: str | None = None, log=print):
         self.p = profile
         self.out = Path(out_dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.log = log
         self.state_path = self.out / "pipeline.json"
         self.state = self._load_state()
@@ -242,7 +243,7 @@ class Pipeline:
         """``sala.eval.selection.needle_study`` of a model at the profile's ``diagnose_lengths``, on the
         evaluation text with the evaluation's chunk size and seed, one length at a time: each finished length
         is saved, a deadline between lengths stops the phase (``None``) and the next call goes on from there."""
-        from ..eval.runner import load_model, parse_model_spec, resolve_dtype
+        from ..engine.loading import load_model, parse_model_spec, resolve_dtype
         from ..eval.selection import format_summary, needle_study
 
         e = self.p.eval

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sala.eval.generation import eos_ids, greedy_generate, prefill
+from sala.engine.generation import eos_ids, greedy_generate, prefill
 
 
 @pytest.mark.parametrize("kind", ["llama", "sala"])
@@ -44,7 +44,7 @@ def test_eos_ids_collects_config_and_tokenizer(tokenizer, builders):
 def test_chunks_below_dense_len_do_not_change_a_sala_prefill():
     """A 128-token chunk on a model with dense_len 512 would route the first positions through dense attention;
     the prefill and the perplexity window raise it to dense_len, so both equal the prompt in one piece."""
-    from sala.eval.generation import branch_safe_chunk
+    from sala.engine.generation import branch_safe_chunk
     from sala.eval.perplexity import window_nll, window_nll_unchunked
     from sala.testing import make_model, random_ids, small_config
 
