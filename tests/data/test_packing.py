@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from sala import SALAConfig, SALAForCausalLM
@@ -62,3 +63,29 @@ def test_unpacked_forward_equals_each_document_alone():
                 torch.testing.assert_close(packed_logits[r, cols], alone, atol=1e-5, rtol=1e-5)
                 crossed |= not torch.allclose(naive[r, cols], alone, atol=1e-3)
     assert crossed  # the boundary handling matters: without it later documents see earlier ones
+
+
+def test_marks_travel_with_their_tokens_through_packing_concat_and_unpacking():
+    from sala.data.packing import concat_packed, pack_documents, unpack_segments
+
+    docs = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]]
+    marks = [[False, True, False, False, True], [True, False, False], [False, False, True, True]]
+    p = pack_documents(docs, seq_len=6, eos_id=2, marks=marks)
+    for r in range(len(p)):
+        for c in range(6):
+            tok = int(p.input_ids[r, c])
+            want = any(t == tok and m for d, ms in zip(docs, marks) for t, m in zip(d, ms))
+            assert bool(p.marks[r, c]) == want, (r, c, tok)  # eos, padding and unmarked tokens: False
+    plain = pack_documents(docs, seq_len=6, eos_id=2)
+    assert plain.marks is None
+    both = concat_packed([p, plain])
+    assert both.marks.shape == both.input_ids.shape and not both.marks[len(p):].any()
+    assert torch.equal(both.marks[: len(p)], p.marks) and both[0:1].marks.shape == (1, 6)
+    u = unpack_segments(p)
+    for j in range(len(u.lengths)):
+        n = int(u.lengths[j])
+        r, c = int(u.src_row[j]), int(u.src_start[j])
+        assert torch.equal(u.marks[j, :n], p.marks[r, c: c + n]) and not u.marks[j, n:].any()
+    assert unpack_segments(plain).marks is None
+    with pytest.raises(ValueError, match="marks"):
+        pack_documents(docs, seq_len=6, marks=[[True]] * 3)

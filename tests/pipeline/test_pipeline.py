@@ -176,3 +176,50 @@ def test_student_diagnosis_beyond_dense_len(teacher_dir, tmp_path):
     bad["eval"] = dict(tiny_profile(teacher_dir)["eval"], diagnose_lengths=[320], diagnose_samples=0)
     with pytest.raises(ProfileError, match="diagnose"):
         parse_profile(bad)
+
+
+def test_answer_weight_scales_exactly_the_answer_tokens(teacher_dir, tmp_path):
+    """answer_weight: the retrieval rows' answer tokens (and only they) get the weight in the lm loss, so the
+    step's loss is the plain one plus (w - 1) x the answers' cross-entropy; the rows are the same tokens."""
+    from sala.train.losses import lm_sum
+    from sala.train.trainer import Trainer
+
+    prof = parse_profile(tiny_profile(teacher_dir))
+    base = {"name": "lm", "kind": "lm", "steps": 1, "seq_len": 512, "batch_size": 1, "lr": 1e-3,
+            "retrieval_fraction": 1.0}
+    plain = Trainer(prof.recipe("plain", "uniform", [base]), tmp_path / "a", device="cpu", log=lambda *a: None)
+    heavy = Trainer(prof.recipe("heavy", "uniform", [{**base, "answer_weight": 8.0}]), tmp_path / "b", device="cpu",
+                    log=lambda *a: None)
+    rows = []
+    for tr in (plain, heavy):
+        stage = tr.recipe.stages[0]
+        stream, n = tr._retrieval_stream(0, stage, None)
+        rows.append((tr, stage, stream.next_batch(n)))
+    (tr_a, st_a, batch_a), (tr_b, st_b, batch_b) = rows
+    assert torch.equal(batch_a.input_ids, batch_b.input_ids) and batch_a.marks is None
+    ids, am, labels, w_plain = tr_a._inputs(batch_a, st_a)
+    _, _, _, w = tr_b._inputs(batch_b, st_b)
+    assert w_plain is None and set(w.unique().tolist()) == {1.0, 8.0}
+    tok = tr_b.tokenizer
+    answers = tok.decode(ids[w == 8.0].tolist()).split()
+    text = tok.decode(ids[0].tolist())
+    assert answers and all(a.isdigit() and text.count(a) >= 2 for a in answers)  # each value: fact + answer
+    logits = torch.randn(1, ids.shape[1], len(tok), generator=torch.Generator().manual_seed(0))
+    s1, c1 = lm_sum(logits, labels)
+    s8, c8 = lm_sum(logits, labels, w)
+    ce = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], reduction="none", ignore_index=-100)
+    torch.testing.assert_close(s8, s1 + 7.0 * ce[w[0, 1:] == 8.0].sum())
+    assert c1 == c8
+    assert heavy.run()["finished"]
+
+
+def test_answer_weight_needs_an_lm_stage_with_retrieval_rows(teacher_dir):
+    from sala.train.recipe import RecipeError
+
+    prof = parse_profile(tiny_profile(teacher_dir))
+    for bad in ({"kind": "lm", "answer_weight": 4.0},  # no retrieval rows
+                {"kind": "distill", "retrieval_fraction": 0.5, "answer_weight": 4.0},
+                {"kind": "lm", "retrieval_fraction": 0.5, "answer_weight": 0.0}):
+        stage = {"name": "s", "steps": 1, "seq_len": 64, "batch_size": 2, "lr": 1e-3, **bad}
+        with pytest.raises(RecipeError, match="answer_weight"):
+            prof.recipe("bad", "uniform", [stage])

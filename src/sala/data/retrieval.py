@@ -43,6 +43,12 @@ def retrieval_document(tokenizer, filler: list[int], length: int, rng: random.Ra
 
     Every fact has its own key and template, so a question is answered only by matching its key. Asking
     several questions multiplies the answer tokens per row, the only tokens whose loss needs the far past."""
+    return _document(tokenizer, filler, length, rng, n_facts, n_questions, answers=False)[0]
+
+
+def _document(tokenizer, filler, length, rng, n_facts, n_questions, answers: bool):
+    """(tokens, answer mask or None): the mask marks the tokens of the answers' values (read from the fast
+    tokenizer's character offsets, so the tokens are those of the plain call)."""
     keys: list[str] = []
     while len(keys) < n_facts:
         k = _key(rng)
@@ -56,8 +62,17 @@ def retrieval_document(tokenizer, filler: list[int], length: int, rng: random.Ra
     if not 1 <= n_questions <= n_facts:
         raise ValueError(f"n_questions={n_questions} must be in [1, n_facts={n_facts}]")
     asked = rng.sample(range(n_facts), n_questions)
-    tail_text = "".join("\n\n" + templates[i][1].format(k=keys[i]) + " " + values[i] + "." for i in asked)
-    tail = tokenizer(tail_text, add_special_tokens=False)["input_ids"]
+    tail_text, spans = "", []
+    for i in asked:
+        tail_text += "\n\n" + templates[i][1].format(k=keys[i])
+        spans.append((len(tail_text), len(tail_text) + 1 + len(values[i])))  # " " + value
+        tail_text += " " + values[i] + "."
+    if answers:
+        enc = tokenizer(tail_text, add_special_tokens=False, return_offsets_mapping=True)
+        tail = enc["input_ids"]
+        tail_mask = [any(a < e and s < b for a, b in spans) for s, e in enc["offset_mapping"]]
+    else:
+        tail = tokenizer(tail_text, add_special_tokens=False)["input_ids"]
     room = length - len(tail) - sum(len(f) for f in facts)
     if room < n_facts:
         raise ValueError(f"length {length} is too short for {n_facts} facts and {n_questions} question(s)")
@@ -72,7 +87,7 @@ def retrieval_document(tokenizer, filler: list[int], length: int, rng: random.Ra
         out += text[prev:cut] + fact
         prev = cut
     out += text[prev:] + tail
-    return out
+    return out, ([False] * (len(out) - len(tail)) + tail_mask if answers else None)
 
 
 def facts_for_length(length: int, max_facts: int = 4, tokens_per_fact: int = 2048) -> int:
@@ -86,14 +101,30 @@ def retrieval_documents(tokenizer, filler: list[int], n_docs: int, length: int, 
     """``n_docs`` seeded documents of at most ``length`` tokens, each with 1 to
     ``facts_for_length(length, max_facts)`` facts; ``questions`` is ``"all"`` (ask about every fact) or
     ``"one"`` (one question per document)."""
+    return _documents(tokenizer, filler, n_docs, length, seed, max_facts, questions, answers=False)[0]
+
+
+def retrieval_documents_with_answers(tokenizer, filler: list[int], n_docs: int, length: int, seed: int = 0,
+                                     max_facts: int = 4, questions: str = "all") -> tuple[list[list[int]], list[list[bool]]]:
+    """The documents of :func:`retrieval_documents` (same arguments, same tokens) and, per document, a mask of
+    the tokens that spell an answer's value: the tokens a loss can weight up (``answer_weight`` in a
+    training stage), since only they need the far past. Needs a fast tokenizer (character offsets)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"answer masks need a fast tokenizer (character offsets); got {type(tokenizer).__name__}")
+    return _documents(tokenizer, filler, n_docs, length, seed, max_facts, questions, answers=True)
+
+
+def _documents(tokenizer, filler, n_docs, length, seed, max_facts, questions, answers: bool):
     if not filler:
         raise ValueError("retrieval documents need filler tokens")
     if questions not in ("all", "one"):
         raise ValueError(f"questions must be 'all' or 'one', got {questions!r}")
     rng = random.Random(f"retrieval:{seed}:{length}")
     top = facts_for_length(length, max_facts)
-    docs = []
+    docs, masks = [], []
     for _ in range(n_docs):
         n = rng.randint(1, top)
-        docs.append(retrieval_document(tokenizer, filler, length, rng, n, None if questions == "all" else 1))
-    return docs
+        doc, mask = _document(tokenizer, filler, length, rng, n, None if questions == "all" else 1, answers)
+        docs.append(doc)
+        masks.append(mask)
+    return docs, (masks if answers else None)

@@ -114,8 +114,9 @@ class PackedStream:
     """Endless, seeded, resumable batches of packed rows at one sequence length."""
 
     def __init__(self, docs: list[list[int]], seq_len: int, eos_id: int | None, pad_id: int, seed: int,
-                 state: StreamState | None = None):
-        self.rows: Packed = pack_documents(docs, seq_len, eos_id=eos_id, pad_id=pad_id, drop_last=len(docs) > 1)
+                 state: StreamState | None = None, marks: list[list[bool]] | None = None):
+        self.rows: Packed = pack_documents(docs, seq_len, eos_id=eos_id, pad_id=pad_id, drop_last=len(docs) > 1,
+                                           marks=marks)
         if len(self.rows) == 0:
             raise ValueError(f"no full row of {seq_len} tokens in the data")
         self.seed = seed

@@ -32,9 +32,15 @@ def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: tor
     return (per_tok * m).sum(), m.sum()
 
 
-def lm_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy: position t predicts labels[t + 1]; IGNORE targets are skipped."""
+def lm_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy: position t predicts labels[t + 1]; IGNORE targets are skipped.
+    ``weights`` ``[B, T]`` (optional) scale each target token's term; the count stays the number of targets."""
     tgt = labels[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
+    flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    if weights is None:
+        loss = F.cross_entropy(flat, tgt.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    else:
+        per_tok = F.cross_entropy(flat, tgt.reshape(-1), ignore_index=IGNORE, reduction="none")
+        loss = (per_tok * weights[:, 1:].reshape(-1).to(per_tok.dtype)).sum()
     return loss, (tgt != IGNORE).sum().to(loss.dtype)

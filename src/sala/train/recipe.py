@@ -48,6 +48,7 @@ class Stage:
     grad_clip: float = 1.0
     respect_boundaries: bool = True  # no state or attention across packed documents
     retrieval_fraction: float = 0.0  # share of each batch's rows that are synthetic retrieval documents
+    answer_weight: float = 1.0  # lm loss weight of the answer tokens of those documents (1: plain next-token loss)
     time_budget_s: float = 0.0  # > 0: after a few steps, cut ``steps`` to what fits in this many seconds
 
 
@@ -119,6 +120,9 @@ def parse_recipe(raw: dict) -> Recipe:
             raise RecipeError(f"stages[{i}]: alignment trains only the lightning layers (trainable='lightning')")
         if not 0.0 <= st.retrieval_fraction <= 1.0:
             raise RecipeError(f"stages[{i}].retrieval_fraction={st.retrieval_fraction} must be in [0, 1]")
+        if st.answer_weight != 1.0 and not (st.answer_weight > 0 and st.kind == "lm" and st.retrieval_fraction > 0):
+            raise RecipeError(f"stages[{i}].answer_weight={st.answer_weight}: needs a positive weight, kind 'lm' and "
+                              f"retrieval_fraction > 0 (it weights the answers of the retrieval rows)")
         if st.time_budget_s < 0:
             raise RecipeError(f"stages[{i}].time_budget_s={st.time_budget_s} must be >= 0")
         for key in ("steps", "seq_len", "batch_size"):

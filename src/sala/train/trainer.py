@@ -30,7 +30,7 @@ from ..convert.layer_map import parse_layers
 from ..convert.teacher import load_teacher, random_llama_teacher, resolve_teacher
 from ..convert.transfer import ConvertOptions, convert_model, save_converted
 from ..data.packing import Packed, concat_packed, unpack_segments
-from ..data.retrieval import retrieval_documents
+from ..data.retrieval import retrieval_documents, retrieval_documents_with_answers
 from ..layers.fusion import fusion
 from ..layers.sparse import DENSE_ALWAYS, SparseAttention
 from . import distributed as D
@@ -174,9 +174,14 @@ class Trainer:
             raise ValueError(f"stage {stage.name!r}: retrieval_fraction needs a real tokenizer (not synthetic data)")
         filler = [t for d in self.docs for t in d]
         n_docs = min(MAX_RETRIEVAL_DOCS, stage.steps * n_rows)
-        docs = retrieval_documents(self.tokenizer, filler, n_docs, stage.seq_len - 1, seed=self.recipe.seed * 1000 + si)
+        args = (self.tokenizer, filler, n_docs, stage.seq_len - 1)
+        marks = None
+        if stage.answer_weight != 1.0:
+            docs, marks = retrieval_documents_with_answers(*args, seed=self.recipe.seed * 1000 + si)
+        else:
+            docs = retrieval_documents(*args, seed=self.recipe.seed * 1000 + si)
         stream = PackedStream(docs, stage.seq_len, self.eos, self.pad, seed=self.recipe.seed * 1000 + si + 500,
-                              state=StreamState(**state) if state else None)
+                              state=StreamState(**state) if state else None, marks=marks)
         return stream, n_rows
 
     def _plain_copy(self, state: dict):
@@ -207,18 +212,22 @@ class Trainer:
                 m.dense_len = stage.sparse_dense_len if stage.sparse else DENSE_ALWAYS
 
     def _inputs(self, batch: Packed, stage: Stage):
-        """This process's rows as (input_ids, attention_mask or None, labels, token mask for losses)."""
+        """This process's rows as (input_ids, attention_mask or None, labels, per-token loss weights or None)."""
         rows = batch[torch.arange(self.rank, len(batch), self.world)]
         if stage.respect_boundaries:
             u = unpack_segments(rows, pad_id=self.pad)
-            ids, am, labels = u.input_ids, u.attention_mask, u.labels
+            ids, am, labels, marks = u.input_ids, u.attention_mask, u.labels, u.marks
         else:
             ids, labels = rows.input_ids, rows.input_ids.masked_fill(rows.segment_ids < 0, -100)
-            am = (rows.segment_ids >= 0).long()
+            am, marks = (rows.segment_ids >= 0).long(), rows.marks
         if bool(am.all()):
             am = None
+        weights = None
+        if stage.answer_weight != 1.0 and marks is not None:
+            weights = 1.0 + (stage.answer_weight - 1.0) * marks.float()
         dev = self.device
-        return ids.to(dev), (am.to(dev) if am is not None else None), labels.to(dev)
+        return (ids.to(dev), (am.to(dev) if am is not None else None), labels.to(dev),
+                weights.to(dev) if weights is not None else None)
 
     def _fusion(self):
         return fusion(self.recipe.fuse and self.device.type == "cuda")
@@ -229,7 +238,7 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def _loss(self, stage: Stage, module: nn.Module, batch: Packed):
-        ids, am, labels = self._inputs(batch, stage)
+        ids, am, labels, weights = self._inputs(batch, stage)
         real = am.bool() if am is not None else None
         with self._autocast():
             if stage.kind == "align" and self.sharded:
@@ -247,7 +256,7 @@ class Trainer:
                 s, c = kl_sum(logits, t_logits, real)
             else:
                 logits = module(input_ids=ids, attention_mask=am, use_cache=False).logits
-                s, c = lm_sum(logits, labels)
+                s, c = lm_sum(logits, labels, weights)
         return s, torch.as_tensor(c, dtype=torch.float32, device=self.device)
 
     def _teacher_attention(self, ids, am):
