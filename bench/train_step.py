@@ -34,7 +34,9 @@ from sala.convert.teacher import random_llama_teacher  # noqa: E402
 from sala.convert.transfer import ConvertOptions, convert_model  # noqa: E402
 from sala.layers.fusion import fusion  # noqa: E402
 from sala.layers.sparse import DENSE_ALWAYS, SparseAttention  # noqa: E402
+from sala.modeling import SALAForCausalLM  # noqa: E402
 from sala.train.losses import kl_sum, lm_sum  # noqa: E402
+from sala.train.trainer import LM_LOSS_CHUNK  # noqa: E402
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, max_position_embeddings=8192,
@@ -75,6 +77,9 @@ def make_step(model, teacher, kind: str, ids: torch.Tensor, distill_from=None):
                 with torch.no_grad():
                     t_logits = distill_from(input_ids=ids).logits
                 s, c = kl_sum(model(input_ids=ids, use_cache=False).logits, t_logits, None)
+            elif isinstance(model, SALAForCausalLM):  # the trainer's path: the student's chunked loss
+                c = (labels[:, 1:] != -100).sum()
+                s = model(input_ids=ids, use_cache=False, labels=labels, loss_chunk_tokens=LM_LOSS_CHUNK).loss * c
             else:
                 s, c = lm_sum(model(input_ids=ids, use_cache=False).logits, labels)
         (s / c).backward()

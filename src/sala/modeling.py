@@ -25,6 +25,7 @@ from .layers import fusion
 from .layers.common import RMSNorm, SwiGLU, add_rms_norm, residual_add
 from .layers.lightning import LightningAttention
 from .layers.sparse import SparseAttention
+from .ops.linear_ce import chunked_linear_cross_entropy
 
 try:  # transformers >= 4.56: checkpointing through the layer's __call__
     from transformers.modeling_layers import GradientCheckpointingLayer as _LayerBase
@@ -316,8 +317,14 @@ class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cu_seqlens: torch.LongTensor | None = None,
+        loss_weights: torch.Tensor | None = None,
+        loss_chunk_tokens: int | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """With ``labels``: ``loss`` is the mean next-token cross-entropy over the targets that are not -100,
+        each term scaled by ``loss_weights[b, t]`` of its target when given. ``loss_chunk_tokens`` computes it
+        over chunks of that many tokens without the full logits (training at long context), and returns no
+        logits."""
         past_key_values = _pick_cache(past_key_values, kwargs)
         chunk = self._prefill_chunk(input_ids if input_ids is not None else inputs_embeds, use_cache, labels,
                                     output_hidden_states, cu_seqlens, logits_to_keep)
@@ -330,17 +337,34 @@ class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states, cu_seqlens=cu_seqlens,
         )
         h = out.last_hidden_state
+        if labels is not None and loss_chunk_tokens:
+            loss = self._chunked_loss(h, labels, loss_weights, loss_chunk_tokens)
+            return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states,
+                                          **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             h = h[:, logits_to_keep]
         logits = self._logits(h)
         loss = None
-        if labels is not None:
+        if labels is not None and loss_weights is None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        elif labels is not None:
+            tgt = labels[:, 1:].reshape(-1)
+            per_tok = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt, ignore_index=-100,
+                                      reduction="none")
+            loss = (per_tok * loss_weights[:, 1:].reshape(-1).to(per_tok.dtype)).sum() / (tgt != -100).sum().clamp_min(1)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_FIELD: getattr(out, CACHE_FIELD)}
         )
+
+    def _chunked_loss(self, h, labels, weights, chunk):
+        H = h.shape[-1]
+        tgt = labels[:, 1:].reshape(-1)
+        w = weights[:, 1:].reshape(-1) if weights is not None else None
+        total = chunked_linear_cross_entropy(h[:, :-1].reshape(-1, H), self.lm_head.weight, tgt, w,
+                                             divisor=self.config.logit_divisor, chunk=chunk)
+        return total / (tgt != -100).sum().clamp_min(1)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """At least float32 (the release upcasts 16-bit logits); a float64 model keeps float64."""

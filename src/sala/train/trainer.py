@@ -29,17 +29,18 @@ from ..config import LIGHTNING
 from ..convert.layer_map import parse_layers
 from ..convert.teacher import load_teacher, random_llama_teacher, resolve_teacher
 from ..convert.transfer import ConvertOptions, convert_model, save_converted
-from ..data.packing import Packed, concat_packed, unpack_segments
+from ..data.packing import IGNORE, Packed, concat_packed, unpack_segments
 from ..data.retrieval import retrieval_documents, retrieval_documents_with_answers
 from ..layers.fusion import fusion
 from ..layers.sparse import DENSE_ALWAYS, SparseAttention
 from . import distributed as D
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .data import PackedStream, StreamState, load_documents
-from .losses import kl_sum, lm_sum, masked_mse_sum
+from .losses import kl_sum, masked_mse_sum
 from .recipe import Recipe, Stage
 from .schedule import lr_at
 
+LM_LOSS_CHUNK = 8192  # tokens per chunk of the lm loss (sala.ops.linear_ce)
 CALIBRATION_STEPS = 10  # a stage with a time budget measures this many steps before fixing its length
 MAX_RETRIEVAL_DOCS = 256  # synthetic retrieval documents per stage (the stream cycles through them)
 
@@ -254,9 +255,11 @@ class Trainer:
                     t_logits = self.teacher(input_ids=ids, attention_mask=am).logits
                 logits = module(input_ids=ids, attention_mask=am, use_cache=False).logits
                 s, c = kl_sum(logits, t_logits, real)
-            else:
-                logits = module(input_ids=ids, attention_mask=am, use_cache=False).logits
-                s, c = lm_sum(logits, labels, weights)
+            else:  # the student's own chunked loss: no [tokens, vocab] logits (a quarter of a 32K step's memory)
+                out = module(input_ids=ids, attention_mask=am, use_cache=False, labels=labels, loss_weights=weights,
+                             loss_chunk_tokens=LM_LOSS_CHUNK)
+                c = (labels[:, 1:] != IGNORE).sum()
+                s = out.loss * c
         return s, torch.as_tensor(c, dtype=torch.float32, device=self.device)
 
     def _teacher_attention(self, ids, am):
