@@ -76,7 +76,12 @@ def make_step(model, teacher, kind: str, ids: torch.Tensor, distill_from=None):
             if kind == "distill":
                 with torch.no_grad():
                     t_logits = distill_from(input_ids=ids).logits
-                s, c = kl_sum(model(input_ids=ids, use_cache=False).logits, t_logits, None)
+                if isinstance(model, SALAForCausalLM):  # the trainer's path: the student's chunked KL
+                    c = ids.numel()
+                    s = model(input_ids=ids, use_cache=False, teacher_logits=t_logits,
+                              loss_chunk_tokens=LM_LOSS_CHUNK).loss * c
+                else:
+                    s, c = kl_sum(model(input_ids=ids, use_cache=False).logits, t_logits, None)
             elif isinstance(model, SALAForCausalLM):  # the trainer's path: the student's chunked loss
                 c = (labels[:, 1:] != -100).sum()
                 s = model(input_ids=ids, use_cache=False, labels=labels, loss_chunk_tokens=LM_LOSS_CHUNK).loss * c

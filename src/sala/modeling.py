@@ -25,7 +25,7 @@ from .layers import fusion
 from .layers.common import RMSNorm, SwiGLU, add_rms_norm, residual_add
 from .layers.lightning import LightningAttention
 from .layers.sparse import SparseAttention
-from .ops.linear_ce import chunked_linear_cross_entropy
+from .ops.linear_ce import chunked_linear_cross_entropy, chunked_linear_kl
 
 try:  # transformers >= 4.56: checkpointing through the layer's __call__
     from transformers.modeling_layers import GradientCheckpointingLayer as _LayerBase
@@ -319,13 +319,17 @@ class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
         cu_seqlens: torch.LongTensor | None = None,
         loss_weights: torch.Tensor | None = None,
         loss_chunk_tokens: int | None = None,
+        teacher_logits: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """With ``labels``: ``loss`` is the mean next-token cross-entropy over the targets that are not -100,
-        each term scaled by ``loss_weights[b, t]`` of its target when given. ``loss_chunk_tokens`` computes it
-        over chunks of that many tokens without the full logits (training at long context), and returns no
-        logits."""
+        each term scaled by ``loss_weights[b, t]`` of its target when given. With ``teacher_logits``
+        ``[B, T, vocab]`` instead (distillation): the mean KL(teacher || model) over the real tokens of
+        ``attention_mask``. ``loss_chunk_tokens`` computes either over chunks of that many tokens without the
+        full logits (training at long context), and returns no logits."""
         past_key_values = _pick_cache(past_key_values, kwargs)
+        if labels is not None and teacher_logits is not None:
+            raise ValueError("pass labels (next-token loss) or teacher_logits (distillation), not both")
         chunk = self._prefill_chunk(input_ids if input_ids is not None else inputs_embeds, use_cache, labels,
                                     output_hidden_states, cu_seqlens, logits_to_keep)
         if chunk:
@@ -337,8 +341,11 @@ class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states, cu_seqlens=cu_seqlens,
         )
         h = out.last_hidden_state
-        if labels is not None and loss_chunk_tokens:
-            loss = self._chunked_loss(h, labels, loss_weights, loss_chunk_tokens)
+        if (labels is not None or teacher_logits is not None) and loss_chunk_tokens:
+            if labels is not None:
+                loss = self._chunked_loss(h, labels, loss_weights, loss_chunk_tokens)
+            else:
+                loss = self._chunked_kl(h, teacher_logits, attention_mask, loss_chunk_tokens)
             return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states,
                                           **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -354,6 +361,11 @@ class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
             per_tok = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt, ignore_index=-100,
                                       reduction="none")
             loss = (per_tok * loss_weights[:, 1:].reshape(-1).to(per_tok.dtype)).sum() / (tgt != -100).sum().clamp_min(1)
+        elif teacher_logits is not None:
+            log_s, log_t = F.log_softmax(logits, dim=-1), F.log_softmax(teacher_logits.to(logits.dtype), dim=-1)
+            per_tok = (log_t.exp() * (log_t - log_s)).sum(-1)
+            m = attention_mask.to(per_tok.dtype) if attention_mask is not None else torch.ones_like(per_tok)
+            loss = (per_tok * m).sum() / m.sum().clamp_min(1)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_FIELD: getattr(out, CACHE_FIELD)}
         )
@@ -365,6 +377,14 @@ class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
         total = chunked_linear_cross_entropy(h[:, :-1].reshape(-1, H), self.lm_head.weight, tgt, w,
                                              divisor=self.config.logit_divisor, chunk=chunk)
         return total / (tgt != -100).sum().clamp_min(1)
+
+    def _chunked_kl(self, h, teacher_logits, attention_mask, chunk):
+        H = h.shape[-1]
+        m = attention_mask.reshape(-1).float() if attention_mask is not None else None
+        total = chunked_linear_kl(h.reshape(-1, H), self.lm_head.weight, teacher_logits.reshape(-1, teacher_logits.shape[-1]),
+                                  m, divisor=self.config.logit_divisor, chunk=chunk)
+        count = m.sum() if m is not None else torch.tensor(float(h.shape[0] * h.shape[1]), device=h.device)
+        return total / count.clamp_min(1).to(total.dtype)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """At least float32 (the release upcasts 16-bit logits); a float64 model keeps float64."""

@@ -93,3 +93,47 @@ def test_model_chunked_loss_equals_full_logits_loss():
     plain = model(input_ids=ids, labels=labels, use_cache=False)  # unweighted: the usual mean cross-entropy
     ref = F.cross_entropy(plain.logits[:, :-1].reshape(-1, 101), labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(plain.loss, ref)
+
+
+def test_kl_matches_eager_in_float64():
+    from sala.ops.linear_ce import chunked_linear_kl
+
+    h, w, _, tw = _inputs(torch.float64)
+    teacher = torch.randn(h.shape[0], w.shape[0], generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 3
+    mask = tw > 1.5
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    log_s, log_t = F.log_softmax(F.linear(h1 / 1.3, w1), -1), F.log_softmax(teacher, -1)
+    ref = ((log_t.exp() * (log_t - log_s)).sum(-1) * mask).sum()
+    ref.backward()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    got = chunked_linear_kl(h2, w2, teacher, mask.double(), divisor=1.3, chunk=7)
+    got.backward()
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-10, atol=1e-12)
+    assert h2.grad[~mask].abs().max() == 0 and got > 0
+
+
+def test_model_chunked_kl_equals_full_logits_kl_with_padding():
+    from sala.testing import make_model, small_config
+
+    cfg = small_config(vocab_size=101, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, lightning_nkv=4)
+    model = make_model(cfg, 4).double().train()
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(3, 101, (2, 30), generator=g)
+    am = torch.ones_like(ids)
+    am[1, 22:] = 0  # a right-padded row
+    teacher = torch.randn(2, 30, 101, generator=g, dtype=torch.float64) * 2
+    res = []
+    for kw in ({}, {"loss_chunk_tokens": 11}):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, attention_mask=am, teacher_logits=teacher, use_cache=False, **kw)
+        out.loss.backward()
+        res.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = res
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-9, atol=1e-12, msg=n)
+    with pytest.raises(ValueError, match="not both"):
+        model(input_ids=ids, labels=ids, teacher_logits=teacher)

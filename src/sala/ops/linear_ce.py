@@ -1,4 +1,5 @@
-"""Cross-entropy of a linear head over chunks of tokens, never holding the full ``[tokens, vocab]`` logits.
+"""Cross-entropy (and distillation KL) of a linear head over chunks of tokens, never holding the full
+``[tokens, vocab]`` logits.
 
 At 32K tokens and a 49K vocabulary, the logits of one training row take 3.2 GB in bf16, and the float32
 copy, the log-softmax and their gradients four to five times that: a quarter of the training step's peak
@@ -23,6 +24,21 @@ def _chunk_logits(h, weight, divisor, cdt):
     return out if out.dtype == torch.float64 else out.float()
 
 
+def _head_backward(needs, h, weight, divisor, chunk, cdt, acc, dlogits_of):
+    """(dh, dW) of a loss over ``logits = W (h / divisor)``: each chunk's logits recomputed, turned into the
+    gradient of the loss in them by ``dlogits_of(start, logits)``, and sent back through the head."""
+    dh = torch.empty_like(h) if needs[0] else None
+    dw = torch.zeros(weight.shape, device=weight.device, dtype=acc) if needs[1] else None
+    for a in range(0, h.shape[0], chunk):
+        hc = h[a:a + chunk]
+        dz = dlogits_of(a, _chunk_logits(hc, weight, divisor, cdt).to(acc)).to(cdt)
+        if dh is not None:
+            dh[a:a + chunk] = ((dz @ weight.to(cdt)).to(acc) / divisor).to(h.dtype)
+        if dw is not None:
+            dw += (dz.t() @ (hc / divisor).to(cdt)).to(acc)
+    return dh, (dw.to(weight.dtype) if dw is not None else None)
+
+
 class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, token_weights, divisor, chunk, cdt):
@@ -45,20 +61,14 @@ class _ChunkedLinearCE(torch.autograd.Function):
     def backward(ctx, grad):
         h, weight, safe_t, tw, lse = ctx.saved_tensors
         divisor, chunk, cdt = ctx.args
-        dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros(weight.shape, device=weight.device, dtype=lse.dtype) if ctx.needs_input_grad[1] else None
-        for a in range(0, h.shape[0], chunk):
-            hc = h[a:a + chunk]
-            lf = _chunk_logits(hc, weight, divisor, cdt)
-            p = torch.exp(lf - lse[a:a + chunk, None])
-            rows = torch.arange(p.shape[0], device=p.device)
-            p[rows, safe_t[a:a + chunk]] -= 1.0
-            dlogits = (p * (tw[a:a + chunk] * grad)[:, None]).to(cdt)
-            if dh is not None:
-                dh[a:a + chunk] = ((dlogits @ weight.to(cdt)).to(lse.dtype) / divisor).to(h.dtype)
-            if dw is not None:
-                dw += (dlogits.t() @ (hc / divisor).to(cdt)).to(lse.dtype)
-        return dh, (dw.to(weight.dtype) if dw is not None else None), None, None, None, None, None
+
+        def dlogits_of(a, z):  # softmax - one-hot(target), times the token's weight
+            p = torch.exp(z - lse[a:a + chunk, None])
+            p[torch.arange(p.shape[0], device=p.device), safe_t[a:a + chunk]] -= 1.0
+            return p * (tw[a:a + chunk] * grad)[:, None]
+
+        dh, dw = _head_backward(ctx.needs_input_grad, h, weight, divisor, chunk, cdt, lse.dtype, dlogits_of)
+        return dh, dw, None, None, None, None, None
 
 
 def chunked_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -79,3 +89,56 @@ def chunked_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets:
         dev = h.device.type
         compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
     return _ChunkedLinearCE.apply(h, weight, targets, token_weights, float(divisor), int(chunk), compute_dtype)
+
+
+class _ChunkedLinearKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, teacher_logits, token_weights, divisor, chunk, cdt):
+        acc = torch.float64 if cdt == torch.float64 else torch.float32
+        tw = token_weights.to(acc)
+        lse = torch.empty(h.shape[0], device=h.device, dtype=acc)
+        total = torch.zeros((), device=h.device, dtype=acc)
+        for a in range(0, h.shape[0], chunk):
+            z = _chunk_logits(h[a:a + chunk], weight, divisor, cdt).to(acc)
+            lse[a:a + chunk] = torch.logsumexp(z, dim=-1)
+            log_t = torch.log_softmax(teacher_logits[a:a + chunk].to(acc), dim=-1)
+            per_tok = (log_t.exp() * (log_t - z)).sum(-1) + lse[a:a + chunk]
+            total = total + (per_tok * tw[a:a + chunk]).sum()
+        ctx.save_for_backward(h, weight, teacher_logits, tw, lse)
+        ctx.args = (divisor, chunk, cdt)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, teacher_logits, tw, lse = ctx.saved_tensors
+        divisor, chunk, cdt = ctx.args
+
+        def dlogits_of(a, z):  # softmax(student) - softmax(teacher), times the token's weight
+            p_t = torch.softmax(teacher_logits[a:a + chunk].to(lse.dtype), dim=-1)
+            return (torch.exp(z - lse[a:a + chunk, None]) - p_t) * (tw[a:a + chunk] * grad)[:, None]
+
+        dh, dw = _head_backward(ctx.needs_input_grad, h, weight, divisor, chunk, cdt, lse.dtype, dlogits_of)
+        return dh, dw, None, None, None, None, None
+
+
+def chunked_linear_kl(h: torch.Tensor, weight: torch.Tensor, teacher_logits: torch.Tensor,
+                      token_weights: torch.Tensor | None = None, divisor: float = 1.0, chunk: int = 8192,
+                      compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``sum_i w_i * KL(softmax(teacher_i) || softmax(W (h_i / divisor)))`` over the full vocabulary (temperature
+    1), the student's logits computed chunk by chunk as in :func:`chunked_linear_cross_entropy`; the teacher's
+    logits ``[N, vocab]`` are an input (no gradient). ``token_weights`` ``[N]`` (e.g. a 0/1 mask of real
+    tokens) or None (all 1)."""
+    if h.dim() != 2 or teacher_logits.shape[:1] != h.shape[:1] or teacher_logits.shape[1] != weight.shape[0]:
+        raise ValueError(f"h must be [N, hidden] and teacher_logits [N, vocab={weight.shape[0]}]; got "
+                         f"{tuple(h.shape)} and {tuple(teacher_logits.shape)}")
+    if token_weights is not None and token_weights.shape != h.shape[:1]:
+        raise ValueError(f"token_weights must be [N]={tuple(h.shape[:1])}, got {tuple(token_weights.shape)}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if compute_dtype is None:
+        dev = h.device.type
+        compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    if token_weights is None:
+        token_weights = torch.ones(h.shape[0], device=h.device)
+    return _ChunkedLinearKL.apply(h, weight, teacher_logits.detach(), token_weights, float(divisor), int(chunk),
+                                  compute_dtype)

@@ -36,11 +36,11 @@ from ..layers.sparse import DENSE_ALWAYS, SparseAttention
 from . import distributed as D
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .data import PackedStream, StreamState, load_documents
-from .losses import kl_sum, masked_mse_sum
+from .losses import masked_mse_sum
 from .recipe import Recipe, Stage
 from .schedule import lr_at
 
-LM_LOSS_CHUNK = 8192  # tokens per chunk of the lm loss (sala.ops.linear_ce)
+LM_LOSS_CHUNK = 8192  # tokens per chunk of the lm and distillation losses (sala.ops.linear_ce)
 CALIBRATION_STEPS = 10  # a stage with a time budget measures this many steps before fixing its length
 MAX_RETRIEVAL_DOCS = 256  # synthetic retrieval documents per stage (the stream cycles through them)
 
@@ -253,8 +253,10 @@ class Trainer:
             elif stage.kind == "distill":
                 with torch.no_grad():
                     t_logits = self.teacher(input_ids=ids, attention_mask=am).logits
-                logits = module(input_ids=ids, attention_mask=am, use_cache=False).logits
-                s, c = kl_sum(logits, t_logits, real)
+                out = module(input_ids=ids, attention_mask=am, use_cache=False, teacher_logits=t_logits,
+                             loss_chunk_tokens=LM_LOSS_CHUNK)  # the student's chunked KL (no [tokens, vocab] copies)
+                c = real.sum() if real is not None else torch.tensor(ids.numel())
+                s = out.loss * c
             else:  # the student's own chunked loss: no [tokens, vocab] logits (a quarter of a 32K step's memory)
                 out = module(input_ids=ids, attention_mask=am, use_cache=False, labels=labels, loss_weights=weights,
                              loss_chunk_tokens=LM_LOSS_CHUNK)
