@@ -24,6 +24,18 @@ def _chunk_logits(h, weight, divisor, cdt):
     return out if out.dtype == torch.float64 else out.float()
 
 
+def _head_forward(h, weight, divisor, chunk, cdt, acc, loss_of):
+    """(sum of the per-token losses, log-sum-exp of every token's logits): each chunk's logits computed,
+    reduced by ``loss_of(start, logits, lse)`` to per-token losses, and dropped."""
+    lse = torch.empty(h.shape[0], device=h.device, dtype=acc)
+    total = torch.zeros((), device=h.device, dtype=acc)
+    for a in range(0, h.shape[0], chunk):
+        z = _chunk_logits(h[a:a + chunk], weight, divisor, cdt).to(acc)
+        lse[a:a + chunk] = torch.logsumexp(z, dim=-1)
+        total = total + loss_of(a, z, lse[a:a + chunk]).sum()
+    return total, lse
+
+
 def _head_backward(needs, h, weight, divisor, chunk, cdt, acc, dlogits_of):
     """(dh, dW) of a loss over ``logits = W (h / divisor)``: each chunk's logits recomputed, turned into the
     gradient of the loss in them by ``dlogits_of(start, logits)``, and sent back through the head."""
@@ -46,13 +58,11 @@ class _ChunkedLinearCE(torch.autograd.Function):
         valid = targets != IGNORE
         tw = valid.to(acc) if token_weights is None else token_weights.to(acc) * valid
         safe_t = targets.clamp_min(0)
-        lse = torch.empty(h.shape[0], device=h.device, dtype=acc)
-        total = torch.zeros((), device=h.device, dtype=acc)
-        for a in range(0, h.shape[0], chunk):
-            lf = _chunk_logits(h[a:a + chunk], weight, divisor, cdt)
-            lse[a:a + chunk] = torch.logsumexp(lf, dim=-1)
-            picked = lf.gather(1, safe_t[a:a + chunk, None])[:, 0]
-            total = total + ((lse[a:a + chunk] - picked) * tw[a:a + chunk]).sum()
+
+        def loss_of(a, z, lse_c):  # log-sum-exp minus the target's logit, times the token's weight
+            return (lse_c - z.gather(1, safe_t[a:a + chunk, None])[:, 0]) * tw[a:a + chunk]
+
+        total, lse = _head_forward(h, weight, divisor, chunk, cdt, acc, loss_of)
         ctx.save_for_backward(h, weight, safe_t, tw, lse)
         ctx.args = (divisor, chunk, cdt)
         return total
@@ -71,6 +81,16 @@ class _ChunkedLinearCE(torch.autograd.Function):
         return dh, dw, None, None, None, None, None
 
 
+def _compute_dtype(h, chunk, compute_dtype):
+    """The head's matmul dtype: as given, else autocast's when it is on for h's device, else h's."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if compute_dtype is not None:
+        return compute_dtype
+    dev = h.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+
+
 def chunked_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                  token_weights: torch.Tensor | None = None, divisor: float = 1.0,
                                  chunk: int = 8192, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -83,11 +103,7 @@ def chunked_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets:
         raise ValueError(f"h must be [N, hidden] and targets [N]; got {tuple(h.shape)} and {tuple(targets.shape)}")
     if token_weights is not None and token_weights.shape != targets.shape:
         raise ValueError(f"token_weights must be [N]={tuple(targets.shape)}, got {tuple(token_weights.shape)}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    if compute_dtype is None:
-        dev = h.device.type
-        compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    compute_dtype = _compute_dtype(h, chunk, compute_dtype)
     return _ChunkedLinearCE.apply(h, weight, targets, token_weights, float(divisor), int(chunk), compute_dtype)
 
 
@@ -96,14 +112,12 @@ class _ChunkedLinearKL(torch.autograd.Function):
     def forward(ctx, h, weight, teacher_logits, token_weights, divisor, chunk, cdt):
         acc = torch.float64 if cdt == torch.float64 else torch.float32
         tw = token_weights.to(acc)
-        lse = torch.empty(h.shape[0], device=h.device, dtype=acc)
-        total = torch.zeros((), device=h.device, dtype=acc)
-        for a in range(0, h.shape[0], chunk):
-            z = _chunk_logits(h[a:a + chunk], weight, divisor, cdt).to(acc)
-            lse[a:a + chunk] = torch.logsumexp(z, dim=-1)
+
+        def loss_of(a, z, lse_c):  # sum_v p_t (log p_t - z) + lse(z) = KL(p_t || softmax(z)), times the weight
             log_t = torch.log_softmax(teacher_logits[a:a + chunk].to(acc), dim=-1)
-            per_tok = (log_t.exp() * (log_t - z)).sum(-1) + lse[a:a + chunk]
-            total = total + (per_tok * tw[a:a + chunk]).sum()
+            return ((log_t.exp() * (log_t - z)).sum(-1) + lse_c) * tw[a:a + chunk]
+
+        total, lse = _head_forward(h, weight, divisor, chunk, cdt, acc, loss_of)
         ctx.save_for_backward(h, weight, teacher_logits, tw, lse)
         ctx.args = (divisor, chunk, cdt)
         return total
@@ -133,11 +147,7 @@ def chunked_linear_kl(h: torch.Tensor, weight: torch.Tensor, teacher_logits: tor
                          f"{tuple(h.shape)} and {tuple(teacher_logits.shape)}")
     if token_weights is not None and token_weights.shape != h.shape[:1]:
         raise ValueError(f"token_weights must be [N]={tuple(h.shape[:1])}, got {tuple(token_weights.shape)}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    if compute_dtype is None:
-        dev = h.device.type
-        compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    compute_dtype = _compute_dtype(h, chunk, compute_dtype)
     if token_weights is None:
         token_weights = torch.ones(h.shape[0], device=h.device)
     return _ChunkedLinearKL.apply(h, weight, teacher_logits.detach(), token_weights, float(divisor), int(chunk),
