@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from sala.ops import dispatch
@@ -63,3 +64,36 @@ def test_dispatch_cpu_takes_reference_and_force_switch():
         assert dispatch.use_triton(qc, kc, vc)
         with dispatch.reference_ops():
             assert not dispatch.use_triton(qc, kc, vc)
+
+
+@pytest.mark.parametrize("Tq", [50, 1, 20])
+def test_dense_attention_batch_equals_each_row(Tq):
+    """A leading batch dimension: the same as attending each row alone (causal, bottom-right aligned)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(3, Tq, 6, 8, generator=g), torch.randn(3, 50, 2, 8, generator=g), torch.randn(3, 50, 2, 8, generator=g)
+    got = dispatch.dense_attention(q, k, v, 0.3)
+    assert got.shape == q.shape
+    for b in range(3):
+        torch.testing.assert_close(got[b], ref.dense_attention(q[b], k[b], v[b], 0.3), rtol=1e-6, atol=1e-6)
+
+
+def test_sparse_layer_dense_batch_matches_each_row_alone(monkeypatch):
+    """Unpadded rows below dense_len run as one batched call; the output equals each row run on its own."""
+    from sala import ops
+    from sala.layers.sparse import SparseAttention
+    from sala.testing import small_config
+
+    cfg = small_config(vocab_size=50, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, lightning_nkv=4)
+    torch.manual_seed(4)
+    layer = SparseAttention(cfg, 0).double()
+    x = torch.randn(3, 40, 32, dtype=torch.float64)
+    pos = torch.arange(40).expand(3, 40)
+    assert 40 < layer.dense_len
+    calls = []
+    real = ops.dense_attention
+    monkeypatch.setattr(ops, "dense_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    batched = layer(x, pos)
+    assert calls == [(3, 40, 4, 8)]  # one call for the three rows
+    rows = torch.cat([layer(x[b:b + 1], pos[:1]) for b in range(3)])
+    torch.testing.assert_close(batched, rows, rtol=1e-12, atol=1e-12)

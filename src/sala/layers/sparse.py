@@ -67,6 +67,8 @@ class SparseAttention(nn.Module):
                            for s, e in zip(bounds[:-1], bounds[1:]) if e > s])[None]
         elif token_mask is None and cache is None and B == 1:
             o = self._attend(q[0], k[0], v[0], sparse, None, decode=False)[None]
+        elif token_mask is None and cache is None and not sparse:  # unpadded rows, dense: one batched call
+            o = ops.dense_attention(q, k, v, self.scale)
         else:
             o = q.new_zeros(B, T, self.num_heads, self.head_dim)
             for b in range(B):

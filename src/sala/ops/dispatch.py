@@ -80,7 +80,8 @@ def sparse_attention(q, k, v, params, scale, k1=None, k2=None, decode=False, int
 
 
 def dense_attention(q, k, v, scale):
-    """Causal GQA attention of one sequence, bottom-right aligned (CUDA: the measured-best SDPA backend)."""
+    """Causal GQA attention of one sequence ``[T, H, D]`` or a batch of equal-length rows ``[B, T, H, D]``,
+    bottom-right aligned (CUDA: the measured-best SDPA backend)."""
     if use_triton(q, k, v):
         from .infllmv2_dense import dense_attention_sdpa
 

@@ -30,14 +30,15 @@ PREFERRED_DECODE = ("flash", "efficient", "math")
 
 def dense_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                          backends: tuple[str, ...] | None = None) -> torch.Tensor:
-    """Causal GQA attention of one sequence (q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, D]``), bottom-right aligned.
+    """Causal GQA attention of one sequence (q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, D]``), or of a batch of
+    equal-length rows (a leading ``B``), bottom-right aligned.
 
     ``backends`` (names of ``BACKENDS``) restricts and orders the SDPA backends; default ``PREFERRED``.
     """
     if not q.is_cuda:
         return _ref.dense_attention(q, k, v, scale)
     if backends is None:
-        backends = PREFERRED_DECODE if q.shape[0] == 1 else PREFERRED
+        backends = PREFERRED_DECODE if q.shape[-3] == 1 else PREFERRED
     order = [BACKENDS[b] for b in backends]
     with sdpa_kernel(order, set_priority=True):
         return _ref.dense_attention(q, k, v, scale)

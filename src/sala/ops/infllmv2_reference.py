@@ -212,12 +212,14 @@ def block_sparse_attention(
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal GQA attention, bottom-right aligned, through ``scaled_dot_product_attention``.
 
-    q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, D]`` -> ``[Tq, Hq, D]``. No mask tensor is built when Tq == Tk or
-    Tq == 1; a chunk-of-queries x keys boolean mask otherwise.
+    q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, D]`` -> ``[Tq, Hq, D]``, or a batch of equal-length rows with a leading
+    ``B`` on all three. No mask tensor is built when Tq == Tk or Tq == 1; a chunk-of-queries x keys boolean
+    mask otherwise.
     """
-    Tq, Tk = q.shape[0], k.shape[0]
-    qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))
-    gqa = q.shape[1] != k.shape[1]
+    batched = q.dim() == 4
+    qh, kh, vh = ((x if batched else x[None]).transpose(1, 2) for x in (q, k, v))
+    Tq, Tk = qh.shape[2], kh.shape[2]
+    gqa = qh.shape[1] != kh.shape[1]
     if Tq == Tk:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
     elif Tq == 1:
@@ -226,7 +228,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         pos = torch.arange(Tk - Tq, Tk, device=q.device)
         mask = torch.arange(Tk, device=q.device)[None, :] <= pos[:, None]
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return o[0].transpose(0, 1)
+    o = o.transpose(1, 2)
+    return o if batched else o[0]
 
 
 def check_sparse_inputs(q: torch.Tensor, k: torch.Tensor, decode: bool) -> None:
