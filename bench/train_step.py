@@ -6,7 +6,9 @@ baseline is the teacher architecture itself (transformers' Llama, SDPA attention
 the same shapes in the same run, so the ratio says what the SALA layers cost over a plain Transformer.
 For each case a ``torch.profiler`` pass splits the device time by kernel (top rows and a per-family sum)
 and compares it with the step's wall time (the gap is host time the GPU waits for). ``--fuse`` adds the
-student with ``sala.layers.fusion`` on (the elementwise chains compiled; the recipes' ``fuse = true``).
+student with ``sala.layers.fusion`` on (the elementwise chains compiled; the recipes' ``fuse = true``);
+``sala-full-logits`` rows take the student's loss from its full logits, the path before the chunked losses
+(``sala.ops.linear_ce``), for their time and peak memory side by side.
 
     python bench/train_step.py [--cases lm4k long32k] [--steps 6] [--fuse] [--tiny --device cpu]
 
@@ -64,8 +66,10 @@ def build(kind: str, tiny: bool, device: str):
     return teacher.to(device), student.to(device)
 
 
-def make_step(model, teacher, kind: str, ids: torch.Tensor, distill_from=None):
-    """One training step of ``model`` (AdamW, clip 1.0) as the trainer runs it."""
+def make_step(model, teacher, kind: str, ids: torch.Tensor, distill_from=None, full_logits: bool = False):
+    """One training step of ``model`` (AdamW, clip 1.0) as the trainer runs it. ``full_logits``: the SALA
+    student's loss from its full logits (the path before the chunked losses) instead of its chunked loss."""
+    chunked = isinstance(model, SALAForCausalLM) and not full_logits
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     labels = ids.clone()
     autocast = torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16)
@@ -76,13 +80,13 @@ def make_step(model, teacher, kind: str, ids: torch.Tensor, distill_from=None):
             if kind == "distill":
                 with torch.no_grad():
                     t_logits = distill_from(input_ids=ids).logits
-                if isinstance(model, SALAForCausalLM):  # the trainer's path: the student's chunked KL
+                if chunked:  # the trainer's path: the student's chunked KL
                     c = ids.numel()
                     s = model(input_ids=ids, use_cache=False, teacher_logits=t_logits,
                               loss_chunk_tokens=LM_LOSS_CHUNK).loss * c
                 else:
                     s, c = kl_sum(model(input_ids=ids, use_cache=False).logits, t_logits, None)
-            elif isinstance(model, SALAForCausalLM):  # the trainer's path: the student's chunked loss
+            elif chunked:  # the trainer's path: the student's chunked loss
                 c = (labels[:, 1:] != -100).sum()
                 s = model(input_ids=ids, use_cache=False, labels=labels, loss_chunk_tokens=LM_LOSS_CHUNK).loss * c
             else:
@@ -167,7 +171,8 @@ def main() -> None:
         ids = torch.randint(3, teacher.config.vocab_size, (batch, seq), generator=gen).to(args.device)
         tokens = batch * seq
         out = {}
-        variants = [("dense_llama", teacher), ("sala", student)] + ([("sala-fused", student)] if args.fuse else [])
+        variants = [("dense_llama", teacher), ("sala", student), ("sala-full-logits", student)] \
+            + ([("sala-fused", student)] if args.fuse else [])
         for variant, model in variants:
             model.train().requires_grad_(True)
             if kind == "distill":
@@ -177,7 +182,7 @@ def main() -> None:
                     teacher_copy = copy.deepcopy(teacher).eval().requires_grad_(False)
             else:
                 teacher_copy = None
-            step = make_step(model, teacher, kind, ids, teacher_copy)
+            step = make_step(model, teacher, kind, ids, teacher_copy, full_logits=variant == "sala-full-logits")
             if variant != "dense_llama" and kind == "distill":
                 teacher.eval().requires_grad_(False)
             fused = fusion(variant == "sala-fused", devices=(args.device,))
