@@ -7,8 +7,8 @@
 #   gguf-*.whl                    the gguf package (transformers reads GGUF files with it)
 # Each command stores what it received outside the checkout (STASH) and continues the pipeline:
 #   bash bench/convert_gpu.sh <seconds> [until-phase]
-# The pipeline resumes from its own checkpoints in RUN on the next command; at the end the report is
-# copied to $OUT (and, with --collect, packed for the repository's docs/results/).
+# The pipeline resumes from its own checkpoints in RUN on the next command; after each command the run's
+# small files (logs, results, report when made) come back in $OUT/run.tgz.
 set -euo pipefail
 LIMIT=${1:-540}
 UNTIL=${2:-}
@@ -41,10 +41,9 @@ set -e
 if [ -n "${OUT:-}" ]; then
   cp "$RUN.log" "$OUT/pipeline.log" 2>/dev/null || true
   cp "$RUN/pipeline.json" "$OUT/" 2>/dev/null || true
-  if [ -d "$RUN/report" ]; then
-    tar -czf "$OUT/report.tgz" -C "$RUN" report halo/sweep.json halo/sweep.md compare/scores.json eval \
-      student/log.jsonl halo/align/log.jsonl compare/halo/log.jsonl compare/uniform/log.jsonl \
-      compare/all_linear/log.jsonl student/final/config.json student/final/conversion.json pipeline.json
-  fi
+  # every small file of the run (no weights, no checkpoints), after every command: the report (and a lost
+  # report phase) can be made from it on any machine: tar -xzf run.tgz -C DIR, then
+  # sala pipeline --profile gpu --out DIR --until report
+  tar -czf "$OUT/run.tgz" -C "$RUN" --exclude='*.safetensors' --exclude='checkpoints' --exclude='*.pt' . || true
 fi
 exit $rc

@@ -2,6 +2,7 @@
 every phase, the resume across calls (a phase budget, then a deadline), and the report's schema."""
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -85,6 +86,17 @@ def test_pipeline_runs_every_phase_resumes_and_reports(teacher_dir, tmp_path):
         assert (out / "report" / name).is_file(), name
     md = (out / "report" / "summary.md").read_text()
     assert "passkey at 320" in md and "| uniform |" in md
+    # the report needs only the run's small files (what bench/convert_gpu.sh brings back): rebuilt from a
+    # copy without weights, checkpoints or report, on another machine
+    light = tmp_path / "light"
+    shutil.copytree(out, light, ignore=shutil.ignore_patterns("*.safetensors", "checkpoints", "report"))
+    st = json.loads((light / "pipeline.json").read_text())
+    st["done"].pop("report")
+    (light / "pipeline.json").write_text(json.dumps(st))
+    assert Pipeline(prof, light, device="cpu", log=quiet).run()["finished"]
+    s2 = json.loads((light / "report" / "summary.json").read_text())
+    for key in ("ppl", "passkey", "recall", "layers", "train_tokens"):
+        assert s2[key] == s[key], key
 
 
 def test_profile_errors_name_the_problem(teacher_dir, tmp_path):
