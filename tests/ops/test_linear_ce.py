@@ -137,3 +137,26 @@ def test_model_chunked_kl_equals_full_logits_kl_with_padding():
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-9, atol=1e-12, msg=n)
     with pytest.raises(ValueError, match="not both"):
         model(input_ids=ids, labels=ids, teacher_logits=teacher)
+
+
+def test_trainer_reference_losses_equal_the_chunked_ones():
+    """losses.lm_sum / kl_sum (full logits) and the chunked ops give the same sums on the same rows."""
+    from sala.ops.linear_ce import chunked_linear_kl
+    from sala.train.losses import kl_sum, lm_sum
+
+    g = torch.Generator().manual_seed(11)
+    h, w = torch.randn(2, 30, 16, generator=g), torch.randn(41, 16, generator=g) / 2
+    labels = torch.randint(0, 41, (2, 30), generator=g)
+    labels[1, 20:] = -100
+    weights = 1 + 3 * (torch.rand(2, 30, generator=g) > 0.7).float()
+    logits = F.linear(h, w)
+    s, c = lm_sum(logits, labels, weights)
+    got = chunked_linear_cross_entropy(h[:, :-1].reshape(-1, 16), w, labels[:, 1:].reshape(-1),
+                                       weights[:, 1:].reshape(-1), chunk=13)
+    torch.testing.assert_close(got, s, rtol=1e-5, atol=1e-4)
+    assert c == (labels[:, 1:] != -100).sum()
+    teacher = torch.randn(2, 30, 41, generator=g)
+    mask = labels != -100
+    s_kl, _ = kl_sum(logits, teacher, mask)
+    got_kl = chunked_linear_kl(h.reshape(-1, 16), w, teacher.reshape(-1, 41), mask.reshape(-1).float(), chunk=7)
+    torch.testing.assert_close(got_kl, s_kl, rtol=1e-5, atol=1e-4)

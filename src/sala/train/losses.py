@@ -2,6 +2,8 @@
 
 Each function returns ``(sum, count)`` over this process's rows; the trainer divides by the count summed
 over all processes, so the update does not depend on how rows are split between processes.
+``kl_sum`` and ``lm_sum`` work on full logits: they are the references of the chunked losses the trainer
+runs (``sala.ops.linear_ce`` through the student's forward), and what a model without them would use.
 """
 
 from __future__ import annotations
