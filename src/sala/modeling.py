@@ -25,7 +25,7 @@ from .layers import fusion
 from .layers.common import RMSNorm, SwiGLU, add_rms_norm, residual_add
 from .layers.lightning import LightningAttention
 from .layers.sparse import SparseAttention
-from .ops.linear_ce import chunked_linear_cross_entropy, chunked_linear_kl
+from .ops.linear_ce import chunked_linear_cross_entropy, chunked_linear_kl, cross_entropy_sum, kl_divergence_sum
 
 try:  # transformers >= 4.56: checkpointing through the layer's __call__
     from transformers.modeling_layers import GradientCheckpointingLayer as _LayerBase
@@ -358,14 +358,11 @@ class SALAForCausalLM(SALAPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
         elif labels is not None:
             tgt = labels[:, 1:].reshape(-1)
-            per_tok = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt, ignore_index=-100,
-                                      reduction="none")
-            loss = (per_tok * loss_weights[:, 1:].reshape(-1).to(per_tok.dtype)).sum() / (tgt != -100).sum().clamp_min(1)
+            loss = cross_entropy_sum(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt,
+                                     loss_weights[:, 1:].reshape(-1)) / (tgt != -100).sum().clamp_min(1)
         elif teacher_logits is not None:
-            log_s, log_t = F.log_softmax(logits, dim=-1), F.log_softmax(teacher_logits.to(logits.dtype), dim=-1)
-            per_tok = (log_t.exp() * (log_t - log_s)).sum(-1)
-            m = attention_mask.to(per_tok.dtype) if attention_mask is not None else torch.ones_like(per_tok)
-            loss = (per_tok * m).sum() / m.sum().clamp_min(1)
+            m = attention_mask.to(logits.dtype) if attention_mask is not None else torch.ones_like(logits[..., 0])
+            loss = kl_divergence_sum(logits, teacher_logits, m) / m.sum().clamp_min(1)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_FIELD: getattr(out, CACHE_FIELD)}
         )

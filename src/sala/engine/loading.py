@@ -79,9 +79,10 @@ def load_model(spec: ModelSpec | str | Path, device: str | torch.device = "auto"
 
     if not isinstance(spec, ModelSpec):
         spec = parse_model_spec(spec)
+    device = resolve_device(device)
     if isinstance(dtype, str) and dtype != "auto":
-        dtype = resolve_dtype(dtype, resolve_device(device))
+        dtype = resolve_dtype(dtype, device)
     kw = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
     tok = AutoTokenizer.from_pretrained(spec.folder, **kw)
-    model = AutoModelForCausalLM.from_pretrained(spec.folder, dtype=dtype, **kw).to(resolve_device(device)).eval()
+    model = AutoModelForCausalLM.from_pretrained(spec.folder, dtype=dtype, **kw).to(device).eval()
     return model, tok

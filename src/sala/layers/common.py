@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakTensorKeyDictionary
 
+from ..ops.host_value import OncePerTensor
 from . import fusion
 
 
@@ -48,18 +48,9 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-_MAX_POSITION = WeakTensorKeyDictionary()  # position tensor -> (its version, its max)
-
-
-def max_position(position_ids: torch.Tensor) -> int:
-    """``int(position_ids.max())``, read from the device once per tensor: every layer of a forward gets the
-    same position tensor, and a host sync in each would stop the CPU from queuing kernels ahead."""
-    hit = _MAX_POSITION.get(position_ids)
-    if hit is not None and hit[0] == position_ids._version:
-        return hit[1]
-    value = int(position_ids.max())
-    _MAX_POSITION[position_ids] = (position_ids._version, value)
-    return value
+# ``int(position_ids.max())``, read from the device once per tensor: every layer of a forward gets the
+# same position tensor, and a host sync in each would stop the CPU from queuing kernels ahead.
+max_position = OncePerTensor(lambda position_ids: int(position_ids.max()))
 
 
 _INV_FREQ_CACHE: dict[tuple[int, float, str], torch.Tensor] = {}

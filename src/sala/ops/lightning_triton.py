@@ -27,9 +27,9 @@ import os
 
 import torch
 import triton
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import lightning_triton_kernels as _kn
+from .host_value import OncePerTensor
 
 __all__ = ["lightning_attn_triton", "lightning_decode_triton", "lightning_forward", "choose_segment_len"]
 
@@ -140,7 +140,7 @@ def _sequence_lengths(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[i
     return (bounds[1:] - bounds[:-1]).tolist()
 
 
-_DECAY_OK = WeakTensorKeyDictionary()  # decay tensor -> (its version, factored_decay_ok)
+_DECAY_OK = OncePerTensor(lambda g: float(g.detach().abs().max()) * (CHUNK // 2) < 60.0)
 
 
 def factored_decay_ok(g: torch.Tensor) -> bool:
@@ -148,12 +148,7 @@ def factored_decay_ok(g: torch.Tensor) -> bool:
     exp(|g| C / 2) far from float32 overflow (e^88). Reads g on the host, once per tensor and version: a
     layer passes the same decay tensor in every call, and a host sync per call would keep the CPU from
     queuing kernels ahead of the GPU."""
-    hit = _DECAY_OK.get(g)
-    if hit is not None and hit[0] == g._version:
-        return hit[1]
-    ok = float(g.detach().abs().max()) * (CHUNK // 2) < 60.0
-    _DECAY_OK[g] = (g._version, ok)
-    return ok
+    return _DECAY_OK(g)
 
 
 def lightning_forward(

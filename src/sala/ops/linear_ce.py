@@ -18,6 +18,26 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor,
+                      token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """From full logits ``[N, vocab]`` (the reference of :func:`chunked_linear_cross_entropy`):
+    ``sum_i w_i * CE(logits_i, t_i)`` over targets that are not -100."""
+    if token_weights is None:
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+    per_tok = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
+    return (per_tok * token_weights.to(per_tok.dtype)).sum()
+
+
+def kl_divergence_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """From full logits ``[..., vocab]`` (the reference of :func:`chunked_linear_kl`):
+    ``sum_i w_i * KL(softmax(teacher_i) || softmax(student_i))``, temperature 1."""
+    log_s = F.log_softmax(student_logits, dim=-1)
+    log_t = F.log_softmax(teacher_logits.to(student_logits.dtype), dim=-1)
+    per_tok = (log_t.exp() * (log_t - log_s)).sum(-1)
+    return per_tok.sum() if token_weights is None else (per_tok * token_weights.to(per_tok.dtype)).sum()
+
+
 def _chunk_logits(h, weight, divisor, cdt):
     """At least float32, as the model's logits (a float64 head keeps float64)."""
     out = F.linear((h / divisor).to(cdt), weight.to(cdt))

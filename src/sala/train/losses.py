@@ -9,9 +9,9 @@ runs (``sala.ops.linear_ce`` through the student's forward), and what a model wi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..data.packing import IGNORE
+from ..ops.linear_ce import cross_entropy_sum, kl_divergence_sum
 
 
 def masked_mse_sum(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,13 +25,9 @@ def masked_mse_sum(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Ten
 
 def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """KL(teacher || student) over the full vocabulary, summed over real tokens (temperature 1)."""
-    log_s = F.log_softmax(student_logits.float(), dim=-1)
-    log_t = F.log_softmax(teacher_logits.float(), dim=-1)
-    per_tok = (log_t.exp() * (log_t - log_s)).sum(-1)
-    if mask is None:
-        return per_tok.sum(), torch.tensor(float(per_tok.numel()))
-    m = mask.to(per_tok.dtype)
-    return (per_tok * m).sum(), m.sum()
+    total = kl_divergence_sum(student_logits.float(), teacher_logits.float(), mask)
+    count = torch.tensor(float(student_logits.shape[:-1].numel())) if mask is None else mask.to(total.dtype).sum()
+    return total, count
 
 
 def lm_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
@@ -39,10 +35,6 @@ def lm_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | N
     """Next-token cross-entropy: position t predicts labels[t + 1]; IGNORE targets are skipped.
     ``weights`` ``[B, T]`` (optional) scale each target token's term; the count stays the number of targets."""
     tgt = labels[:, 1:]
-    flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    if weights is None:
-        loss = F.cross_entropy(flat, tgt.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    else:
-        per_tok = F.cross_entropy(flat, tgt.reshape(-1), ignore_index=IGNORE, reduction="none")
-        loss = (per_tok * weights[:, 1:].reshape(-1).to(per_tok.dtype)).sum()
+    loss = cross_entropy_sum(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                             None if weights is None else weights[:, 1:].reshape(-1))
     return loss, (tgt != IGNORE).sum().to(loss.dtype)
