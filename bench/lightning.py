@@ -275,7 +275,9 @@ VARIANTS = {
         # the default kernels at C64/BV64/8w/1s also put 4 of 4 dots on wgmma: 144 KB, no spill
         ("sala-tf32-c64-w8s1", {}, {"SALA_LIGHTNING_CHUNK": "64", "SALA_LIGHTNING_WARPS": "8", "SALA_LIGHTNING_STAGES": "1"}),
     ],
-    # fwd+bwd variants cost ~6 more compiles each: add ("fwdbwd", dtype, T) entries once a forward variant wins
+    # the backward recomputing dq's segment states (one state pass more) instead of reusing the forward's
+    ("fwdbwd", torch.bfloat16, 131072): [("sala-states-recomputed", {}, {"SALA_LIGHTNING_SAVED_STATES_SHARE": "0"})],
+    # other fwd+bwd variants cost ~6 more compiles each: add entries once a forward variant wins
 }
 
 

@@ -243,8 +243,16 @@ def grads_of(fn, leaves, do, dht):
     return torch.autograd.grad(loss, [x for x in leaves if x is not None])
 
 
+@pytest.mark.parametrize("keep_states", [True, False])
 @pytest.mark.parametrize("case", ["h0_dht", "no_h0", "o_only", "varlen"])
-def test_backward_matches_reference_autograd(case):
+def test_backward_matches_reference_autograd(case, keep_states, monkeypatch):
+    """Both backward paths: the forward's segment states kept for dq, or recomputed (one state pass more)."""
+    from sala.ops import lightning_triton as lt
+
+    monkeypatch.setattr(lt, "SAVED_STATES_MAX_SHARE", 1e9 if keep_states else 0.0)
+    state_passes = []
+    real = lt.segment_states
+    monkeypatch.setattr(lt, "segment_states", lambda *a, **kw: state_passes.append(1) or real(*a, **kw))
     H, D = (3, 32) if not CUDA else (9, 64)
     if case == "varlen":
         lens = VARLEN
@@ -266,6 +274,7 @@ def test_backward_matches_reference_autograd(case):
     assert len(ours) == len(ref)
     for a, b in zip(ours, ref):
         assert rel(a, b) < TOL[torch.float32]
+    assert len(state_passes) == (2 if keep_states else 3)  # forward + dS (+ dq's when not kept)
 
 
 def test_backward_bf16_inputs():

@@ -18,12 +18,16 @@ Backward needs no new kernel: with dS_t the gradient flowing into S_t,
     dv = reverse(k, q, do; initial dS_T / (exp(g) scale)),      dS0 = exp(g) scale * its final state
 
 where ``forward(a, b, c)`` is the lightning forward with (q, k, v) = (a, b, c) and ``reverse`` runs each
-sequence back to front.
+sequence back to front. Each such pass is a state pass (``segment_states``: the state entering every segment,
+from its second and third operands) and an output pass (``segment_outputs``). The state passes of dq and dk
+need not run: dq's segment states are the forward's transposed (S0^T and sums of v^T k), dk's are dv's
+transposed; so the backward runs one state pass and three output passes.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -151,6 +155,91 @@ def factored_decay_ok(g: torch.Tensor) -> bool:
     return _DECAY_OK(g)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How a packed batch is cut into segments and launched (shared by the state and output passes)."""
+
+    lens: list[int]
+    seg: int
+    tables: tuple[torch.Tensor, ...]  # seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0
+    max_segs: int
+
+    @property
+    def nseg(self) -> int:
+        return self.tables[0].numel()
+
+
+def _plan(q: torch.Tensor, cu_seqlens: torch.Tensor | None, segment_len: int | None) -> _Plan:
+    B, T, H, _ = q.shape
+    lens = _sequence_lengths(B, T, cu_seqlens)
+    seg = segment_len or choose_segment_len(B * T, H, q.dtype)
+    if seg % CHUNK:
+        raise ValueError(f"segment_len must be a multiple of {CHUNK}, got {seg}")
+    return _Plan(lens, seg, _segment_table(lens, seg, q.device), max([-(-n // seg) for n in lens] + [1]))
+
+
+def _common(plan: _Plan, H: int, KD: int, VD: int, q_dtype: torch.dtype, precision: str, reverse: bool) -> dict:
+    cfg = _launch_cfg(VD, q_dtype, precision)
+    KP = _pad_dim(KD)
+    return dict(H=H, KD=KD, VD=VD, KP=KP, SEG=plan.seg, C=cfg["C"], BV=cfg["BV"], REVERSE=reverse,
+                DOT_PRECISION="tf32" if precision == "bf16x3" else precision,
+                DYN_LOOP=not _INTERPRET, SEG_CHUNKS=plan.seg // cfg["C"], UPCAST=_INTERPRET,
+                MASK_COLS=KP != KD or VD % cfg["BV"] != 0,
+                SPLIT_BF16=precision == "bf16x3" and q_dtype == torch.float32,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def segment_states(
+    k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, plan: _Plan, initial_state: torch.Tensor | None = None,
+    *, reverse: bool = False, output_final_state: bool = True, precision: str = "tf32", kernel: str = "default",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Passes 1-2: the float32 state entering every segment ``[nseg, H, K, V]`` (from k and v only) and
+    each sequence's final state ``[N, H, K, V]`` (None unless asked)."""
+    _, _, H, KD = k.shape
+    VD = v.shape[-1]
+    nseg, N = plan.nseg, len(plan.lens)
+    seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0 = plan.tables
+    states = torch.empty(max(nseg, 1), H, KD, VD, dtype=torch.float32, device=k.device)
+    ht = torch.empty(N, H, KD, VD, dtype=torch.float32, device=k.device) if output_final_state else None
+    if initial_state is not None:
+        initial_state = initial_state.to(torch.float32).contiguous()
+    if nseg:
+        common = _common(plan, H, KD, VD, k.dtype, precision, reverse)
+        delta_kernel = _kn._segment_delta_kmajor_kernel if kernel == "kmajor" else _kn._segment_delta_kernel
+        delta_kernel[(nseg * H * triton.cdiv(VD, common["BV"]),)](
+            k, v, g, states, seg_seq, seg_tau0, seq_bos, seq_len, **common)
+    BK = 16 if KD <= 64 else 32
+    if nseg or output_final_state:
+        _kn._segment_scan_kernel[(N * H * triton.cdiv(KD, BK),)](
+            states, g, initial_state if initial_state is not None else states, ht if ht is not None else states,
+            seq_seg0, seq_len, H=H, KD=KD, VD=VD, VP=_pad_dim(VD), SEG=plan.seg, BK=BK,
+            HAS_H0=initial_state is not None, STORE_HT=output_final_state, num_warps=4,
+            DYN_LOOP=not _INTERPRET, MAX_SEGS=plan.max_segs if _INTERPRET else 1,
+        )
+    return states, ht
+
+
+def segment_outputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, states: torch.Tensor, plan: _Plan,
+    scale: float, *, reverse: bool = False, out_dtype: torch.dtype = torch.float32, precision: str = "tf32",
+    factored_decay: bool | None = None, kernel: str = "default",
+) -> torch.Tensor:
+    """Pass 3: o of every segment from the state entering it (``segment_states``)."""
+    B, T, H, KD = q.shape
+    VD = v.shape[-1]
+    o = torch.empty(B, T, H, VD, dtype=out_dtype, device=q.device)
+    if plan.nseg:
+        seg_seq, seg_tau0, seq_bos, seq_len, _ = plan.tables
+        common = _common(plan, H, KD, VD, q.dtype, precision, reverse)
+        factored = factored_decay_ok(g) if factored_decay is None else factored_decay
+        out_kernel = _kn._segment_output_kmajor_kernel if kernel == "kmajor" else _kn._segment_output_kernel
+        out_kernel[(plan.nseg * H * triton.cdiv(VD, common["BV"]),)](
+            q, k, v, g, states, o, seg_seq, seg_tau0, seq_bos, seq_len, float(scale), **common,
+            FACTORED_DECAY=factored,
+        )
+    return o
+
+
 def lightning_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -175,52 +264,12 @@ def lightning_forward(
     ``kernel`` picks the delta/output kernel pair (``KERNELS``)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    kmajor = kernel == "kmajor"
-    B, T, H, KD = q.shape
-    VD = v.shape[-1]
-    lens = _sequence_lengths(B, T, cu_seqlens)
-    N = len(lens)
-    seg = segment_len or choose_segment_len(B * T, H, q.dtype)
-    if seg % CHUNK:
-        raise ValueError(f"segment_len must be a multiple of {CHUNK}, got {seg}")
-    seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0 = _segment_table(lens, seg, q.device)
-    nseg = seg_seq.numel()
-    max_segs = max([-(-n // seg) for n in lens] + [1])
     g = g.to(device=q.device, dtype=torch.float32).contiguous()
-    KP, VP = _pad_dim(KD), _pad_dim(VD)
-    cfg = _launch_cfg(VD, q.dtype, precision)
-    BV = cfg["BV"]
-    NV = triton.cdiv(VD, BV)
-    o = torch.empty(B, T, H, VD, dtype=out_dtype, device=q.device)
-    delta = torch.empty(max(nseg, 1), H, KD, VD, dtype=torch.float32, device=q.device)
-    ht = torch.empty(N, H, KD, VD, dtype=torch.float32, device=q.device) if output_final_state else None
-    if initial_state is not None:
-        initial_state = initial_state.to(torch.float32).contiguous()
-    split = precision == "bf16x3" and q.dtype == torch.float32
-    C = cfg["C"]  # divides seg (a multiple of CHUNK = 64)
-    common = dict(H=H, KD=KD, VD=VD, KP=KP, SEG=seg, C=C, BV=BV, REVERSE=reverse,
-                  DOT_PRECISION="tf32" if precision == "bf16x3" else precision,
-                  DYN_LOOP=not _INTERPRET, SEG_CHUNKS=seg // C, UPCAST=_INTERPRET,
-                  MASK_COLS=KP != KD or VD % BV != 0, SPLIT_BF16=split)
-    warps = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if nseg:
-        (_kn._segment_delta_kmajor_kernel if kmajor else _kn._segment_delta_kernel)[(nseg * H * NV,)](
-            k, v, g, delta, seg_seq, seg_tau0, seq_bos, seq_len, **common, **warps
-        )
-    BK = 16 if KD <= 64 else 32
-    if nseg or output_final_state:
-        _kn._segment_scan_kernel[(N * H * triton.cdiv(KD, BK),)](
-            delta, g, initial_state if initial_state is not None else delta, ht if ht is not None else delta,
-            seq_seg0, seq_len, H=H, KD=KD, VD=VD, VP=VP, SEG=seg, BK=BK,
-            HAS_H0=initial_state is not None, STORE_HT=output_final_state, num_warps=4,
-            DYN_LOOP=not _INTERPRET, MAX_SEGS=max_segs if _INTERPRET else 1,
-        )
-    if nseg:
-        factored = factored_decay_ok(g) if factored_decay is None else factored_decay
-        (_kn._segment_output_kmajor_kernel if kmajor else _kn._segment_output_kernel)[(nseg * H * NV,)](
-            q, k, v, g, delta, o, seg_seq, seg_tau0, seq_bos, seq_len, float(scale), **common, **warps,
-            FACTORED_DECAY=factored,
-        )
+    plan = _plan(q, cu_seqlens, segment_len)
+    states, ht = segment_states(k, v, g, plan, initial_state, reverse=reverse,
+                                output_final_state=output_final_state, precision=precision, kernel=kernel)
+    o = segment_outputs(q, k, v, g, states, plan, scale, reverse=reverse, out_dtype=out_dtype,
+                        precision=precision, factored_decay=factored_decay, kernel=kernel)
     return o, ht
 
 
@@ -232,47 +281,61 @@ def _prepare(q, k, v):
     return tuple(x.to(dtype).contiguous() for x in (q, k, v))
 
 
+# The forward keeps its segment states for the backward (dq's states are their transposes) while they
+# take at most this share of the bytes of q, k and v; past it (short segments, small head dims) the
+# backward recomputes them instead (SALA_LIGHTNING_SAVED_STATES_SHARE overrides it; the benchmark's
+# "sala-states-recomputed" variant sets 0). At H=32, D=128 and 8192-token segments the states are 4%.
+SAVED_STATES_MAX_SHARE = 0.25
+
+
 class _LightningAttn(torch.autograd.Function):
+    """Backward in five passes instead of nine: dq's segment states are the transposes of the forward's
+    (kept, or recomputed past ``SAVED_STATES_MAX_SHARE``), and dk's the transposes of dv's, so one state
+    pass serves dk and dv (module docstring: the three backward recurrences)."""
+
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state, cu_seqlens, out_dtype, precision, segment_len, kernel):
         ctx.set_materialize_grads(False)
         qc, kc, vc = _prepare(q, k, v)
-        factored = factored_decay_ok(g)
-        o, ht = lightning_forward(
-            qc, kc, vc, g, scale, initial_state, cu_seqlens,
-            out_dtype=out_dtype, precision=precision, segment_len=segment_len, factored_decay=factored,
-            kernel=kernel,
-        )
-        ctx.save_for_backward(qc, kc, vc, g, initial_state, cu_seqlens)
-        ctx.scale, ctx.precision, ctx.segment_len, ctx.factored = scale, precision, segment_len, factored
-        ctx.kernel = kernel
+        gf = g.to(device=qc.device, dtype=torch.float32).contiguous()
+        factored = factored_decay_ok(gf)
+        plan = _plan(qc, cu_seqlens, segment_len)
+        kw = dict(precision=precision, kernel=kernel)
+        states, ht = segment_states(kc, vc, gf, plan, initial_state, **kw)
+        o = segment_outputs(qc, kc, vc, gf, states, plan, scale, out_dtype=out_dtype, factored_decay=factored, **kw)
+        qkv_bytes = sum(x.numel() * x.element_size() for x in (qc, kc, vc))
+        share = float(os.environ.get("SALA_LIGHTNING_SAVED_STATES_SHARE", SAVED_STATES_MAX_SHARE))
+        keep = plan.nseg > 0 and states.numel() * 4 <= share * qkv_bytes
+        ctx.save_for_backward(qc, kc, vc, gf, initial_state, states if keep else None)
+        ctx.scale, ctx.plan, ctx.factored, ctx.kw = scale, plan, factored, kw
         ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, h0, cu = ctx.saved_tensors
-        scale = ctx.scale
-        kw = dict(precision=ctx.precision, segment_len=ctx.segment_len, factored_decay=ctx.factored,
-                  kernel=ctx.kernel)
-        gf = g.to(device=q.device, dtype=torch.float32)
+        q, k, v, g, h0, states = ctx.saved_tensors
+        scale, plan, kw = ctx.scale, ctx.plan, ctx.kw
+        out = dict(factored_decay=ctx.factored, **kw)
         if do is None:
             do = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
         do = do.to(q.dtype).contiguous()
-        h0t = h0.float().transpose(-1, -2).contiguous() if h0 is not None else None
-        dq, _ = lightning_forward(do, v, k, gf, scale, h0t, cu, out_dtype=ctx.in_dtypes[0], output_final_state=False, **kw)
-        if dht is not None:
-            # dS_t gets exp(g)^(T-t) dht; the reversed forward applies exp(g)^(t'), one step more
-            init = (dht.float() * torch.exp(-gf)[None, :, None, None] / scale).contiguous()
-            init_t = init.transpose(-1, -2).contiguous()
+        # dq = forward(do, v, k; S0^T): its states are the forward's, transposed
+        if states is None:
+            h0t = h0.float().transpose(-1, -2).contiguous() if h0 is not None else None
+            states_t, _ = segment_states(v, k, g, plan, h0t, output_final_state=False, **kw)
         else:
-            init = init_t = None
-        dk, _ = lightning_forward(v, do, q, gf, scale, init_t, cu, reverse=True, out_dtype=ctx.in_dtypes[1],
-                                  output_final_state=False, **kw)
+            states_t = states.transpose(-1, -2).contiguous()
+        dq = segment_outputs(do, v, k, g, states_t, plan, scale, out_dtype=ctx.in_dtypes[0], **out)
+        del states_t
+        # dv = reverse(k, q, do; dS_T) and dk = reverse(v, do, q; dS_T^T): one state pass for both
+        # (dS_t gets exp(g)^(T-t) dht; the reversed forward applies exp(g)^(t'), one step more)
+        init = (dht.float() * torch.exp(-g)[None, :, None, None] / scale).contiguous() if dht is not None else None
         need_dh0 = h0 is not None and ctx.needs_input_grad[5]
-        dv, dsf = lightning_forward(k, q, do, gf, scale, init, cu, reverse=True, out_dtype=ctx.in_dtypes[2],
-                                    output_final_state=need_dh0, **kw)
-        dh0 = (dsf * (torch.exp(gf) * scale)[None, :, None, None]).to(h0.dtype) if need_dh0 else None
+        ds_states, dsf = segment_states(q, do, g, plan, init, reverse=True, output_final_state=need_dh0, **kw)
+        dv = segment_outputs(k, q, do, g, ds_states, plan, scale, reverse=True, out_dtype=ctx.in_dtypes[2], **out)
+        ds_states = ds_states.transpose(-1, -2).contiguous()
+        dk = segment_outputs(v, do, q, g, ds_states, plan, scale, reverse=True, out_dtype=ctx.in_dtypes[1], **out)
+        dh0 = (dsf * (torch.exp(g) * scale)[None, :, None, None]).to(h0.dtype) if need_dh0 else None
         return dq, dk, dv, None, None, dh0, None, None, None, None, None
 
 
