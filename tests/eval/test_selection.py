@@ -165,3 +165,58 @@ def test_summary_table_and_log_line():
     lines = summary_table([s], lambda n: f"{n // 1024}K")
     assert lines[2] == "| 4K | 50% | 75% | 50% | 50% | 50% | 50% | 50% |"
     assert "2 wrong: 1 not selected, 1 selected, 1 also wrong dense" in format_summary(s)
+
+
+def test_selection_topk_changes_the_budget_and_restores(tokenizer, samples, builders):
+    """A budget covering every block attends like dense attention; a small one does not; the layers' own
+    settings come back, also after an error; a budget below one block is refused."""
+    from sala.eval.selection import dense_attention_only, selection_topk
+
+    model = builders["sala"](len(tokenizer), seed=4)
+    layers = _sparse_modules(model)
+    before = [m.params for m in layers]
+    ids = torch.tensor([samples[1].input_ids])  # 700 tokens: past dense_len (256), 11 blocks of 64
+    with torch.no_grad():
+        with dense_attention_only(model):
+            dense = model(ids).logits
+        with selection_topk(model, 64) as m:
+            assert m is model and all(l.params.topk == 64 for l in layers)
+            everything = model(ids).logits
+        with selection_topk(model, 1):
+            narrow = model(ids).logits
+    assert [m.params for m in layers] == before
+    torch.testing.assert_close(everything, dense, atol=1e-4, rtol=1e-4)
+    assert (narrow - dense).abs().max() > 1e-3
+    with pytest.raises(RuntimeError, match="boom"):
+        with selection_topk(model, 2):
+            raise RuntimeError("boom")
+    assert [m.params for m in layers] == before
+    with pytest.raises(ValueError, match="topk"):
+        with selection_topk(model, 0):
+            pass
+
+
+def test_topk_probe_asks_the_needle_studys_questions_under_each_budget(tokenizer, corpus_text, builders, monkeypatch):
+    """Scripted answers (right when the active budget is at least 4 blocks, for even samples only): the probe's
+    accuracies follow the budget, each budget sees the needle study's samples, and the budget is restored."""
+    import sala.eval.selection as sel
+
+    model = builders["sala"](len(tokenizer), seed=3)
+    own = [m.params.topk for m in _sparse_modules(model)]
+    seen = []
+
+    def scripted(m, tok, sample, eos, chunk):
+        topk = _sparse_modules(m)[0].params.topk
+        seen.append((topk, sample.prompt))
+        return 1.0 if topk >= 4 and sample.index % 2 == 0 else 0.0
+
+    monkeypatch.setattr(sel, "sample_score_of", scripted)
+    res = sel.topk_probe(model, tokenizer, corpus_text, 700, 4, [2, 8], chunk_size=256, seed=5, max_new_tokens=3)
+    assert res == [{"topk": 2, "length": 700, "samples": 4, "acc_sparse": 0.0},
+                   {"topk": 8, "length": 700, "samples": 4, "acc_sparse": 0.5}]
+    assert [m.params.topk for m in _sparse_modules(model)] == own
+    prompts = [p for t, p in seen if t == 2]
+    assert prompts == [p for t, p in seen if t == 8] and len(set(prompts)) == 4
+    study = sel.needle_study(model, tokenizer, corpus_text, [700], 4, chunk_size=256, seed=5, max_new_tokens=3)
+    assert len(study["rows"]) == 4
+    assert [p for _, p in seen[8::2]] == prompts  # the study's sparse answers (each followed by a dense one)

@@ -142,7 +142,7 @@ def test_student_diagnosis_beyond_dense_len(teacher_dir, tmp_path):
 
     raw = tiny_profile(teacher_dir)
     raw["convert"]["sparse"]["dense_len"] = 256
-    raw["eval"].update(diagnose_lengths=[240, 320], diagnose_samples=2)
+    raw["eval"].update(diagnose_lengths=[240, 320], diagnose_samples=2, diagnose_topk=[1, 64])
     prof = parse_profile(raw)
     out = tmp_path / "run"
     lines = []
@@ -156,25 +156,36 @@ def test_student_diagnosis_beyond_dense_len(teacher_dir, tmp_path):
     assert above["sparse_path"] and above["selected_share"] is not None
     assert all(r["n_pairs"] > 0 for r in d["rows"] if r["length"] == 320)
     assert sum("needle study 320" in line for line in lines) == 1
+    # the budget probe: every (length, topk), in order; 64 blocks cover the whole 320-token context, so that
+    # row answers as dense attention does; below dense_len every budget answers as the model does
+    probe = d["topk_probe"]
+    assert [(r["length"], r["topk"], r["samples"]) for r in probe] == [(240, 1, 2), (240, 64, 2), (320, 1, 2), (320, 64, 2)]
+    assert probe[3]["acc_sparse"] == above["acc_dense"]
+    assert probe[0]["acc_sparse"] == probe[1]["acc_sparse"] == below["acc_sparse"]
+    assert sum("topk probe at 320" in line for line in lines) == 1
     s = json.loads((out / "report" / "summary.json").read_text())
     assert [r["length"] for r in s["diagnosis"]["summary"]] == [240, 320]
     md = (out / "report" / "summary.md").read_text()
     assert "## Retrieval beyond dense_len: selection vs use" in md
     assert "| length | sparse acc | dense acc | needle selected (share of samples) |" in md
     assert "| 320 |" in md and "| 240 | " in md and "- (dense path)" in md
+    assert "### Selection budget probe" in md and "| 2 (trained) |" in md and "| 64 |" in md
+    assert s["diagnosis"]["topk"] == 2 and len(s["diagnosis"]["topk_probe"]) == 4
     # resumable: the file is kept, not recomputed
     stamp = (out / "eval" / "student_diagnosis.json").stat().st_mtime_ns
     assert pipe._diagnose("student", str(out / "student" / "final"), None) == out / "eval" / "student_diagnosis.json"
     assert (out / "eval" / "student_diagnosis.json").stat().st_mtime_ns == stamp
     # a call stopped between lengths keeps the finished ones; the next call computes only the rest
     final, part = out / "eval" / "student_diagnosis.json", out / "eval" / "student_diagnosis.partial.json"
-    kept = dict(d, rows=[dict(r, marker=1) for r in d["rows"] if r["length"] == 240], summary=[below])
+    kept = dict(d, rows=[dict(r, marker=1) for r in d["rows"] if r["length"] == 240], summary=[below],
+                topk_probe=[dict(r, marker=1) for r in probe if r["length"] == 240])
     final.unlink()
     part.write_text(json.dumps(kept))
     assert pipe._diagnose("student", str(out / "student" / "final"), time.time() - 1) is None
     assert pipe._diagnose("student", str(out / "student" / "final"), None) == final
     again = json.loads(final.read_text())
     assert [r.get("marker") for r in again["rows"]] == [1, 1, None, None] and again["summary"] == d["summary"]
+    assert [r.get("marker") for r in again["topk_probe"]] == [1, 1, None, None]
     assert not part.exists()
     # off (no file): no section, no key
     final.unlink()
@@ -188,6 +199,10 @@ def test_student_diagnosis_beyond_dense_len(teacher_dir, tmp_path):
     bad["eval"] = dict(tiny_profile(teacher_dir)["eval"], diagnose_lengths=[320], diagnose_samples=0)
     with pytest.raises(ProfileError, match="diagnose"):
         parse_profile(bad)
+    for lengths, topk in (([], [128]), ([320], [0])):
+        bad["eval"] = dict(tiny_profile(teacher_dir)["eval"], diagnose_lengths=lengths, diagnose_topk=topk)
+        with pytest.raises(ProfileError, match="diagnose_topk"):
+            parse_profile(bad)
 
 
 def test_answer_weight_scales_exactly_the_answer_tokens(teacher_dir, tmp_path):

@@ -19,6 +19,7 @@ use miss (chosen, still wrong) or a miss dense attention makes too (not the spar
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from contextlib import contextmanager
 
@@ -66,6 +67,24 @@ def dense_attention_only(model):
     finally:
         for m, d in zip(layers, saved):
             m.dense_len = d
+
+
+@contextmanager
+def selection_topk(model, topk: int):
+    """Every sparse layer of ``model`` selects ``topk`` blocks per query (the initial block included, the
+    local window's blocks on top, as in the config's ``topk``) inside the block; the previous settings come
+    back on exit, also after an error. The weights are untouched: a probe of the selection budget."""
+    if int(topk) < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    layers = _sparse_modules(model)
+    saved = [m.params for m in layers]
+    try:
+        for m in layers:
+            m.params = dataclasses.replace(m.params, topk=int(topk))
+        yield model
+    finally:
+        for m, params in zip(layers, saved):
+            m.params = params
 
 
 def sparse_path_runs(model, n_tokens: int) -> bool:
@@ -200,6 +219,25 @@ def needle_study(model, tokenizer, text: str, lengths: list[int], samples: int, 
             log(format_summary(summ[-1]))
     return {"rows": rows, "summary": summ, "dense_len": sorted({m.dense_len for m in _sparse_modules(model)}),
             "most": MOST}
+
+
+@torch.no_grad()
+def topk_probe(model, tokenizer, text: str, length: int, samples: int, topks: list[int], chunk_size: int | None,
+               seed: int = 42, max_new_tokens: int | None = None) -> list[dict]:
+    """Sparse passkey accuracy at one length under other selection budgets (``selection_topk``), on the
+    samples ``needle_study`` draws with the same seed, so each budget answers the same questions:
+    ``[{'topk', 'length', 'samples', 'acc_sparse'}]`` in the order of ``topks``."""
+    from .haystack import Haystack
+    from .tasks import generate_samples
+
+    hay, eos = Haystack(text, tokenizer), eos_ids(model, tokenizer)
+    drawn = generate_samples("passkey", tokenizer, hay, length, samples, seed, None, max_new_tokens)
+    out = []
+    for t in topks:
+        with selection_topk(model, t):
+            scores = [sample_score_of(model, tokenizer, s, eos, chunk_size) for s in drawn]
+        out.append({"topk": int(t), "length": length, "samples": len(scores), "acc_sparse": _mean(scores)})
+    return out
 
 
 def _pct(v: float | None) -> str:

@@ -58,6 +58,9 @@ class EvalSpec:
     # the needle's block (sala.eval.selection.needle_study) -> eval/student_diagnosis.json; empty: off
     diagnose_lengths: list[int] = field(default_factory=list)
     diagnose_samples: int = 16
+    # other selection budgets (blocks per query, as the config's topk) tried on the same passkey samples at
+    # the diagnose_lengths, sparse accuracy only (sala.eval.selection.topk_probe); empty: off
+    diagnose_topk: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -121,6 +124,8 @@ def parse_profile(raw: dict) -> Profile:
         raise ProfileError("eval needs lengths and samples > 0")
     if prof.eval.diagnose_lengths and (prof.eval.diagnose_samples <= 0 or min(prof.eval.diagnose_lengths) <= 0):
         raise ProfileError("eval.diagnose_lengths needs positive lengths and diagnose_samples > 0")
+    if prof.eval.diagnose_topk and (not prof.eval.diagnose_lengths or min(prof.eval.diagnose_topk) < 1):
+        raise ProfileError("eval.diagnose_topk needs diagnose_lengths and budgets >= 1 block")
     return prof
 
 

@@ -121,7 +121,12 @@ def diagnosis(pipe) -> dict | None:
     if not path.is_file():
         return None
     d = json.loads(path.read_text())
-    return {"dense_len": d.get("dense_len"), "most": d.get("most"), "summary": d["summary"], "file": str(path)}
+    out = {"dense_len": d.get("dense_len"), "most": d.get("most"), "summary": d["summary"], "file": str(path)}
+    if d.get("topk_probe"):
+        cfg = pipe.out / "student" / "final" / "config.json"
+        own = json.loads(cfg.read_text()).get("sparse_config", {}).get("topk") if cfg.is_file() else None
+        out["topk_probe"], out["topk"] = d["topk_probe"], own
+    return out
 
 
 def summary(pipe, results: dict) -> dict:
@@ -219,7 +224,30 @@ def _diagnosis_markdown(d: dict) -> list[str]:
             + "; ".join(f"{fmt_len(r['length'])}: {r['misses']['total']} wrong, {r['misses']['not_selected']} "
                         f"not selected, {r['misses']['selected']} selected, {r['misses']['dense_also_wrong']} "
                         "also wrong dense" for r in d["summary"]) + ".", "",
-            f"Per-sample rows with per-layer ranks: `{Path(d['file']).name}` in the run's eval folder."]
+            f"Per-sample rows with per-layer ranks: `{Path(d['file']).name}` in the run's eval folder.",
+            *_topk_probe_markdown(d)]
+
+
+def _topk_probe_markdown(d: dict) -> list[str]:
+    """Sparse passkey accuracy per selection budget (the probe's rows, the trained budget's row from the
+    needle study, and dense attention), one column per length."""
+    if not d.get("topk_probe"):
+        return []
+    lengths = [s["length"] for s in d["summary"]]
+    acc = {(r["topk"], r["length"]): r["acc_sparse"] for r in d["topk_probe"]}
+    own = d.get("topk")
+    for s in d["summary"]:
+        if own is not None and s["sparse_path"]:
+            acc.setdefault((own, s["length"]), s["acc_sparse"])
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+    rows = [f"| {k}{' (trained)' if k == own else ''} | " + " | ".join(pct(acc.get((k, L))) for L in lengths) + " |"
+            for k in sorted({k for k, _ in acc})]
+    dense = "| dense (every block) | " + " | ".join(pct(s["acc_dense"]) for s in d["summary"]) + " |"
+    return ["", "### Selection budget probe", "",
+            "The same passkey samples with only the sparse layers' `topk` (blocks per query, the initial block "
+            "included, the local window's blocks on top) changed at inference: sparse accuracy.", "",
+            "| topk | " + " | ".join(fmt_len(L) for L in lengths) + " |",
+            "|---|" + "---|" * len(lengths), *rows, dense]
 
 
 def write_pipeline_report(pipe, out_dir: Path) -> dict[str, Path]:

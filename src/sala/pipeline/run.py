@@ -240,32 +240,45 @@ class Pipeline:
         return self.out / "eval" / "student_diagnosis.json"
 
     def _diagnose(self, label: str, path: str, deadline) -> Path | None:
-        """``sala.eval.selection.needle_study`` of a model at the profile's ``diagnose_lengths``, on the
-        evaluation text with the evaluation's chunk size and seed, one length at a time: each finished length
-        is saved, a deadline between lengths stops the phase (``None``) and the next call goes on from there."""
+        """``sala.eval.selection.needle_study`` of a model at the profile's ``diagnose_lengths``, then the
+        ``diagnose_topk`` probe (``topk_probe``) at each of them, on the evaluation text with the evaluation's
+        chunk size and seed, one length at a time: each finished piece is saved, a deadline between pieces
+        stops the phase (``None``) and the next call goes on from there."""
         from ..engine.loading import load_model, parse_model_spec, resolve_dtype
-        from ..eval.selection import format_summary, needle_study
+        from ..eval.selection import format_summary, needle_study, topk_probe
 
         e = self.p.eval
         part = self.diagnosis.with_suffix(".partial.json")
         if self.diagnosis.is_file():
             return self.diagnosis
         done = json.loads(part.read_text()) if part.is_file() else {"model": label, "rows": [], "summary": []}
-        todo = [L for L in e.diagnose_lengths if L not in {s["length"] for s in done["summary"]}]
+        done.setdefault("topk_probe", [])
+        todo = [("study", L) for L in e.diagnose_lengths if L not in {s["length"] for s in done["summary"]}]
+        todo += [("probe", L) for L in e.diagnose_lengths if e.diagnose_topk
+                 and L not in {r["length"] for r in done["topk_probe"]}]
         if todo:
             model, tok = load_model(parse_model_spec(path), self.device, resolve_dtype("auto", self.device))
             text = self.eval_text_path().read_text(encoding="utf-8")
-            for L in todo:
+            kw = dict(seed=42 + self.p.seed, max_new_tokens=e.max_new_tokens)
+            for kind, L in todo:
                 if deadline is not None and time.time() >= deadline:
-                    self.log(f"{label} diagnosis: stopping before length {L} (deadline)")
+                    self.log(f"{label} diagnosis: stopping before the {kind} at length {L} (deadline)")
                     return None
                 with torch.no_grad(), self._autocast():
-                    res = needle_study(model, tok, text, [L], e.diagnose_samples, e.chunk_size or None,
-                                       seed=42 + self.p.seed, max_new_tokens=e.max_new_tokens)
-                self.log(f"{label} diagnosis: {format_summary(res['summary'][0])}")
-                done["rows"] += res["rows"]
-                done["summary"] += res["summary"]
-                done["dense_len"], done["most"] = res["dense_len"], res["most"]
+                    if kind == "study":
+                        res = needle_study(model, tok, text, [L], e.diagnose_samples, e.chunk_size or None, **kw)
+                    else:
+                        res = topk_probe(model, tok, text, L, e.diagnose_samples, e.diagnose_topk,
+                                         e.chunk_size or None, **kw)
+                if kind == "study":
+                    self.log(f"{label} diagnosis: {format_summary(res['summary'][0])}")
+                    done["rows"] += res["rows"]
+                    done["summary"] += res["summary"]
+                    done["dense_len"], done["most"] = res["dense_len"], res["most"]
+                else:
+                    self.log(f"{label} topk probe at {L}: " + ", ".join(
+                        f"top-{r['topk']} {100 * r['acc_sparse']:.0f}%" for r in res))
+                    done["topk_probe"] += res
                 part.parent.mkdir(parents=True, exist_ok=True)
                 part.write_text(json.dumps(done, indent=1))
             del model
@@ -273,6 +286,7 @@ class Pipeline:
                 torch.cuda.empty_cache()
         order = {L: i for i, L in enumerate(e.diagnose_lengths)}
         done["summary"].sort(key=lambda s: order.get(s["length"], len(order)))
+        done["topk_probe"].sort(key=lambda r: (order.get(r["length"], len(order)), r["topk"]))
         done["card"] = device_name(self.device)
         self.diagnosis.write_text(json.dumps(done, indent=1))
         part.unlink(missing_ok=True)
