@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -182,6 +183,20 @@ def test_time_budget_fixes_the_stage_length_and_survives_resume(recipe_factory, 
     assert part["state"]["steps_override"] == {"0": 4}
     rest = Trainer(rec, tmp_path / "s", log=lambda *a: None).run()
     assert [r["stage"] for r in rest["history"]] == ["lm2"] * 2
+
+
+def test_calibration_takes_the_mean_step_time_after_compilation(recipe_factory, tmp_path):
+    """Bimodal step times (as a 16K stage showed): the budget is divided by their mean, the compile steps left
+    out; the result stays within [done + 1, steps]."""
+    from sala.train.recipe import Stage
+
+    tr = Trainer(recipe_factory(), tmp_path / "c", log=lambda *a: None)
+    times = [9.0, 4.0] + [0.25, 0.75] * 9  # two compile steps, then 0.5 s on average (median 0.75 in the recent half)
+    stage = Stage(name="s", kind="lm", steps=1000, seq_len=32, batch_size=2, lr=1e-3, time_budget_s=50.0)
+    n, per_step = tr._calibrated_steps(stage, 20, times)
+    assert per_step == pytest.approx(0.5) and n == 100
+    assert tr._calibrated_steps(Stage(**{**stage.__dict__, "steps": 50}), 20, times)[0] == 50
+    assert tr._calibrated_steps(Stage(**{**stage.__dict__, "time_budget_s": 1.0}), 20, times)[0] == 21
 
 
 def test_init_lightning_from_copies_the_aligned_mixers(recipe_factory, tmp_path):

@@ -41,7 +41,8 @@ from .recipe import Recipe, Stage
 from .schedule import lr_at
 
 LM_LOSS_CHUNK = 8192  # tokens per chunk of the lm and distillation losses (sala.ops.linear_ce)
-CALIBRATION_STEPS = 10  # a stage with a time budget measures this many steps before fixing its length
+CALIBRATION_STEPS = 20  # a stage with a time budget measures this many steps before fixing its length
+COMPILE_STEPS = 2  # its first steps include compilation and warm-up: left out of the measurement
 MAX_RETRIEVAL_DOCS = 256  # synthetic retrieval documents per stage (the stream cycles through them)
 
 
@@ -298,11 +299,12 @@ class Trainer:
         return total, count
 
     def _calibrated_steps(self, stage: Stage, done: int, step_times: list[float]) -> tuple[int, float]:
-        """(steps, seconds per step) of a time-budgeted stage: the budget over the median of the recent step
-        times (the first steps include compilation), at least one more than done, at most ``stage.steps``;
-        the same on every process (rank 0 decides)."""
-        recent = sorted(step_times[-max(4, len(step_times) // 2):])
-        per_step = recent[len(recent) // 2]
+        """(steps, seconds per step) of a time-budgeted stage: the budget over the mean step time after the
+        first ``COMPILE_STEPS`` (compilation), at least one more than done, at most ``stage.steps``; the same
+        on every process (rank 0 decides). The mean, not the median: step times can be bimodal (a 16K stage
+        alternated 0.3 and 0.8 s steps, and the median of 10 planned 197 steps where 285 fitted)."""
+        measured = step_times[COMPILE_STEPS:] if len(step_times) > COMPILE_STEPS else step_times
+        per_step = sum(measured) / len(measured)
         n = min(stage.steps, max(done + 1, int(stage.time_budget_s / max(per_step, 1e-6))))
         mine = torch.tensor(float(n) if self.rank == 0 else 0.0, device=self.device)
         return int(D.all_sum(mine).item()), per_step
