@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU profile of the conversion pipeline on a machine without internet, in time-limited commands.
 #
-# Inputs travel in the git-ignored .carry/ folder (prepared on a machine with internet):
+# Inputs travel in the git-ignored .carry/ folder (bench/make_carry.sh, on a machine with internet):
 #   gguf.xz.part0, gguf.xz.part1  the default teacher's GGUF (xz, split to fit 64 MiB per transfer)
 #   heldout.tar.xz, train.tar.xz  the corpora caches (sala.data.corpora) of shakespeare, brown, austen
 #   gguf-*.whl                    the gguf package (transformers reads GGUF files with it)
@@ -17,11 +17,8 @@ RUN=${RUN:-/root/sala_runs/gpu}
 export SALA_CACHE=${SALA_CACHE:-/root/sala_cache}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$STASH" "$SALA_CACHE/gguf" "$(dirname "$RUN")"
-for f in .carry/*; do [ -e "$f" ] && cp -n "$f" "$STASH/"; done
-if [ ! -d /tmp/site/gguf ] && ls "$STASH"/gguf-*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$STASH"/gguf-*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD/src
+for f in .carry/*; do [ -f "$f" ] && cp --update=none "$f" "$STASH/"; done
+source bench/gpu_site.sh  # the carried wheels (gguf) -> /tmp/site, on PYTHONPATH with src/
 GGUF="$SALA_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
 if [ ! -f "$GGUF" ] && [ -f "$STASH/gguf.xz.part0" ] && [ -f "$STASH/gguf.xz.part1" ]; then
   cat "$STASH/gguf.xz.part0" "$STASH/gguf.xz.part1" | xz -d > "$GGUF.tmp" && mv "$GGUF.tmp" "$GGUF"
