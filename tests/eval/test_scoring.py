@@ -34,3 +34,19 @@ def test_bad_inputs_raise():
         string_match_all(["x"], [])
     with pytest.raises(ValueError):
         contains_answer("x", "  ")
+
+
+def test_wilson_interval_known_values_and_errors():
+    import pytest
+
+    from sala.eval.scoring import wilson_interval
+
+    lo, hi = wilson_interval(0, 16)
+    assert lo == 0.0 and hi == pytest.approx(0.1936, abs=1e-4)  # the textbook 0/16 upper bound
+    lo, hi = wilson_interval(16, 16)
+    assert hi == 1.0 and lo == pytest.approx(0.8064, abs=1e-4)
+    lo, hi = wilson_interval(11, 16)  # 69%: 44% to 86%
+    assert (round(lo, 2), round(hi, 2)) == (0.44, 0.86)
+    for bad in ((1, 0), (-1, 4), (5, 4)):
+        with pytest.raises(ValueError):
+            wilson_interval(*bad)

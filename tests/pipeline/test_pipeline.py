@@ -2,6 +2,7 @@
 every phase, the resume across calls (a phase budget, then a deadline), and the report's schema."""
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -86,6 +87,9 @@ def test_pipeline_runs_every_phase_resumes_and_reports(teacher_dir, tmp_path):
         assert (out / "report" / name).is_file(), name
     md = (out / "report" / "summary.md").read_text()
     assert "passkey at 320" in md and "| uniform |" in md
+    # each passkey rate with its 95% Wilson interval over the profile's sample count
+    assert re.search(r"\| passkey at 320 \| \d+% \[\d+-\d+\] \| \d+% \[\d+-\d+\] \|", md)
+    assert json.loads((out / "report" / "summary.json").read_text())["passkey_samples"] == prof.eval.samples
     # the report needs only the run's small files (what bench/convert_gpu.sh brings back): rebuilt from a
     # copy without weights, checkpoints or report, on another machine
     light = tmp_path / "light"
@@ -113,6 +117,19 @@ def test_profile_errors_name_the_problem(teacher_dir, tmp_path):
     other = parse_profile(tiny_profile(teacher_dir, seed=3))
     with pytest.raises(RuntimeError, match="another profile"):
         Pipeline(other, tmp_path / "r", device="cpu", log=lambda *a: None)
+    # a setting spelled out at its default value is the same profile (as is one a newer sala adds with a
+    # default): the run folder continues
+    same = tiny_profile(teacher_dir)
+    same["eval"] = dict(same["eval"], diagnose_topk=[])
+    Pipeline(parse_profile(same), tmp_path / "r", device="cpu", log=lambda *a: None)
+    from sala.pipeline.run import _set_fields
+
+    hashed = _set_fields(prof)
+    assert "diagnose_topk" not in hashed["eval"] and hashed["teacher"] == str(teacher_dir)
+    changed = tiny_profile(teacher_dir)
+    changed["eval"] = dict(changed["eval"], diagnose_lengths=[320], diagnose_topk=[4])
+    with pytest.raises(RuntimeError, match="another profile"):
+        Pipeline(parse_profile(changed), tmp_path / "r", device="cpu", log=lambda *a: None)
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu"])

@@ -30,3 +30,4 @@ assert tr.sharded == (parallel == "fsdp2") and tr.world == 2
 if sd:
     save_file({k: v.detach().clone().contiguous() for k, v in sd.items()}, str(out / f"rank{tr.rank}.safetensors"))
 (out / f"losses{tr.rank}.txt").write_text("\n".join(repr(r["loss"]) for r in history))
+D.shutdown()

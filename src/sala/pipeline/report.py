@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..eval.report import _plt, fmt_len, write_report
+from ..eval.scoring import wilson_interval
 
 LOSS_NAMES = {"align": "MSE to the teacher's attention output", "distill": "KL(teacher || student)",
               "lm": "next-token cross-entropy"}
@@ -147,6 +148,7 @@ def summary(pipe, results: dict) -> dict:
         "ppl_length": L or max(p.eval.ppl_lengths),
         "passkey": {"teacher": task_scores(results, "teacher", "passkey"),
                     "student": task_scores(results, "student", "passkey")},
+        "passkey_samples": p.eval.samples,
         # HALO's own recall measure: next-token accuracy on held-out tokens that an earlier bigram in the
         # context predicts (continuous); the RULER task score is kept beside it (it is 0 for every choice
         # when the comparison budget is too small for retrieval to re-emerge).
@@ -168,6 +170,16 @@ def summary(pipe, results: dict) -> dict:
     return res
 
 
+def _rate(v: float | None, n: int | None) -> str:
+    """A rate in percent, with its 95% Wilson interval when the sample count is known."""
+    if v is None:
+        return "-"
+    if not n:
+        return f"{100 * v:.0f}%"
+    lo, hi = wilson_interval(v * n, n)
+    return f"{100 * v:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
+
+
 def _markdown(s: dict, images: dict[str, Path | None]) -> str:
     lines = [f"# {s['teacher']} -> SALA: teacher vs student ({s['profile']} profile)", "",
              f"Card: {s['card']}. Training: {s['train_tokens']:,} tokens in {s['train_minutes']} minutes of steps "
@@ -178,10 +190,12 @@ def _markdown(s: dict, images: dict[str, Path | None]) -> str:
     if pt is not None and ps is not None:
         lines.append(f"| held-out perplexity ({fmt_len(s['ppl_length'])} windows) | {pt:.2f} | {ps:.2f} "
                      f"({100 * (ps / pt - 1):+.1f}%) |")
+    k = s.get("passkey_samples")
     for n in sorted({*s["passkey"]["teacher"], *s["passkey"]["student"]}, key=int):
         t, u = s["passkey"]["teacher"].get(n), s["passkey"]["student"].get(n)
-        fmt = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
-        lines.append(f"| passkey at {fmt_len(int(n))} | {fmt(t)} | {fmt(u)} |")
+        lines.append(f"| passkey at {fmt_len(int(n))} | {_rate(t, k)} | {_rate(u, k)} |")
+    if k:
+        lines += ["", f"Passkey: {k} samples per length; in brackets the 95% Wilson interval of each rate."]
     if s.get("diagnosis"):
         lines += _diagnosis_markdown(s["diagnosis"])
     lines += ["", "## Layer choice at equal training budget", "",

@@ -16,6 +16,7 @@ other phases are not started when less than ``reserve_s`` seconds remain before 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -32,8 +33,30 @@ PHASES = ("teacher_eval", "halo", "compare", "student", "student_eval", "report"
 LAYER_CHOICES = (("halo", None), ("uniform", "uniform"), ("all_linear", "all-linear"))
 
 
+def _set_fields(obj) -> dict:
+    """A dataclass's fields that differ from their defaults, nested dataclasses likewise."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            value = _set_fields(value)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if dataclasses.is_dataclass(default):
+            default = _set_fields(default)
+        if value != default:
+            out[f.name] = value
+    return out
+
+
 def profile_fingerprint(profile: Profile) -> str:
-    return hashlib.sha256(json.dumps(profile.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Hash of the profile's settings that differ from the defaults: a run folder refuses another profile,
+    but not a newer sala whose profiles gained a setting left at its default."""
+    return hashlib.sha256(json.dumps(_set_fields(profile), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def device_name(device: torch.device) -> str:

@@ -21,8 +21,11 @@ def train(
         rec = load_recipe(recipe)
     except RecipeError as e:
         raise typer.BadParameter(str(e), param_hint="--recipe") from None
+    from . import distributed as D
+
     trainer = Trainer(rec, out, device=None if device == "auto" else device)
     res = trainer.run(stop_after=stop_after or None)
+    D.shutdown()  # after success only: a failed rank's barrier would hang the others (torchrun stops them)
     typer.echo(("finished" if res["finished"] else "stopped") + f" at global step {res['state']['global_step']}: {out}")
 
 

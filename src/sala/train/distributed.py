@@ -41,6 +41,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Wait for every process, then destroy the process group: left to interpreter exit, gloo's threads can
+    be torn down mid-flight and abort a process that finished its work ("terminate called without an
+    active exception", seen on a loaded 2-core machine)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def wrap(module: torch.nn.Module) -> torch.nn.Module:
     """DDP around ``module`` when distributed, else the module itself."""
     if not is_distributed():
