@@ -152,18 +152,22 @@ def test_needle_study_summary_separates_the_causes(tokenizer, corpus_text, build
 def test_summary_table_and_log_line():
     from sala.eval.selection import format_summary, summarize_length, summary_table
 
-    def row(i, depth, ok_s, ok_d, frac):
+    def row(i, depth, ok_s, ok_d, frac, steps):
         return {"length": 4096, "index": i, "n_tokens": 4090, "depth": depth, "sparse_path": True,
-                "correct_sparse": ok_s, "correct_dense": ok_d, "selected_frac": frac, "median_rank": 3.0}
+                "correct_sparse": ok_s, "correct_dense": ok_d, "selected_frac": frac, "median_rank": 3.0,
+                "step_selected_frac": [frac] + steps}
 
-    s = summarize_length([row(0, 0.0, 0.0, 1.0, 0.25), row(1, 0.3, 1.0, 1.0, 0.75), row(2, 0.6, 0.0, 0.0, 1.0),
-                          row(3, 0.9, 1.0, 1.0, 0.5)])
+    s = summarize_length([row(0, 0.0, 0.0, 1.0, 0.25, [0.9]), row(1, 0.3, 1.0, 1.0, 0.75, [0.25]),
+                          row(2, 0.6, 0.0, 0.0, 1.0, [1.0]), row(3, 0.9, 1.0, 1.0, 0.5, [0.6])])
     assert s["acc_sparse"] == 0.5 and s["acc_dense"] == 0.75 and s["selected_share"] == 0.5
     assert s["acc_selected"] == 0.5 and s["acc_not_selected"] == 0.5  # selected: 1 (right), 2 (wrong)
     assert s["acc_shallow"] == 0.5 and s["acc_deep"] == 0.5
     assert s["misses"] == {"total": 2, "dense_also_wrong": 1, "not_selected": 1, "selected": 1}
+    # every answer token selects the needle only in sample 2 (row 1 loses it at its second token)
+    assert s["selected_every_step_share"] == 0.25 and s["acc_selected_every_step"] == 0.0
+    assert s["acc_not_every_step"] == 2 / 3
     lines = summary_table([s], lambda n: f"{n // 1024}K")
-    assert lines[2] == "| 4K | 50% | 75% | 50% | 50% | 50% | 50% | 50% |"
+    assert lines[2] == "| 4K | 50% | 75% | 50% | 50% | 50% | 50% | 50% | 25% | 0% | 67% |"
     assert "2 wrong: 1 not selected, 1 selected, 1 also wrong dense" in format_summary(s)
 
 
@@ -219,4 +223,31 @@ def test_topk_probe_asks_the_needle_studys_questions_under_each_budget(tokenizer
     assert prompts == [p for t, p in seen if t == 8] and len(set(prompts)) == 4
     study = sel.needle_study(model, tokenizer, corpus_text, [700], 4, chunk_size=256, seed=5, max_new_tokens=3)
     assert len(study["rows"]) == 4
-    assert [p for _, p in seen[8::2]] == prompts  # the study's sparse answers (each followed by a dense one)
+    assert [p for _, p in seen[8:]] == prompts  # the study's sparse answers: the same questions
+
+
+def test_selection_follows_every_answer_token(tokenizer, samples, builders, corpus_text):
+    """Teacher-forced answer tokens after the prompt: one set of (layer, group) rows per step, step 0 the same
+    as without them; the needle study records the share per step for the answer's tokens."""
+    from sala.eval.selection import answer_prefix, needle_study
+
+    model = builders["sala"](len(tokenizer), seed=3)
+    s = samples[1]
+    span = needle_token_span(tokenizer, s.prompt, s.needles[0])
+    ids = torch.tensor([s.input_ids])
+    alone = needle_selection(model, ids, span, chunk_size=256)
+    follow = tokenizer(" " + s.answers[0], add_special_tokens=False)["input_ids"]
+    steps = needle_selection(model, ids, span, chunk_size=256, follow=follow)
+    n = len(alone)
+    assert len(steps) == n * (len(follow) + 1) and [r["step"] for r in steps[::n]] == list(range(len(follow) + 1))
+    assert steps[:n] == alone  # step 0 alone is the same query
+    assert all(r["n_blocks"] >= alone[0]["n_blocks"] for r in steps)
+    # the shortest generated prefix holding the answer
+    toks = tokenizer("The key is " + s.answers[0] + ". Done", add_special_tokens=False)["input_ids"]
+    pre = answer_prefix(tokenizer, toks, s.answers[0])
+    assert s.answers[0] in tokenizer.decode(pre) and s.answers[0] not in tokenizer.decode(pre[:-1])
+    assert answer_prefix(tokenizer, toks[:2], "nowhere") == toks[:2]
+    res = needle_study(model, tokenizer, corpus_text, [700], 2, chunk_size=256, seed=5, max_new_tokens=6)
+    for r in res["rows"]:
+        assert len(r["step_selected_frac"]) >= 1 and r["step_selected_frac"][0] == r["selected_frac"]
+        assert len(r["step_per_layer"]) == (len(r["step_selected_frac"]) - 1) * r["n_pairs"]

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 import torch
 
 from ..engine.generation import answer, eos_ids, forward_chunk, prefill
+from .scoring import sample_score
 
 def needle_token_span(tokenizer, prompt: str, needle: str) -> tuple[int, int]:
     """Token positions ``[start, end)`` covering the first occurrence of ``needle`` in ``prompt`` under the
@@ -94,23 +95,35 @@ def sparse_path_runs(model, n_tokens: int) -> bool:
 
 
 @torch.no_grad()
-def needle_selection(model, input_ids: torch.Tensor, span: tuple[int, int], chunk_size: int | None = None) -> list[dict]:
+def needle_selection(model, input_ids: torch.Tensor, span: tuple[int, int], chunk_size: int | None = None,
+                     follow: list[int] | tuple[int, ...] = ()) -> list[dict]:
     """Per sparse layer and KV group: ``selected`` (a needle block is among the chosen blocks), ``rank``
-    (1 = highest block score; the needle's best block) and ``n_blocks``. Empty if no layer ran sparse."""
+    (1 = highest block score; the needle's best block) and ``n_blocks``, at ``step`` 0 (the last prompt
+    token's query, which yields the first answer token) and, for each token of ``follow`` fed after it one
+    decode step at a time (the answer, teacher-forced), at steps 1, 2, ...: every answer token is a new query
+    that has to select the needle again. Empty if no layer ran sparse."""
     layers = _sparse_layers(model)
     if not layers:
         raise ValueError("the model has no sparse (InfLLM-V2) layers")
     device = next(model.parameters()).device
     ids = input_ids.to(device)
     _, past = prefill(model, ids[:, :-1], chunk_size)
-    captures = {i: {} for i, _ in layers}
-    try:
-        for i, attn in layers:
-            attn.capture = captures[i]
-        forward_chunk(model, ids[:, -1:], past, keep=1)
-    finally:
-        for _, attn in layers:
-            attn.capture = None
+    steps = [ids[:, -1:]] + [torch.tensor([[int(t)]], device=device) for t in follow]
+    rows = []
+    for step, tok in enumerate(steps):
+        captures = {i: {} for i, _ in layers}
+        try:
+            for i, attn in layers:
+                attn.capture = captures[i]
+            _, past = forward_chunk(model, tok, past, keep=1)
+        finally:
+            for _, attn in layers:
+                attn.capture = None
+        rows += [dict(r, step=step) for r in _selection_rows(layers, captures, span)]
+    return rows
+
+
+def _selection_rows(layers, captures: dict, span: tuple[int, int]) -> list[dict]:
     rows = []
     for i, attn in layers:
         cap = captures[i]
@@ -157,14 +170,30 @@ def study_sample(model, tokenizer, sample, eos, chunk_size: int | None) -> dict:
     if not sparse_on:
         return row
     with dense_attention_only(model):
-        row["correct_dense"] = sample_score_of(model, tokenizer, sample, eos, chunk_size)
+        text, gen = answer(model, tokenizer, sample, eos, chunk_size)
+    row["correct_dense"] = sample_score(text, sample.answers)
     span = needle_token_span(tokenizer, sample.prompt, sample.needles[0])
-    sel = needle_selection(model, torch.tensor([sample.input_ids], dtype=torch.long), span, chunk_size)
+    follow = answer_prefix(tokenizer, getattr(gen, "tokens", None) or [], sample.answers[0])[:-1]  # later queries
+    steps = needle_selection(model, torch.tensor([sample.input_ids], dtype=torch.long), span, chunk_size, follow)
+    sel = [r for r in steps if r["step"] == 0]
     row.update(span=list(span), per_layer=sel, n_pairs=len(sel))
     if sel:
         row["selected_frac"] = round(sum(r["selected"] for r in sel) / len(sel), 4)
         row["median_rank"] = float(statistics.median(r["rank"] for r in sel))
+        by_step = [[r for r in steps if r["step"] == k] for k in range(len(follow) + 1)]
+        row["step_selected_frac"] = [round(sum(r["selected"] for r in rs) / len(rs), 4) for rs in by_step]
+        row["step_per_layer"] = [{"step": r["step"], "layer": r["layer"], "group": r["group"],
+                                  "selected": r["selected"], "rank": r["rank"]} for r in steps if r["step"] > 0]
     return row
+
+
+def answer_prefix(tokenizer, tokens: list[int], target: str) -> list[int]:
+    """The shortest prefix of generated ``tokens`` whose text contains ``target`` (all of them if none
+    does): the answer tokens whose queries had to find the needle."""
+    for n in range(1, len(tokens) + 1):
+        if target in tokenizer.decode(tokens[:n], skip_special_tokens=True):
+            return list(tokens[:n])
+    return list(tokens)
 
 
 def summarize_length(rows: list[dict]) -> dict:
@@ -178,6 +207,8 @@ def summarize_length(rows: list[dict]) -> dict:
     miss = [r for r in sel_rows if r["selected_frac"] <= MOST]
     acc = lambda rs, key="correct_sparse": _mean([r[key] for r in rs])  # noqa: E731
     wrong = [r for r in rows if r["correct_sparse"] < 1.0]
+    stepped = [r for r in sel_rows if r.get("step_selected_frac")]
+    every = [r for r in stepped if min(r["step_selected_frac"]) > MOST]
     out = {
         "length": rows[0]["length"], "samples": len(rows),
         "n_tokens": round(_mean([r["n_tokens"] for r in rows])),
@@ -187,6 +218,9 @@ def summarize_length(rows: list[dict]) -> dict:
         "mean_selected_frac": _mean([r["selected_frac"] for r in sel_rows]),
         "median_rank": float(statistics.median(r["median_rank"] for r in sel_rows)) if sel_rows else None,
         "acc_selected": acc(hit), "acc_not_selected": acc(miss),
+        # every answer token's query (teacher-forced), not only the first, selects the needle by most pairs
+        "selected_every_step_share": len(every) / len(stepped) if stepped else None,
+        "acc_selected_every_step": acc(every), "acc_not_every_step": acc([r for r in stepped if r not in every]),
         "acc_shallow": acc([r for r in rows if r["depth"] < 0.5]),
         "acc_deep": acc([r for r in rows if r["depth"] >= 0.5]),
         # wrong answers (score < 1) by cause; a sample can be both a dense miss and a selection/use miss
@@ -254,20 +288,23 @@ def format_summary(s: dict) -> str:
     return (head + f"; needle selected in {_pct(s['selected_share'])} of samples (median rank {s['median_rank']}), "
             f"acc selected {_pct(s['acc_selected'])} / not {_pct(s['acc_not_selected'])}; "
             f"depth<0.5 {_pct(s['acc_shallow'])}, >=0.5 {_pct(s['acc_deep'])}; "
+            f"selected at every answer token in {_pct(s.get('selected_every_step_share'))}; "
             f"{m['total']} wrong: {m['not_selected']} not selected, {m['selected']} selected, "
             f"{m['dense_also_wrong']} also wrong dense")
 
 
 TABLE_HEADER = ("| length | sparse acc | dense acc | needle selected (share of samples) | acc when selected | "
-                "acc when not | acc depth<0.5 | acc depth>=0.5 |")
+                "acc when not | acc depth<0.5 | acc depth>=0.5 | selected at every answer token | acc when so | "
+                "acc when not |")
 
 
 def summary_table(summary: list[dict], fmt_len=str) -> list[str]:
     """The per-length summary as markdown table lines."""
-    lines = [TABLE_HEADER, "|---|---|---|---|---|---|---|---|"]
+    lines = [TABLE_HEADER, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         sel = _pct(s["selected_share"]) if s["sparse_path"] else "- (dense path)"
         lines.append(f"| {fmt_len(s['length'])} | {_pct(s['acc_sparse'])} | {_pct(s['acc_dense'])} | {sel} | "
                      f"{_pct(s['acc_selected'])} | {_pct(s['acc_not_selected'])} | {_pct(s['acc_shallow'])} | "
-                     f"{_pct(s['acc_deep'])} |")
+                     f"{_pct(s['acc_deep'])} | {_pct(s.get('selected_every_step_share'))} | "
+                     f"{_pct(s.get('acc_selected_every_step'))} | {_pct(s.get('acc_not_every_step'))} |")
     return lines

@@ -232,7 +232,9 @@ def _diagnosis_markdown(d: dict) -> list[str]:
             f"every sparse layer attending densely. Needle selected: share of samples where more than "
             f"{100 * most:.0f}% of the (sparse layer, KV group) pairs choose a block holding the needle for the answer's "
             "query. A wrong answer whose needle is not selected is a selection miss; selected and still wrong, a "
-            "use miss; wrong with dense attention too, not the sparse path's doing.", "",
+            "use miss; wrong with dense attention too, not the sparse path's doing. Selected at every answer "
+            "token: the same test for the query of each token of the answer (teacher-forced with the dense "
+            "answer's tokens), since each digit has to find the needle again.", "",
             *summary_table(d["summary"], fmt_len), "",
             "Wrong answers by cause (a sample can count twice): "
             + "; ".join(f"{fmt_len(r['length'])}: {r['misses']['total']} wrong, {r['misses']['not_selected']} "
