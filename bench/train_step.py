@@ -7,6 +7,8 @@ the same shapes in the same run, so the ratio says what the SALA layers cost ove
 For each case a ``torch.profiler`` pass splits the device time by kernel (top rows and a per-family sum)
 and compares it with the step's wall time (the gap is host time the GPU waits for). ``--fuse`` adds the
 student with ``sala.layers.fusion`` on (the elementwise chains compiled; the recipes' ``fuse = true``);
+``--union LANES`` the sparse cases with InfLLM-V2's union rest pass (random weights select unrelated blocks, so
+this bounds its cost where rows share nothing);
 ``sala-full-logits`` rows take the student's loss from its full logits, the path before the chunked losses
 (``sala.ops.linear_ce``), for their time and peak memory side by side.
 
@@ -36,6 +38,7 @@ from sala.convert.teacher import random_llama_teacher  # noqa: E402
 from sala.convert.transfer import ConvertOptions, convert_model  # noqa: E402
 from sala.layers.fusion import fusion  # noqa: E402
 from sala.layers.sparse import DENSE_ALWAYS, SparseAttention  # noqa: E402
+from sala.ops import infllmv2_triton_attn as attn_kernels  # noqa: E402
 from sala.modeling import SALAForCausalLM  # noqa: E402
 from sala.train.losses import kl_sum, lm_sum  # noqa: E402
 from sala.train.trainer import LM_LOSS_CHUNK  # noqa: E402
@@ -155,6 +158,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--fuse", action="store_true", help="also time the student with sala.layers.fusion on")
+    ap.add_argument("--union", type=int, default=0, metavar="LANES",
+                    help="also time the sparse cases with the union rest pass (infllmv2_triton_attn.UNION_LANES)")
     args = ap.parse_args()
     res = Results("train_step")
     table = []
@@ -172,7 +177,8 @@ def main() -> None:
         tokens = batch * seq
         out = {}
         variants = [("dense_llama", teacher), ("sala", student), ("sala-full-logits", student)] \
-            + ([("sala-fused", student)] if args.fuse else [])
+            + ([("sala-fused", student)] if args.fuse else []) \
+            + ([(f"sala-union{args.union}", student)] if args.union and sparse else [])
         for variant, model in variants:
             model.train().requires_grad_(True)
             if kind == "distill":
@@ -186,8 +192,11 @@ def main() -> None:
             if variant != "dense_llama" and kind == "distill":
                 teacher.eval().requires_grad_(False)
             fused = fusion(variant == "sala-fused", devices=(args.device,))
+            union_before = attn_kernels.UNION_LANES
             try:
                 fused.__enter__()
+                if variant.startswith("sala-union"):
+                    attn_kernels.UNION_LANES = args.union
                 if args.device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 time_step(step, args.device, 2)
@@ -199,6 +208,7 @@ def main() -> None:
                 out[variant] = dict(ms=None, peak=None, prof=None, error=str(e)[:200])
             finally:
                 fused.__exit__(None, None, None)
+                attn_kernels.UNION_LANES = union_before
             del step
             if args.device == "cuda":
                 torch.cuda.empty_cache()

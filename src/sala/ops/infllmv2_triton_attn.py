@@ -14,6 +14,8 @@ a key is visible when its position is <= the query's (causal inside the query's 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -32,7 +34,17 @@ LENGTH_ARGS = {
     "_bwd_dq_forced_kernel": ["q_pos0", "n_rows", "n_keys"],
     "_bwd_dkdv_kernel": ["q_pos0", "n_keys", "n_blocks"],
     "_merge_splits_kernel": ["n_splits", "s_ps", "s_ls"],
+    "_fwd_union_kernel": ["q_pos0", "n_rows", "n_keys", "n_sel", "s_ih", "s_ir"],
+    "_bwd_dq_union_kernel": ["q_pos0", "n_rows", "n_keys", "n_sel", "s_ih", "s_ir"],
 }
+
+# Rows per program of the union kernels (0: off, the per-row kernels visit the selected blocks). With RB rows
+# a program walks the union of their selections in block order, loading each block once for every row that
+# chose it: the K/V traffic falls by the overlap of neighbouring rows' selections (a trained model's rows
+# share most blocks; random inputs share none, and then the union costs what the per-row kernels cost).
+# Dot rows are RB x the group padded to a power of two (see _multi_row). Same blocks in the same order as the
+# per-row kernels. Not yet timed on a GPU: off unless SALA_INFLLMV2_UNION_LANES says how many lanes (e.g. 16).
+UNION_LANES = int(os.environ.get("SALA_INFLLMV2_UNION_LANES", "0"))
 
 __all__ = ["sparse_attn_forward", "sparse_attn_backward", "BlockSparseAttention", "block_sparse_attention_triton"]
 
@@ -303,6 +315,132 @@ def _bwd_dkdv_kernel(
     tl.store(DV + kpos[:, None] * s_vt + hk * s_vh + d[None, :], dv.to(DV.dtype.element_ty), mask=om)
 
 
+@triton.jit
+def _union_ranges(IDX, hk, row64, ok, qb, n_sel, s_ih, s_ir, init_blocks, local_blocks, SP2: tl.constexpr):
+    """Per dot row, the [lo, hi) positions of its row's selection that the forced-block pass did not cover:
+    the selected blocks in [init_blocks, qb - local_blocks), contiguous in the sorted selection."""
+    ss = tl.arange(0, SP2)
+    bv = tl.load(IDX + hk * s_ih + row64[:, None] * s_ir + ss[None, :], mask=ok[:, None] & (ss[None, :] < n_sel),
+                 other=-1)
+    lo = tl.sum(((bv >= 0) & (bv < init_blocks)).to(tl.int32), axis=1)
+    hi = tl.maximum(tl.sum(((bv >= 0) & (bv < (qb - local_blocks)[:, None])).to(tl.int32), axis=1), lo)
+    return lo, hi
+
+
+@triton.jit
+def _union_next(IDX, hk, row64, ok, ptr, hi, s_ih, s_ir, BIG: tl.constexpr):
+    """Each dot row's next block (BIG when its range is done) and the smallest of them."""
+    live = ok & (ptr < hi)
+    cand = tl.load(IDX + hk * s_ih + row64 * s_ir + ptr, mask=live, other=BIG)
+    cand = tl.where(live, cand, BIG)
+    return cand, tl.min(cand, axis=0)
+
+
+@triton.jit(do_not_specialize=LENGTH_ARGS["_fwd_union_kernel"])
+def _fwd_union_kernel(
+    Q, K, V, IDX, O, LSE, OP, LP,
+    q_pos0, n_rows, n_keys, n_sel, qk_scale2,
+    s_qr, s_qh, s_kt, s_kh, s_vt, s_vh, s_ih, s_ir, s_or, s_oh, s_pr, s_ph, s_lr,
+    init_blocks, local_blocks,
+    G: tl.constexpr, GP: tl.constexpr, RB: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+    PREC: tl.constexpr, SP2: tl.constexpr,
+):
+    """The rest pass of RB consecutive rows (after _fwd_forced_kernel, whose partial result OP/LP it
+    continues): the union of their remaining selected blocks in block order, each loaded once and applied
+    to the rows that chose it (the others' scores masked)."""
+    BIG: tl.constexpr = 2147483647
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    BM: tl.constexpr = RB * GP
+    mm = tl.arange(0, BM)
+    row = pid * RB + mm // GP
+    h = mm % GP
+    ok = (row < n_rows) & (h < G)
+    row64 = row.to(tl.int64)
+    d = tl.arange(0, BD)
+    dm = d < D
+    msk = ok[:, None] & dm[None, :]
+    q = tl.load(Q + row64[:, None] * s_qr + (hk * G + h)[:, None] * s_qh + d[None, :], mask=msk, other=0.0)
+    acc = tl.load(OP + row64[:, None] * s_pr + (hk * G + h)[:, None] * s_ph + d[None, :], mask=msk, other=0.0)
+    m_i = tl.load(LP + row64 * s_lr + hk * G + h, mask=ok, other=0.0)
+    l_i = tl.full([BM], 1.0, tl.float32)
+    qb = (q_pos0 + row) // BS
+    ptr, hi = _union_ranges(IDX, hk, row64, ok, qb, n_sel, s_ih, s_ir, init_blocks, local_blocks, SP2)
+    cand, b = _union_next(IDX, hk, row64, ok, ptr, hi, s_ih, s_ir, BIG)
+    kk = tl.arange(0, BS)
+    while b < BIG:
+        use = cand == b
+        kpos = b.to(tl.int64) * BS + kk
+        kin = kpos < n_keys  # a rest block lies before every user's local window: causal for all of them
+        kt = tl.load(K + kpos[None, :] * s_kt + hk * s_kh + d[:, None], mask=kin[None, :] & dm[:, None], other=0.0)
+        vb = tl.load(V + kpos[:, None] * s_vt + hk * s_vh + d[None, :], mask=kin[:, None] & dm[None, :], other=0.0)
+        sc = mma(q, kt, PREC) * qk_scale2
+        sc = tl.where(use[:, None] & kin[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(sc - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + mma(p.to(vb.dtype), vb, PREC)
+        m_i = m_new
+        ptr = ptr + use.to(tl.int32)
+        cand, b = _union_next(IDX, hk, row64, ok, ptr, hi, s_ih, s_ir, BIG)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+    tl.store(O + row64[:, None] * s_or + (hk * G + h)[:, None] * s_oh + d[None, :], o.to(O.dtype.element_ty), mask=msk)
+    tl.store(LSE + row64 * s_lr + hk * G + h, lse, mask=ok)
+
+
+@triton.jit(do_not_specialize=LENGTH_ARGS["_bwd_dq_union_kernel"])
+def _bwd_dq_union_kernel(
+    Q, K, V, IDX, DO, LSE, DELTA, DQ, DQP,
+    q_pos0, n_rows, n_keys, n_sel, qk_scale2, scale,
+    s_qr, s_qh, s_kt, s_kh, s_vt, s_vh, s_ih, s_ir, s_dr, s_dh, s_lr, s_pr, s_ph,
+    init_blocks, local_blocks,
+    G: tl.constexpr, GP: tl.constexpr, RB: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+    PREC: tl.constexpr, SP2: tl.constexpr,
+):
+    """dq of the rest pass for RB consecutive rows over the union of their selections (cf. _fwd_union_kernel),
+    continuing the forced blocks' partial dq in DQP."""
+    BIG: tl.constexpr = 2147483647
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    BM: tl.constexpr = RB * GP
+    mm = tl.arange(0, BM)
+    row = pid * RB + mm // GP
+    h = mm % GP
+    ok = (row < n_rows) & (h < G)
+    row64 = row.to(tl.int64)
+    d = tl.arange(0, BD)
+    dm = d < D
+    msk = ok[:, None] & dm[None, :]
+    q = tl.load(Q + row64[:, None] * s_qr + (hk * G + h)[:, None] * s_qh + d[None, :], mask=msk, other=0.0)
+    do = tl.load(DO + row64[:, None] * s_dr + (hk * G + h)[:, None] * s_dh + d[None, :], mask=msk, other=0.0)
+    lse = tl.load(LSE + row64 * s_lr + hk * G + h, mask=ok, other=0.0)
+    delta = tl.load(DELTA + row64 * s_lr + hk * G + h, mask=ok, other=0.0)
+    dq = tl.load(DQP + row64[:, None] * s_pr + (hk * G + h)[:, None] * s_ph + d[None, :], mask=msk, other=0.0)
+    qb = (q_pos0 + row) // BS
+    ptr, hi = _union_ranges(IDX, hk, row64, ok, qb, n_sel, s_ih, s_ir, init_blocks, local_blocks, SP2)
+    cand, b = _union_next(IDX, hk, row64, ok, ptr, hi, s_ih, s_ir, BIG)
+    kk = tl.arange(0, BS)
+    while b < BIG:
+        use = cand == b
+        kpos = b.to(tl.int64) * BS + kk
+        kin = kpos < n_keys
+        kt = tl.load(K + kpos[None, :] * s_kt + hk * s_kh + d[:, None], mask=kin[None, :] & dm[:, None], other=0.0)
+        vt = tl.load(V + kpos[None, :] * s_vt + hk * s_vh + d[:, None], mask=kin[None, :] & dm[:, None], other=0.0)
+        sc = mma(q, kt, PREC) * qk_scale2
+        p = tl.where(use[:, None] & kin[None, :], tl.exp2(sc - lse[:, None]), 0.0)
+        dp = mma(do, vt, PREC)
+        ds = p * (dp - delta[:, None])
+        dq += mma(ds.to(kt.dtype), tl.trans(kt), PREC)
+        ptr = ptr + use.to(tl.int32)
+        cand, b = _union_next(IDX, hk, row64, ok, ptr, hi, s_ih, s_ir, BIG)
+    tl.store(DQ + row64[:, None] * s_dr + (hk * G + h)[:, None] * s_dh + d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=msk)
+
+
 @triton.jit(do_not_specialize=LENGTH_ARGS["_merge_splits_kernel"])
 def _merge_splits_kernel(OP, LP, O, n_splits, s_ps, s_pr, s_ls, s_or, D: tl.constexpr, BD: tl.constexpr, SPP: tl.constexpr):
     """Merge the split partials (o_s, lse_s) of one (row, q head) into o (decode, flash-decoding style)."""
@@ -402,6 +540,18 @@ def _forward_two_pass(q, k, v, topk_idx, q_pos0, block_size, scale, forced, rows
             op.stride(0), op.stride(1), lc.stride(0),
             G=G, GP=gpm, RB=rb, D=D, BD=BD, BS=block_size, PREC=prec, num_warps=8, num_stages=2,
         )
+        if UNION_LANES:
+            gpu, rbu = _multi_row(G, UNION_LANES)
+            _fwd_union_kernel[(triton.cdiv(n, rbu), Hk)](
+                qc, k, v, ic, oc, lc, op, lc,
+                q_pos0 + r0, n, Tk, S, scale * LOG2E,
+                qc.stride(0), qc.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                ic.stride(0), ic.stride(1), oc.stride(0), oc.stride(1), op.stride(0), op.stride(1), lc.stride(0),
+                init_blocks, local_blocks,
+                G=G, GP=gpu, RB=rbu, D=D, BD=BD, BS=block_size, PREC=prec, SP2=triton.next_power_of_2(S),
+                **PER_ROW_CFG,
+            )
+            continue
         _fwd_kernel[(n, Hk, 1)](
             qc, k, v, ic, oc, lc, op, lc,
             q_pos0 + r0, Tk, S, S, scale * LOG2E,
@@ -469,6 +619,18 @@ def sparse_attn_backward(do, q, k, v, o, lse, topk_idx, q_pos0, block_size, scal
                 doc.stride(0), doc.stride(1), lc.stride(0), dqp.stride(0), dqp.stride(1),
                 G=G, GP=gpm, RB=rb, D=D, BD=BD, BS=block_size, PREC=prec, num_warps=8, num_stages=2,
             )
+            if UNION_LANES:
+                gpu, rbu = _multi_row(G, UNION_LANES)
+                _bwd_dq_union_kernel[(triton.cdiv(n, rbu), Hk)](
+                    qc, k, v, ic, doc, lc, dc, dqc, dqp,
+                    q_pos0 + r0, n, Tk, S, scale * LOG2E, scale,
+                    qc.stride(0), qc.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                    ic.stride(0), ic.stride(1), doc.stride(0), doc.stride(1), lc.stride(0),
+                    dqp.stride(0), dqp.stride(1), init_blocks, local_blocks,
+                    G=G, GP=gpu, RB=rbu, D=D, BD=BD, BS=block_size, PREC=prec, SP2=triton.next_power_of_2(S),
+                    **PER_ROW_CFG,
+                )
+                continue
             _bwd_dq_kernel[(n, Hk)](
                 qc, k, v, ic, doc, lc, dc, dqc,
                 q_pos0 + r0, Tk, S, scale * LOG2E, scale,
