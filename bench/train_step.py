@@ -12,7 +12,8 @@ this bounds its cost where rows share nothing);
 ``sala-full-logits`` rows take the student's loss from its full logits, the path before the chunked losses
 (``sala.ops.linear_ce``), for their time and peak memory side by side.
 
-    python bench/train_step.py [--cases lm4k long32k] [--steps 6] [--fuse] [--tiny --device cpu]
+    python bench/train_step.py [--cases lm4k long32k] [--steps 6] [--fuse] [--union 16] [--student DIR]
+                               [--tiny --device cpu]
 
 Random weights and random tokens: the timing of a step does not depend on what the weights have learned.
 Writes train_step.json (BENCH.md format) under $OUT or bench/results and prints a table.
@@ -54,7 +55,7 @@ CASES = [("distill", "distill", 16, 1024, False), ("lm4k", "lm", 4, 4096, False)
          ("long16k", "lm", 2, 16384, False), ("long32k", "lm", 1, 32768, True)]
 # kernel name -> family (first match); sala's Triton kernels by their names in sala.ops
 FAMILIES = [("lightning", r"^_segment_|^_decode_kernel"),
-            ("infllmv2", r"^_fwd_kernel|^_fwd_forced|^_bwd_dq|^_bwd_dkdv|^_merge_splits|^_k2_lse|^_block_key|^_row_topk"),
+            ("infllmv2", r"^_fwd_kernel|^_fwd_forced|^_fwd_union|^_bwd_dq|^_bwd_dkdv|^_merge_splits|^_k2_lse|^_block_key|^_row_topk"),
             ("sdpa", r"flash|fmha|cudnn|sdpa"), ("gemm", r"gemm|cutlass|nvjet|matmul|xmma|cublas"),
             ("optimizer", r"adam|multi_tensor"), ("softmax/loss", r"softmax|nll|cross_entropy|log_softmax")]
 
@@ -67,6 +68,25 @@ def build(kind: str, tiny: bool, device: str):
     student, _ = convert_model(teacher, spec, layers, ConvertOptions(sparse={"dense_len": 64} if tiny else {}))
     teacher.config._attn_implementation = "sdpa"
     return teacher.to(device), student.to(device)
+
+
+def trained_student(path: str, device: str):
+    """(a trained SALA checkpoint in float32 on ``device``, its tokenizer): real weights make real block
+    selections (neighbouring rows sharing blocks), which random weights do not."""
+    from sala.engine.loading import load_model
+
+    model, tok = load_model(path, device, torch.float32)
+    return model, tok
+
+
+def text_ids(tok, text: str, batch: int, seq: int, device: str) -> torch.Tensor:
+    """[batch, seq] tokens of ``text`` (corpus names, held-out split, or a .txt file), repeated if short."""
+    from sala.data.corpora import resolve_text
+
+    ids = tok(resolve_text(text, split="heldout"), add_special_tokens=False)["input_ids"]
+    need = batch * seq
+    ids = (ids * (need // len(ids) + 1))[:need]
+    return torch.tensor(ids, device=device).view(batch, seq)
 
 
 def make_step(model, teacher, kind: str, ids: torch.Tensor, distill_from=None, full_logits: bool = False):
@@ -160,7 +180,11 @@ def main() -> None:
     ap.add_argument("--fuse", action="store_true", help="also time the student with sala.layers.fusion on")
     ap.add_argument("--union", type=int, default=0, metavar="LANES",
                     help="also time the sparse cases with the union rest pass (infllmv2_triton_attn.UNION_LANES)")
+    ap.add_argument("--student", help="a trained SALA checkpoint folder: the student variants use its weights "
+                    "and held-out corpus text instead of random ones (real block selections)")
+    ap.add_argument("--text", default="shakespeare,brown,austen", help="--student's text: corpus names or a .txt")
     args = ap.parse_args()
+    trained = trained_student(args.student, args.device) if args.student else None
     res = Results("train_step")
     table = []
     for name, kind, batch, seq, sparse in CASES:
@@ -169,11 +193,17 @@ def main() -> None:
         if args.tiny:
             batch, seq = 2, 128
         teacher, student = build(kind, args.tiny, args.device)
+        if trained is not None:
+            student = trained[0]
         for m in student.modules():
             if isinstance(m, SparseAttention):
-                m.dense_len = m.dense_len if sparse else DENSE_ALWAYS
+                if not hasattr(m, "trained_dense_len"):  # a trained student serves every case: keep its own
+                    m.trained_dense_len = m.dense_len
+                m.dense_len = m.trained_dense_len if sparse else DENSE_ALWAYS
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(3, teacher.config.vocab_size, (batch, seq), generator=gen).to(args.device)
+        if trained is not None:
+            ids = text_ids(trained[1], args.text, batch, seq, args.device) % teacher.config.vocab_size  # (tiny test models)
         tokens = batch * seq
         out = {}
         variants = [("dense_llama", teacher), ("sala", student), ("sala-full-logits", student)] \
@@ -220,7 +250,8 @@ def main() -> None:
                           baseline_ms=base["ms"] if sala else None,
                           tokens_per_s=round(tokens / o["ms"] * 1e3) if o["ms"] else None,
                           peak_gib=round(o["peak"], 2) if o["peak"] else None, sparse=sparse and sala,
-                          profile=o["prof"], note=o.get("error"))
+                          profile=o["prof"], note=o.get("error"),
+                          student=(args.student if sala and args.student else None))
             table.append(row)
         del teacher, student
     print(f"\n{'case':28} {'variant':12} {'ms':>9} {'tok/s':>10} {'vs dense':>8} {'GiB':>6} {'device ms':>9}  families")
