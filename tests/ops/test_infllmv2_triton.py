@@ -181,6 +181,24 @@ def test_stage2_forward_matches_reference(T, Hq, Hk, Tq):
     torch.testing.assert_close(o3, o_ref, rtol=1e-4, atol=1e-5)
 
 
+def _reference_grads(q, k, v, idx):
+    """(o, do, (dq, dk, dv)) of the reference stage 2 under a random output gradient."""
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    o_ref = ref.block_sparse_attention(qr, kr, vr, idx, torch.arange(q.shape[0], device=DEV), P.block_size, D ** -0.5)
+    do = torch.randn_like(o_ref)
+    o_ref.backward(do)
+    return o_ref, do, (qr.grad, kr.grad, vr.grad)
+
+
+def _assert_triton_matches(q, k, v, idx, o_ref, do, grads, forced):
+    qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
+    o = ta.block_sparse_attention_triton(qt, kt, vt, idx, 0, P.block_size, D ** -0.5, forced=forced, forced_bwd=forced)
+    o.backward(do)
+    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
+    for mine, want in zip((qt.grad, kt.grad, vt.grad), grads):
+        torch.testing.assert_close(mine, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("Hq,Hk", [(9, 3), (8, 2)])
 def test_union_rest_pass_matches_reference(Hq, Hk, overlap, monkeypatch):
@@ -192,18 +210,7 @@ def test_union_rest_pass_matches_reference(Hq, Hk, overlap, monkeypatch):
     if overlap:  # neighbouring rows almost the same query: they pick the same blocks
         q = q[:, :1] * 0 + q.mean(0, keepdim=True) + 0.01 * q
     idx = reference_selection(q, k)[-1]
-    pos = torch.arange(T, device=DEV)
-    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
-    o_ref = ref.block_sparse_attention(qr, kr, vr, idx, pos, P.block_size, D ** -0.5)
-    do = torch.randn_like(o_ref)
-    o_ref.backward(do)
-    forced = (P.init_blocks, P.local_blocks)
-    qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
-    o = ta.block_sparse_attention_triton(qt, kt, vt, idx, 0, P.block_size, D ** -0.5, forced=forced, forced_bwd=forced)
-    o.backward(do)
-    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
-    for mine, want in ((qt.grad, qr.grad), (kt.grad, kr.grad), (vt.grad, vr.grad)):
-        torch.testing.assert_close(mine, want, rtol=1e-4, atol=1e-4)
+    _assert_triton_matches(q, k, v, idx, *_reference_grads(q, k, v, idx), forced=(P.init_blocks, P.local_blocks))
     if overlap:  # the case is what it says: most neighbouring rows share a non-forced block
         shared = [(set(idx[0, r].tolist()) & set(idx[0, r + 1].tolist())) - {-1} for r in range(T // 2, T - 1)]
         assert sum(len(x) > P.init_blocks + P.local_blocks + 1 for x in shared) > len(shared) // 2
@@ -211,22 +218,12 @@ def test_union_rest_pass_matches_reference(Hq, Hk, overlap, monkeypatch):
 
 @pytest.mark.parametrize("Hq,Hk", [(8, 1), (9, 3), (12, 2)])
 def test_stage2_gradients_match_reference_autograd(Hq, Hk):
-    """Groups of 8, 3 (SmolLM2's 9/3 heads: the multi-row kernels pad it to 4 lanes) and 6 (to 8)."""
-    T = T_LONG
-    q, k, v, idx = _stage2_inputs(T, Hq, Hk, seed=9)
-    pos = torch.arange(T, device=DEV)
-    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
-    o_ref = ref.block_sparse_attention(qr, kr, vr, idx, pos, P.block_size, D ** -0.5)
-    do = torch.randn_like(o_ref)
-    o_ref.backward(do)
-    forced = (P.init_blocks, P.local_blocks)
-    for fwd, bwd in ((forced, forced), (None, None)):  # forced blocks in a shared pass, or all per row
-        qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
-        o = ta.block_sparse_attention_triton(qt, kt, vt, idx, 0, P.block_size, D ** -0.5, forced=fwd, forced_bwd=bwd)
-        o.backward(do)
-        torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
-        for mine, want in ((qt.grad, qr.grad), (kt.grad, kr.grad), (vt.grad, vr.grad)):
-            torch.testing.assert_close(mine, want, rtol=1e-4, atol=1e-4)
+    """Groups of 8, 3 (SmolLM2's 9/3 heads: the multi-row kernels pad it to 4 lanes) and 6 (to 8); forced
+    blocks in a shared pass, or all per row."""
+    q, k, v, idx = _stage2_inputs(T_LONG, Hq, Hk, seed=9)
+    expected = _reference_grads(q, k, v, idx)
+    for forced in ((P.init_blocks, P.local_blocks), None):
+        _assert_triton_matches(q, k, v, idx, *expected, forced=forced)
 
 
 # ---------------------------------------------------------------- whole op, decode, varlen

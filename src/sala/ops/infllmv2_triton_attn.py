@@ -316,6 +316,20 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
+def _union_lanes(n_rows, G: tl.constexpr, GP: tl.constexpr, RB: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    """A union program's dot rows: RB consecutive query rows x the group's heads padded to GP lanes
+    (KV head, row, head, valid lane, row as int64, head-dim offsets, their mask, the [rows, dims] mask)."""
+    hk = tl.program_id(1)
+    mm = tl.arange(0, RB * GP)
+    row = tl.program_id(0) * RB + mm // GP
+    h = mm % GP
+    ok = (row < n_rows) & (h < G)
+    d = tl.arange(0, BD)
+    dm = d < D
+    return hk, row, h, ok, row.to(tl.int64), d, dm, ok[:, None] & dm[None, :]
+
+
+@triton.jit
 def _union_ranges(IDX, hk, row64, ok, qb, n_sel, s_ih, s_ir, init_blocks, local_blocks, SP2: tl.constexpr):
     """Per dot row, the [lo, hi) positions of its row's selection that the forced-block pass did not cover:
     the selected blocks in [init_blocks, qb - local_blocks), contiguous in the sorted selection."""
@@ -349,21 +363,11 @@ def _fwd_union_kernel(
     continues): the union of their remaining selected blocks in block order, each loaded once and applied
     to the rows that chose it (the others' scores masked)."""
     BIG: tl.constexpr = 2147483647
-    pid = tl.program_id(0)
-    hk = tl.program_id(1)
-    BM: tl.constexpr = RB * GP
-    mm = tl.arange(0, BM)
-    row = pid * RB + mm // GP
-    h = mm % GP
-    ok = (row < n_rows) & (h < G)
-    row64 = row.to(tl.int64)
-    d = tl.arange(0, BD)
-    dm = d < D
-    msk = ok[:, None] & dm[None, :]
+    hk, row, h, ok, row64, d, dm, msk = _union_lanes(n_rows, G, GP, RB, D, BD)
     q = tl.load(Q + row64[:, None] * s_qr + (hk * G + h)[:, None] * s_qh + d[None, :], mask=msk, other=0.0)
     acc = tl.load(OP + row64[:, None] * s_pr + (hk * G + h)[:, None] * s_ph + d[None, :], mask=msk, other=0.0)
     m_i = tl.load(LP + row64 * s_lr + hk * G + h, mask=ok, other=0.0)
-    l_i = tl.full([BM], 1.0, tl.float32)
+    l_i = tl.full([RB * GP], 1.0, tl.float32)
     qb = (q_pos0 + row) // BS
     ptr, hi = _union_ranges(IDX, hk, row64, ok, qb, n_sel, s_ih, s_ir, init_blocks, local_blocks, SP2)
     cand, b = _union_next(IDX, hk, row64, ok, ptr, hi, s_ih, s_ir, BIG)
@@ -404,17 +408,7 @@ def _bwd_dq_union_kernel(
     """dq of the rest pass for RB consecutive rows over the union of their selections (cf. _fwd_union_kernel),
     continuing the forced blocks' partial dq in DQP."""
     BIG: tl.constexpr = 2147483647
-    pid = tl.program_id(0)
-    hk = tl.program_id(1)
-    BM: tl.constexpr = RB * GP
-    mm = tl.arange(0, BM)
-    row = pid * RB + mm // GP
-    h = mm % GP
-    ok = (row < n_rows) & (h < G)
-    row64 = row.to(tl.int64)
-    d = tl.arange(0, BD)
-    dm = d < D
-    msk = ok[:, None] & dm[None, :]
+    hk, row, h, ok, row64, d, dm, msk = _union_lanes(n_rows, G, GP, RB, D, BD)
     q = tl.load(Q + row64[:, None] * s_qr + (hk * G + h)[:, None] * s_qh + d[None, :], mask=msk, other=0.0)
     do = tl.load(DO + row64[:, None] * s_dr + (hk * G + h)[:, None] * s_dh + d[None, :], mask=msk, other=0.0)
     lse = tl.load(LSE + row64 * s_lr + hk * G + h, mask=ok, other=0.0)
