@@ -17,7 +17,7 @@ RUN=${RUN:-/root/sala_runs/gpu}
 export SALA_CACHE=${SALA_CACHE:-/root/sala_cache}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$STASH" "$SALA_CACHE/gguf" "$(dirname "$RUN")"
-for f in .carry/*; do [ -f "$f" ] && cp --update=none "$f" "$STASH/"; done
+for f in .carry/*; do [ -f "$f" ] && [ ! -e "$STASH/$(basename "$f")" ] && cp "$f" "$STASH/"; done
 source bench/gpu_site.sh  # the carried wheels (gguf) -> /tmp/site, on PYTHONPATH with src/
 GGUF="$SALA_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
 if [ ! -f "$GGUF" ] && [ -f "$STASH/gguf.xz.part0" ] && [ -f "$STASH/gguf.xz.part1" ]; then
