@@ -26,7 +26,9 @@ from contextlib import contextmanager
 import torch
 
 from ..engine.generation import answer, eos_ids, forward_chunk, prefill
+from .haystack import Haystack
 from .scoring import sample_score
+from .tasks import generate_samples
 
 def needle_token_span(tokenizer, prompt: str, needle: str) -> tuple[int, int]:
     """Token positions ``[start, end)`` covering the first occurrence of ``needle`` in ``prompt`` under the
@@ -151,8 +153,6 @@ def _mean(xs: list[float]) -> float | None:
 
 def sample_score_of(model, tokenizer, sample, eos, chunk_size: int | None) -> float:
     """The RULER score (in [0, 1]) of the greedy answer to one sample."""
-    from .scoring import sample_score
-
     return sample_score(answer(model, tokenizer, sample, eos, chunk_size)[0], sample.answers)
 
 
@@ -239,14 +239,11 @@ def needle_study(model, tokenizer, text: str, lengths: list[int], samples: int, 
     context): ``{'rows': [per sample], 'summary': [per length, see summarize_length], 'dense_len': [...]}``.
 
     Each sample at a length where the sparse path runs costs two generations and one extra prefill."""
-    from .haystack import Haystack
-    from .tasks import generate_samples
-
     hay, eos = Haystack(text, tokenizer), eos_ids(model, tokenizer)
     rows, summ = [], []
     for L in lengths:
         sub = [study_sample(model, tokenizer, s, eos, chunk_size)
-               for s in generate_samples("passkey", tokenizer, hay, L, samples, seed, None, max_new_tokens)]
+               for s in passkey_samples(tokenizer, hay, L, samples, seed, max_new_tokens)]
         rows += sub
         summ.append(summarize_length(sub))
         if log is not None:
@@ -255,17 +252,20 @@ def needle_study(model, tokenizer, text: str, lengths: list[int], samples: int, 
             "most": MOST}
 
 
+def passkey_samples(tokenizer, hay, length: int, samples: int, seed: int, max_new_tokens: int | None) -> list:
+    """The passkey samples of the needle study and the budget probe at one length (needles evenly from the
+    start to the end of the context): one definition, so both answer the same questions."""
+    return generate_samples("passkey", tokenizer, hay, length, samples, seed, None, max_new_tokens)
+
+
 @torch.no_grad()
 def topk_probe(model, tokenizer, text: str, length: int, samples: int, topks: list[int], chunk_size: int | None,
                seed: int = 42, max_new_tokens: int | None = None) -> list[dict]:
     """Sparse passkey accuracy at one length under other selection budgets (``selection_topk``), on the
     samples ``needle_study`` draws with the same seed, so each budget answers the same questions:
     ``[{'topk', 'length', 'samples', 'acc_sparse'}]`` in the order of ``topks``."""
-    from .haystack import Haystack
-    from .tasks import generate_samples
-
-    hay, eos = Haystack(text, tokenizer), eos_ids(model, tokenizer)
-    drawn = generate_samples("passkey", tokenizer, hay, length, samples, seed, None, max_new_tokens)
+    eos = eos_ids(model, tokenizer)
+    drawn = passkey_samples(tokenizer, Haystack(text, tokenizer), length, samples, seed, max_new_tokens)
     out = []
     for t in topks:
         with selection_topk(model, t):

@@ -330,15 +330,19 @@ def _union_lanes(n_rows, G: tl.constexpr, GP: tl.constexpr, RB: tl.constexpr, D:
 
 
 @triton.jit
-def _union_ranges(IDX, hk, row64, ok, qb, n_sel, s_ih, s_ir, init_blocks, local_blocks, SP2: tl.constexpr):
-    """Per dot row, the [lo, hi) positions of its row's selection that the forced-block pass did not cover:
-    the selected blocks in [init_blocks, qb - local_blocks), contiguous in the sorted selection."""
+def _union_start(IDX, hk, row, row64, ok, q_pos0, n_sel, s_ih, s_ir, init_blocks, local_blocks,
+                 BS: tl.constexpr, SP2: tl.constexpr, BIG: tl.constexpr):
+    """Where the union walk starts: per dot row the [ptr, hi) positions of its row's selection that the
+    forced-block pass did not cover (the selected blocks in [init_blocks, qb - local_blocks), contiguous in
+    the sorted selection), each row's first block and the smallest of them (``_union_next``)."""
+    qb = (q_pos0 + row) // BS
     ss = tl.arange(0, SP2)
     bv = tl.load(IDX + hk * s_ih + row64[:, None] * s_ir + ss[None, :], mask=ok[:, None] & (ss[None, :] < n_sel),
                  other=-1)
     lo = tl.sum(((bv >= 0) & (bv < init_blocks)).to(tl.int32), axis=1)
     hi = tl.maximum(tl.sum(((bv >= 0) & (bv < (qb - local_blocks)[:, None])).to(tl.int32), axis=1), lo)
-    return lo, hi
+    cand, b = _union_next(IDX, hk, row64, ok, lo, hi, s_ih, s_ir, BIG)
+    return lo, hi, cand, b
 
 
 @triton.jit
@@ -368,9 +372,8 @@ def _fwd_union_kernel(
     acc = tl.load(OP + row64[:, None] * s_pr + (hk * G + h)[:, None] * s_ph + d[None, :], mask=msk, other=0.0)
     m_i = tl.load(LP + row64 * s_lr + hk * G + h, mask=ok, other=0.0)
     l_i = tl.full([RB * GP], 1.0, tl.float32)
-    qb = (q_pos0 + row) // BS
-    ptr, hi = _union_ranges(IDX, hk, row64, ok, qb, n_sel, s_ih, s_ir, init_blocks, local_blocks, SP2)
-    cand, b = _union_next(IDX, hk, row64, ok, ptr, hi, s_ih, s_ir, BIG)
+    ptr, hi, cand, b = _union_start(IDX, hk, row, row64, ok, q_pos0, n_sel, s_ih, s_ir, init_blocks, local_blocks,
+                                    BS, SP2, BIG)
     kk = tl.arange(0, BS)
     while b < BIG:
         use = cand == b
@@ -414,9 +417,8 @@ def _bwd_dq_union_kernel(
     lse = tl.load(LSE + row64 * s_lr + hk * G + h, mask=ok, other=0.0)
     delta = tl.load(DELTA + row64 * s_lr + hk * G + h, mask=ok, other=0.0)
     dq = tl.load(DQP + row64[:, None] * s_pr + (hk * G + h)[:, None] * s_ph + d[None, :], mask=msk, other=0.0)
-    qb = (q_pos0 + row) // BS
-    ptr, hi = _union_ranges(IDX, hk, row64, ok, qb, n_sel, s_ih, s_ir, init_blocks, local_blocks, SP2)
-    cand, b = _union_next(IDX, hk, row64, ok, ptr, hi, s_ih, s_ir, BIG)
+    ptr, hi, cand, b = _union_start(IDX, hk, row, row64, ok, q_pos0, n_sel, s_ih, s_ir, init_blocks, local_blocks,
+                                    BS, SP2, BIG)
     kk = tl.arange(0, BS)
     while b < BIG:
         use = cand == b

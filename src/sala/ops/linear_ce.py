@@ -71,34 +71,60 @@ def _head_backward(needs, h, weight, divisor, chunk, cdt, acc, dlogits_of):
     return dh, (dw.to(weight.dtype) if dw is not None else None)
 
 
-class _ChunkedLinearCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, targets, token_weights, divisor, chunk, cdt):
-        acc = torch.float64 if cdt == torch.float64 else torch.float32
-        valid = targets != IGNORE
-        tw = valid.to(acc) if token_weights is None else token_weights.to(acc) * valid
-        safe_t = targets.clamp_min(0)
+class _CrossEntropy:
+    """Per-token terms of the cross-entropy of logits ``z`` against class ids ``t``."""
 
-        def loss_of(a, z, lse_c):  # log-sum-exp minus the target's logit, times the token's weight
-            return (lse_c - z.gather(1, safe_t[a:a + chunk, None])[:, 0]) * tw[a:a + chunk]
+    @staticmethod
+    def loss(z, lse, t):  # log-sum-exp minus the target's logit
+        return lse - z.gather(1, t[:, None])[:, 0]
+
+    @staticmethod
+    def dlogits(z, lse, t):  # softmax - one-hot(target)
+        p = torch.exp(z - lse[:, None])
+        p[torch.arange(p.shape[0], device=p.device), t] -= 1.0
+        return p
+
+
+class _KLFromTeacher:
+    """Per-token terms of KL(softmax(teacher logits ``t``) || softmax(z)), temperature 1."""
+
+    @staticmethod
+    def loss(z, lse, t):  # sum_v p_t (log p_t - z) + lse(z)
+        log_t = torch.log_softmax(t.to(z.dtype), dim=-1)
+        return (log_t.exp() * (log_t - z)).sum(-1) + lse
+
+    @staticmethod
+    def dlogits(z, lse, t):  # softmax(student) - softmax(teacher)
+        return torch.exp(z - lse[:, None]) - torch.softmax(t.to(z.dtype), dim=-1)
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """``sum_i w_i * terms.loss(z_i, lse_i, target_i)`` over ``z = W (h / divisor)``, chunk by chunk, with
+    ``terms`` one of the classes above; the gradient in the logits is ``terms.dlogits`` times the weight."""
+
+    @staticmethod
+    def forward(ctx, h, weight, target, token_weights, divisor, chunk, cdt, terms):
+        acc = torch.float64 if cdt == torch.float64 else torch.float32
+        tw = token_weights.to(acc)
+
+        def loss_of(a, z, lse_c):
+            return terms.loss(z, lse_c, target[a:a + chunk]) * tw[a:a + chunk]
 
         total, lse = _head_forward(h, weight, divisor, chunk, cdt, acc, loss_of)
-        ctx.save_for_backward(h, weight, safe_t, tw, lse)
-        ctx.args = (divisor, chunk, cdt)
+        ctx.save_for_backward(h, weight, target, tw, lse)
+        ctx.args = (divisor, chunk, cdt, terms)
         return total
 
     @staticmethod
     def backward(ctx, grad):
-        h, weight, safe_t, tw, lse = ctx.saved_tensors
-        divisor, chunk, cdt = ctx.args
+        h, weight, target, tw, lse = ctx.saved_tensors
+        divisor, chunk, cdt, terms = ctx.args
 
-        def dlogits_of(a, z):  # softmax - one-hot(target), times the token's weight
-            p = torch.exp(z - lse[a:a + chunk, None])
-            p[torch.arange(p.shape[0], device=p.device), safe_t[a:a + chunk]] -= 1.0
-            return p * (tw[a:a + chunk] * grad)[:, None]
+        def dlogits_of(a, z):
+            return terms.dlogits(z, lse[a:a + chunk], target[a:a + chunk]) * (tw[a:a + chunk] * grad)[:, None]
 
         dh, dw = _head_backward(ctx.needs_input_grad, h, weight, divisor, chunk, cdt, lse.dtype, dlogits_of)
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def _compute_dtype(h, chunk, compute_dtype):
@@ -124,35 +150,11 @@ def chunked_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets:
     if token_weights is not None and token_weights.shape != targets.shape:
         raise ValueError(f"token_weights must be [N]={tuple(targets.shape)}, got {tuple(token_weights.shape)}")
     compute_dtype = _compute_dtype(h, chunk, compute_dtype)
-    return _ChunkedLinearCE.apply(h, weight, targets, token_weights, float(divisor), int(chunk), compute_dtype)
-
-
-class _ChunkedLinearKL(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, teacher_logits, token_weights, divisor, chunk, cdt):
-        acc = torch.float64 if cdt == torch.float64 else torch.float32
-        tw = token_weights.to(acc)
-
-        def loss_of(a, z, lse_c):  # sum_v p_t (log p_t - z) + lse(z) = KL(p_t || softmax(z)), times the weight
-            log_t = torch.log_softmax(teacher_logits[a:a + chunk].to(acc), dim=-1)
-            return ((log_t.exp() * (log_t - z)).sum(-1) + lse_c) * tw[a:a + chunk]
-
-        total, lse = _head_forward(h, weight, divisor, chunk, cdt, acc, loss_of)
-        ctx.save_for_backward(h, weight, teacher_logits, tw, lse)
-        ctx.args = (divisor, chunk, cdt)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, weight, teacher_logits, tw, lse = ctx.saved_tensors
-        divisor, chunk, cdt = ctx.args
-
-        def dlogits_of(a, z):  # softmax(student) - softmax(teacher), times the token's weight
-            p_t = torch.softmax(teacher_logits[a:a + chunk].to(lse.dtype), dim=-1)
-            return (torch.exp(z - lse[a:a + chunk, None]) - p_t) * (tw[a:a + chunk] * grad)[:, None]
-
-        dh, dw = _head_backward(ctx.needs_input_grad, h, weight, divisor, chunk, cdt, lse.dtype, dlogits_of)
-        return dh, dw, None, None, None, None, None
+    valid = targets != IGNORE
+    acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    tw = valid.to(acc) if token_weights is None else token_weights.to(acc) * valid
+    return _ChunkedHeadLoss.apply(h, weight, targets.clamp_min(0), tw, float(divisor), int(chunk), compute_dtype,
+                                  _CrossEntropy)
 
 
 def chunked_linear_kl(h: torch.Tensor, weight: torch.Tensor, teacher_logits: torch.Tensor,
@@ -170,5 +172,5 @@ def chunked_linear_kl(h: torch.Tensor, weight: torch.Tensor, teacher_logits: tor
     compute_dtype = _compute_dtype(h, chunk, compute_dtype)
     if token_weights is None:
         token_weights = torch.ones(h.shape[0], device=h.device)
-    return _ChunkedLinearKL.apply(h, weight, teacher_logits.detach(), token_weights, float(divisor), int(chunk),
-                                  compute_dtype)
+    return _ChunkedHeadLoss.apply(h, weight, teacher_logits.detach(), token_weights, float(divisor), int(chunk),
+                                  compute_dtype, _KLFromTeacher)

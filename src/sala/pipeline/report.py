@@ -255,10 +255,9 @@ def _topk_probe_markdown(d: dict) -> list[str]:
     for s in d["summary"]:
         if own is not None and s["sparse_path"]:
             acc.setdefault((own, s["length"]), s["acc_sparse"])
-    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
-    rows = [f"| {k}{' (trained)' if k == own else ''} | " + " | ".join(pct(acc.get((k, L))) for L in lengths) + " |"
-            for k in sorted({k for k, _ in acc})]
-    dense = "| dense (every block) | " + " | ".join(pct(s["acc_dense"]) for s in d["summary"]) + " |"
+    rows = [f"| {k}{' (trained)' if k == own else ''} | " + " | ".join(_rate(acc.get((k, L)), None) for L in lengths)
+            + " |" for k in sorted({k for k, _ in acc})]
+    dense = "| dense (every block) | " + " | ".join(_rate(s["acc_dense"], None) for s in d["summary"]) + " |"
     return ["", "### Selection budget probe", "",
             "The same passkey samples with only the sparse layers' `topk` (blocks per query, the initial block "
             "included, the local window's blocks on top) changed at inference: sparse accuracy.", "",
