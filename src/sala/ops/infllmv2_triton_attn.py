@@ -49,6 +49,24 @@ UNION_LANES = int(os.environ.get("SALA_INFLLMV2_UNION_LANES", "0"))
 __all__ = ["sparse_attn_forward", "sparse_attn_backward", "BlockSparseAttention", "block_sparse_attention_triton"]
 
 
+@triton.jit
+def _softmax_step(m_i, l_i, acc, sc, vb, PREC: tl.constexpr):
+    """One block of the online softmax (log2 units): running max, normaliser and the p @ V accumulation;
+    rows whose scores are all -inf so far stay at 0."""
+    m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(sc - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + mma(p.to(vb.dtype), vb, PREC)
+
+
+@triton.jit
+def _softmax_finish(m_i, l_i, acc):
+    """(output, log2-sum-exp) of an online softmax; rows that saw nothing give 0 and -inf."""
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    return acc / l_safe[:, None], tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+
+
 @triton.jit(do_not_specialize=LENGTH_ARGS["_fwd_kernel"])
 def _fwd_kernel(
     Q, K, V, IDX, O, LSE, OP, LP,
@@ -93,16 +111,8 @@ def _fwd_kernel(
         vb = tl.load(V + kpos[:, None] * s_vt + hk * s_vh + d[None, :], mask=kv[:, None] & dm[None, :], other=0.0)
         sc = mma(q, kt, PREC) * qk_scale2
         sc = tl.where(kv[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(sc - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + mma(p.to(vb.dtype), vb, PREC)
-        m_i = m_new
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, sc, vb, PREC)
+    o, lse = _softmax_finish(m_i, l_i, acc)
     if SPLIT:
         tl.store(OP + sp * s_ps + r * s_pr + (hk * G + h)[:, None] * s_ph + d[None, :], o, mask=hm[:, None] & dm[None, :])
         tl.store(LP + sp * s_ls + r * s_lr + hk * G + h, lse, mask=hm)
@@ -156,16 +166,8 @@ def _fwd_forced_kernel(
         sc = mma(q, kt, PREC) * qk_scale2
         vis = use[:, None] & (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < n_keys)
         sc = tl.where(vis, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(sc - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + mma(p.to(vb.dtype), vb, PREC)
-        m_i = m_new
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, sc, vb, PREC)
+    o, lse = _softmax_finish(m_i, l_i, acc)
     tl.store(OP + row64[:, None] * s_pr + (hk * G + h)[:, None] * s_ph + d[None, :], o, mask=ok[:, None] & dm[None, :])
     tl.store(LP + row64 * s_lr + hk * G + h, lse, mask=ok)
 
@@ -383,18 +385,10 @@ def _fwd_union_kernel(
         vb = tl.load(V + kpos[:, None] * s_vt + hk * s_vh + d[None, :], mask=kin[:, None] & dm[None, :], other=0.0)
         sc = mma(q, kt, PREC) * qk_scale2
         sc = tl.where(use[:, None] & kin[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(sc - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + mma(p.to(vb.dtype), vb, PREC)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, sc, vb, PREC)
         ptr = ptr + use.to(tl.int32)
         cand, b = _union_next(IDX, hk, row64, ok, ptr, hi, s_ih, s_ir, BIG)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+    o, lse = _softmax_finish(m_i, l_i, acc)
     tl.store(O + row64[:, None] * s_or + (hk * G + h)[:, None] * s_oh + d[None, :], o.to(O.dtype.element_ty), mask=msk)
     tl.store(LSE + row64 * s_lr + hk * G + h, lse, mask=ok)
 
