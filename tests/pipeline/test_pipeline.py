@@ -112,6 +112,10 @@ def test_profile_errors_name_the_problem(teacher_dir, tmp_path):
         parse_profile(bad)
     with pytest.raises(ProfileError, match="bundled profiles"):
         load_profile("no_such_profile")
+    bad = tiny_profile(teacher_dir)
+    bad["halo"] = dict(bad.get("halo", {}), noise_floor=-1)
+    with pytest.raises(ProfileError, match="noise_floor"):
+        parse_profile(bad)
     prof = parse_profile(tiny_profile(teacher_dir))
     Pipeline(prof, tmp_path / "r", device="cpu", log=lambda *a: None)._save()
     other = parse_profile(tiny_profile(teacher_dir, seed=3))

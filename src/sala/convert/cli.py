@@ -76,6 +76,8 @@ def convert_select(
     force_first_last: bool = typer.Option(True),
     recall: str = typer.Option("bigram", help="'bigram' or 'task:<name>:<length>:<samples>', e.g. task:passkey:1024:8."),
     haystack: str = typer.Option("shakespeare", help="Corpus name or text file for task-based recall."),
+    noise_floor: float = typer.Option(0.0, help="Floor C losses at this many median paired C noises (0: the "
+                                                  "paper's score; 1 keeps the choice from following C's noise)."),
 ):
     """HALO layer selection: align every layer's lightning replacement, score each layer, keep the top 25%."""
     from ..train.halo import halo_select
@@ -83,7 +85,7 @@ def convert_select(
     res = halo_select(out, teacher=teacher, data=data, data_options={"max_docs": max_docs} if max_docs else {},
                       align_steps=align_steps, seq_len=seq_len, batch_size=batch_size, lr=lr,
                       probe_rows=probe_rows, ratio=ratio, force_first_last=force_first_last, recall=recall,
-                      haystack=haystack, log=typer.echo)
+                      haystack=haystack, noise_floor=noise_floor, log=typer.echo)
     typer.echo(f"wrote {out / 'selection.json'}: attention layers {res['attention_layers']}")
 
 

@@ -7,6 +7,12 @@
    little general ability -> keep l as attention. The top 25% are kept (the release also forces the
    first and last layer and fills the rest by rank).
 
+C losses below the measurement's noise make that ratio noise: on a probe of ~12K tokens one token is
+0.00008 of C, and a layer's C loss is often a few tokens, so two flipped tokens move its score from 6 to 50
+(two GPU runs chose half their layers differently from R and C that agreed to 0.005). ``noise_floor = z``
+divides by at least z times the sweep's median C noise (``sqrt(tokens whose correctness changed) / tokens``,
+paired against the unconverted teacher on the same tokens); 0 is the paper's formula.
+
 The default scores need no benchmark suite: on held-out text, R is next-token accuracy on tokens that an
 earlier occurrence of the same bigram in the context predicts (in-context recall, what linear attention
 loses first), C is next-token accuracy on every other token. Any ``(model) -> float`` callables can be
@@ -27,12 +33,27 @@ from .layer_map import n_attention
 SCORE_CAP = 50.0
 
 
-def halo_scores(recall: list[float], common: list[float]) -> list[float]:
-    """``min(50, (max R - R_l) / (max C - C_l + 1e-10))`` per layer (baselines: the best layer of the sweep)."""
+def halo_scores(recall: list[float], common: list[float], c_floor: float = 0.0) -> list[float]:
+    """``min(50, (max R - R_l) / (max(max C - C_l, c_floor) + 1e-10))`` per layer (baselines: the best layer of
+    the sweep); ``c_floor`` 0 is the paper's formula."""
     if len(recall) != len(common) or not recall:
         raise ValueError("recall and common scores must be non-empty and of equal length")
+    if c_floor < 0:
+        raise ValueError(f"c_floor={c_floor} must be >= 0")
     r_max, c_max = max(recall), max(common)
-    return [min(SCORE_CAP, (r_max - r) / (c_max - c + 1e-10)) for r, c in zip(recall, common)]
+    return [min(SCORE_CAP, (r_max - r) / (max(c_max - c, c_floor) + 1e-10)) for r, c in zip(recall, common)]
+
+
+def common_noise_floor(rows: list[dict], z: float) -> float:
+    """z times the median over the sweep of each layer's paired C noise (row key ``C_noise``); 0 when z is 0."""
+    if z < 0:
+        raise ValueError(f"noise_floor={z} must be >= 0")
+    if z == 0:
+        return 0.0
+    noise = sorted(r["C_noise"] for r in rows if r.get("C_noise") is not None)
+    if not noise:
+        raise ValueError("noise_floor needs the sweep's C noise (the bigram probe's paired counts)")
+    return z * noise[len(noise) // 2]
 
 
 def select_attention_layers(scores: list[float], ratio: float = 0.25, force_first_last: bool = True,
@@ -77,6 +98,8 @@ class RecallCommonProbe:
         if not self.recall_t.any() or not self.common_t.any():
             raise ValueError("probe text has no recall (or no non-recall) targets; use longer rows or other text")
 
+        self.last_hits: torch.Tensor | None = None  # the latest call's per-token correctness (C_noise)
+
     @torch.no_grad()
     def __call__(self, model) -> tuple[float, float]:
         dev = next(model.parameters()).device
@@ -84,9 +107,16 @@ class RecallCommonProbe:
         kw = {"use_cache": False} if hasattr(model.config, "mixer_types") else {}
         logits = model(input_ids=self.ids.to(dev), attention_mask=am, **kw).logits[:, :-1]
         hit = (logits.argmax(-1).cpu() == self.ids[:, 1:])
+        self.last_hits = hit
         r = hit[self.recall_t].float().mean().item()
         c = hit[self.common_t].float().mean().item()
         return r, c
+
+    def common_noise(self, hits: torch.Tensor, base_hits: torch.Tensor) -> float:
+        """Paired noise of C between two models on the probe's tokens: sqrt(n changed) / n tokens, the standard
+        deviation of the difference if each changed token were a coin flip."""
+        changed = (hits != base_hits)[self.common_t].sum().item()
+        return changed ** 0.5 / int(self.common_t.sum())
 
     def counts(self) -> dict:
         return {"recall_targets": int(self.recall_t.sum()), "common_targets": int(self.common_t.sum())}
@@ -129,10 +159,11 @@ class TaskRecall:
         return total / len(self.samples)
 
 
-def layer_sweep(reference, aligned, score: Callable[[torch.nn.Module], tuple[float, float]],
+def layer_sweep(reference, aligned, score: Callable[[torch.nn.Module], tuple],
                 layers: list[int] | None = None, progress=None) -> list[dict]:
     """Score ``reference`` (a SALA model equal to the teacher: all attention, RoPE, no gates) with each layer's
-    mixer in turn swapped for the aligned lightning mixer of the same layer; restored afterwards."""
+    mixer in turn swapped for the aligned lightning mixer of the same layer; restored afterwards. ``score``
+    returns (R, C) or (R, C, extra fields for the row)."""
     layers = list(range(len(reference.model.layers))) if layers is None else layers
     rows = []
     for i in layers:
@@ -140,21 +171,23 @@ def layer_sweep(reference, aligned, score: Callable[[torch.nn.Module], tuple[flo
         original = dec.self_attn
         dec.self_attn = aligned.model.layers[i].self_attn
         try:
-            r, c = score(reference)
+            r, c, *extra = score(reference)
         finally:
             dec.self_attn = original
-        rows.append({"layer": i, "R": r, "C": c})
+        rows.append({"layer": i, "R": r, "C": c, **(extra[0] if extra else {})})
         if progress:
             progress(i, r, c)
     return rows
 
 
 def write_selection(out_dir: str | Path, rows: list[dict], ratio: float, force_first_last: bool,
-                    baseline: dict | None = None, extra: dict | None = None) -> dict:
-    """Score the sweep, choose the layers, write ``sweep.json``, ``sweep.md`` and ``selection.json``."""
+                    baseline: dict | None = None, extra: dict | None = None, noise_floor: float = 0.0) -> dict:
+    """Score the sweep (C losses floored at ``noise_floor`` x the median C noise), choose the layers, write
+    ``sweep.json``, ``sweep.md`` and ``selection.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scores = halo_scores([r["R"] for r in rows], [r["C"] for r in rows])
+    c_floor = common_noise_floor(rows, noise_floor)
+    scores = halo_scores([r["R"] for r in rows], [r["C"] for r in rows], c_floor)
     for r, s in zip(rows, scores):
         r["score"] = s
     n = len(rows)
@@ -168,19 +201,25 @@ def write_selection(out_dir: str | Path, rows: list[dict], ratio: float, force_f
         "force_first_last": force_first_last,
         "uniform_baseline": uniform_layers(n, ratio, force_first_last),
         "all_linear_baseline": [],
+        "noise_floor": noise_floor,
+        "c_floor": c_floor,
         "teacher_scores": baseline,
         "sweep": rows,
         **(extra or {}),
     }
     (out / "sweep.json").write_text(json.dumps(result, indent=1))
     (out / "selection.json").write_text(json.dumps({"attention_layers": chosen}, indent=1))
-    lines = ["| layer | R (recall acc) | C (other-token acc) | HALO score | kept |", "|---|---|---|---|---|"]
+    noise = all(r.get("C_noise") is not None for r in rows)
+    lines = ["| layer | R (recall acc) | C (other-token acc) |" + (" C noise |" if noise else "") + " HALO score | kept |",
+             "|---|---|---|" + ("---|" if noise else "") + "---|---|"]
     for r in rows:
-        lines.append(f"| {r['layer']} | {r['R']:.4f} | {r['C']:.4f} | {r['score']:.3f} | "
-                     f"{'attention' if r['layer'] in chosen else 'lightning'} |")
+        lines.append(f"| {r['layer']} | {r['R']:.4f} | {r['C']:.4f} |" + (f" {r['C_noise']:.5f} |" if noise else "")
+                     + f" {r['score']:.3f} | {'attention' if r['layer'] in chosen else 'lightning'} |")
     head = ["# HALO layer sweep", "", f"attention layers kept: {chosen} (ratio {ratio}, first/last forced: "
             f"{force_first_last}); uniform baseline: {result['uniform_baseline']}", ""]
     if baseline:
         head += [f"teacher (no layer converted): R {baseline['R']:.4f}, C {baseline['C']:.4f}", ""]
+    if c_floor:
+        head += [f"C losses floored at {c_floor:.5f} ({noise_floor:g} x the median paired C noise)", ""]
     (out / "sweep.md").write_text("\n".join(head + lines) + "\n")
     return result

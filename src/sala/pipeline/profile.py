@@ -29,6 +29,7 @@ class HaloSpec:
     probe_rows: int = 8
     probe_seq_len: int = 0  # 0: seq_len
     recall: str = "bigram"  # or 'task:<name>:<length>:<samples>'
+    noise_floor: float = 0.0  # > 0: C losses floored at this many median C noises (sala.convert.select); 0: paper
 
 
 @dataclass
@@ -117,6 +118,8 @@ def parse_profile(raw: dict) -> Profile:
         prof.recipe("check", "uniform", [prof.compare.stage])
     except RecipeError as e:
         raise ProfileError(f"invalid stage: {e}") from None
+    if prof.halo.noise_floor < 0:
+        raise ProfileError(f"halo.noise_floor={prof.halo.noise_floor} must be >= 0")
     for key in ("align_steps", "seq_len", "batch_size", "probe_rows"):
         if getattr(prof.halo, key) <= 0:
             raise ProfileError(f"halo.{key}={getattr(prof.halo, key)} must be positive")

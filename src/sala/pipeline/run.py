@@ -186,7 +186,8 @@ class Pipeline:
                           probe_rows=h.probe_rows, probe_seq_len=h.probe_seq_len or None, ratio=self.p.ratio,
                           force_first_last=self.p.force_first_last, seed=self.p.seed, recall=h.recall,
                           haystack=str(self.eval_text_path()), time_budget_s=h.time_budget_s,
-                          autocast_bf16=self.p.autocast_bf16, fuse=self.p.fuse, deadline=deadline, log=self.log,
+                          autocast_bf16=self.p.autocast_bf16, fuse=self.p.fuse, deadline=deadline,
+                          noise_floor=h.noise_floor, log=self.log,
                           device=str(self.device))
         if res is None:
             return None

@@ -20,12 +20,13 @@ def halo_select(out_dir: str | Path, teacher: str = "default", data: str = "synt
                 force_first_last: bool = True, teacher_shape: dict | None = None, seed: int = 0,
                 recall: str = "bigram", haystack: str = "shakespeare", time_budget_s: float = 0.0,
                 autocast_bf16: bool = False, fuse: bool = False, deadline: float | None = None, device: str | None = None,
-                log=print) -> dict | None:
+                noise_floor: float = 0.0, log=print) -> dict | None:
     """``recall``: 'bigram' (in-context bigram recall on the data) or 'task:<name>:<length>:<samples>'
     (RULER-style retrieval from ``sala.eval.tasks`` on the ``haystack`` corpus or text file, e.g.
     'task:passkey:1024:8'); C is always the other-token accuracy of the probe. ``time_budget_s`` caps the
     alignment's time (``align_steps`` is then a maximum); at ``deadline`` (a ``time.time()`` value) the
-    alignment stops with a checkpoint and None is returned: call again to continue."""
+    alignment stops with a checkpoint and None is returned: call again to continue. ``noise_floor``: see
+    :mod:`sala.convert.select` (0: the paper's score)."""
     out = Path(out_dir)
     recipe = parse_recipe({
         "name": "halo_align", "teacher": teacher, "teacher_shape": teacher_shape or {}, "layers": "all-linear",
@@ -43,22 +44,28 @@ def halo_select(out_dir: str | Path, teacher: str = "default", data: str = "synt
                                  ConvertOptions(keep_rope=True, attn_output_gate=False, sparse={"dense_len": 1 << 30}))
     reference.to(tr.device).eval()
     probe = RecallCommonProbe(tr.docs, probe_seq_len or seq_len, probe_rows, tr.eos)
-    score = probe
+    task_recall = None
     if recall.startswith("task:"):
         from ..data.corpora import resolve_text
 
         _, task, length, n = recall.split(":")
         task_recall = TaskRecall(tr.tokenizer, resolve_text(haystack, "train"), task, int(length), int(n), seed=42 + seed)
-
-        def score(model):
-            return task_recall(model), probe(model)[1]
     elif recall != "bigram":
         raise ValueError(f"recall={recall!r}: use 'bigram' or 'task:<name>:<length>:<samples>'")
-    r0, c0 = score(reference)
+    r0, c0 = probe(reference)
+    if task_recall is not None:
+        r0 = task_recall(reference)
+    teacher_hits = probe.last_hits
+
+    def score(model):
+        r, c = probe(model)
+        extra = {"C_noise": probe.common_noise(probe.last_hits, teacher_hits)}
+        return (task_recall(model) if task_recall is not None else r), c, extra
+
     log(f"teacher: R {r0:.4f} C {c0:.4f} ({probe.counts()}, recall from {recall})")
     rows = layer_sweep(reference, aligned, score,
                        progress=lambda i, r, c: log(f"layer {i:3d}: R {r:.4f} C {c:.4f}"))
-    result = write_selection(out, rows, ratio, force_first_last, baseline={"R": r0, "C": c0},
+    result = write_selection(out, rows, ratio, force_first_last, baseline={"R": r0, "C": c0}, noise_floor=noise_floor,
                              extra={"probe": probe.counts(), "recall": recall, "align_steps": align_steps,
                                     "teacher": teacher})
     log(f"attention layers: {result['attention_layers']} (uniform: {result['uniform_baseline']})")
