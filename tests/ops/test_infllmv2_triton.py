@@ -7,9 +7,11 @@ kernel is defined) at small shapes; with CUDA the same checks run compiled at th
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -56,7 +58,159 @@ def reference_selection(q, k, params=P, decode=False):
     return k1, k2, s1, bsc, idx
 
 
+def kernel_block_scores(q, k1, k2, T, decode=False):
+    """The kernel's pooled block scores as its top-k sees them (float32 [Hk, Tq, n_blocks], -inf after the
+    query's block, +inf forced), read back from its int64 block keys; tiled as select_blocks_chunk tiles them."""
+    scale, q_pos0 = q.shape[-1] ** -0.5, T - q.shape[0]
+    rows = 1 if q.shape[0] == 1 else None
+    lse2 = ts.k2_lse(q, k2, scale, q_pos0, ts.visibility_offsets(T, k2.shape[0], P.kernel_stride2, decode),
+                     P.kernel_stride2, rows=rows)
+    keys = ts.block_keys(q, k1, lse2, scale, q_pos0, ts.visibility_offsets(T, k1.shape[0], P.kernel_stride, decode),
+                         P, -(-T // P.block_size), rows=rows)
+    return ts.keys_to_scores(keys)
+
+
+# On CUDA the kernel's float32 stage-1 sums (Triton dots and reductions) and the reference's (cuBLAS) differ in
+# the last bits, so a selection may flip where two block scores nearly tie at the top-k boundary.
+NEAR_TIE = 1e-5  # relative gap to the boundary score under which such a flip is accepted
+MAX_FLIPS = 1e-3  # fraction of (kv head, row) selections that may flip so
+
+
+def q_blocks(T, R):
+    """Block index of each of the last R query positions of a length-T sequence."""
+    return torch.arange(T - R, T, device=DEV) // P.block_size
+
+
+def _members(idx, nb):
+    """Boolean [Hk, R, nb]: which blocks a selection holds (-1 entries dropped)."""
+    m = torch.zeros(*idx.shape[:-1], nb + 1, dtype=torch.bool, device=idx.device)
+    return m.scatter_(-1, torch.where(idx < 0, nb, idx.long()), True)[..., :nb]
+
+
+def boundary(bsc, T, n_sel):
+    """Reference scores of the last selected and the first unselected candidate per (kv head, row): future
+    blocks never compete (-inf), forced ones (+inf) always win, so a finite pair is a free-candidate boundary."""
+    nb = bsc.shape[-1]
+    cand = bsc.float().masked_fill(torch.arange(nb, device=DEV) > q_blocks(T, bsc.shape[1])[:, None], float("-inf"))
+    top = cand.sort(-1, descending=True).values
+    lo = top[..., n_sel] if n_sel < nb else torch.full_like(top[..., 0], float("-inf"))
+    return cand, top[..., n_sel - 1], lo
+
+
+def selection_diff(idx, idx_ref, bsc, T, tol=NEAR_TIE):
+    """Which selections differ, and which of those are excused: a near-tie at the reference's boundary, and
+    every swapped block's reference score within ``tol`` of the boundary score."""
+    cand, hi, lo = boundary(bsc, T, idx_ref.shape[-1])
+    finite = torch.isfinite(hi) & torch.isfinite(lo)
+    gap = torch.where(finite, (hi - lo) / hi.abs().clamp_min(1e-30), float("inf"))
+    swapped = _members(idx, bsc.shape[-1]) ^ _members(idx_ref, bsc.shape[-1])
+    dist = ((cand - hi[..., None]).abs() / hi.abs().clamp_min(1e-30)[..., None]).nan_to_num(nan=float("inf"))
+    dist = torch.where(swapped, dist, 0.0).amax(-1)
+    differ = (idx != idx_ref).any(-1)
+    excused = swapped.any(-1) & (gap <= tol) & (dist <= tol)
+    return dict(differ=differ, bad=differ & ~excused, gap=gap, dist=dist, hi=hi, lo=lo, swapped=swapped)
+
+
+def _tied(scores, swapped):
+    """Per row: are the scores of all swapped blocks bitwise equal (a tie broken the other way)?"""
+    inf = float("inf")
+    return swapped.any(-1) & (torch.where(swapped, scores, -inf).amax(-1) == torch.where(swapped, scores, inf).amin(-1))
+
+
+def _describe_rows(d, idx, idx_ref, bsc, ks, n_show=4):
+    """Tie counts, then a few differing rows (unexcused first): boundary, swapped blocks with their scores."""
+    sw, differ = d["swapped"], d["differ"]
+    out = [f"swapped blocks bitwise tied in the reference on {int((_tied(bsc.float(), sw) & differ).sum())} rows"
+           + ("" if ks is None else f", in the kernel's scores on {int((_tied(ks, sw) & differ).sum())} rows")]
+    ref_sel = _members(idx_ref, bsc.shape[-1])
+    for h, r in torch.cat([d["bad"].nonzero(), (differ & ~d["bad"]).nonzero()])[:n_show].tolist():
+        if not sw[h, r].any():
+            out.append(f"[kv {h} row {r}] same blocks, other layout: {idx[h, r].tolist()} vs {idx_ref[h, r].tolist()}")
+            continue
+        a, c = (sw[h, r] & ref_sel[h, r]).nonzero().flatten(), (sw[h, r] & ~ref_sel[h, r]).nonzero().flatten()
+        line = (f"[kv {h} row {r}] reference last selected {d['hi'][h, r]:.9g}, first unselected {d['lo'][h, r]:.9g}; "
+                f"reference-only blocks {a.tolist()} {bsc[h, r, a].float().tolist()}, kernel-only {c.tolist()} "
+                f"{bsc[h, r, c].float().tolist()}")
+        if ks is not None:
+            line += f"; kernel scores {ks[h, r, a].tolist()} / {ks[h, r, c].tolist()}"
+        out.append(line)
+    return "\n  ".join(out)
+
+
+def assert_selection_matches(idx, idx_ref, bsc, T, exact=not CUDA, kernel_scores=None):
+    """Kernel blocks vs the reference's: identical (CPU; exact-tie tests), or on CUDA different only on rare
+    near-tie rows (see NEAR_TIE). ``kernel_scores``: a callable giving the kernel's block scores for the
+    failure message."""
+    assert idx.shape == idx_ref.shape, f"selection shape {tuple(idx.shape)} vs reference {tuple(idx_ref.shape)}"
+    d = selection_diff(idx, idx_ref, bsc, T)
+    n_diff, n_bad, total = int(d["differ"].sum()), int(d["bad"].sum()), d["differ"].numel()
+    if n_diff == 0:
+        return
+    allowed = 0 if exact else int(MAX_FLIPS * total)
+    msg = (f"{n_diff} of {total} (kv head, row) selections differ from the reference (allowed: {allowed} near-tie "
+           f"flips); {n_bad} not at a near-tie (rel {NEAR_TIE:g}); among differing rows worst boundary gap "
+           f"{d['gap'][d['differ']].max():.3g}, worst swapped-block distance {d['dist'][d['differ']].max():.3g}\n  "
+           + _describe_rows(d, idx, idx_ref, bsc, kernel_scores() if kernel_scores else None))
+    assert not exact and n_bad == 0 and n_diff <= allowed, msg
+    warnings.warn("accepted near-tie flips: " + msg)  # shown in the warnings summary: the flips stay visible
+
+
+def assert_op_matches_reference(q, k, v, o, key_budget=1 << 26):
+    """The op's output against the reference op on the (row, head) pairs whose kernel selection (computed as
+    the op does) agrees with the reference's; the others must be near-tie flips (exact on CPU)."""
+    T, scale = k.shape[0], q.shape[-1] ** -0.5
+    got: dict = {}
+    o_ref = ref.infllmv2_attention(q, k, v, P, scale, internals=got)
+    k1 = ref.compress_keys(k, P.kernel_size, P.kernel_stride)
+    k2 = ref.compress_keys(k, P.kernel_size2, P.kernel_stride2)
+    idx = select_blocks_triton(q, k1, k2, P, scale, T, key_budget=key_budget)
+    assert_selection_matches(idx, got["topk_idx"], got["block_score"], T)
+    agree = (idx == got["topk_idx"]).all(-1).T.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [Tq, Hq]
+    torch.testing.assert_close(o[agree], o_ref[agree], rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- stage 1, pooling, selection
+
+
+def test_selection_check_accepts_only_rare_near_tie_flips():
+    """The tolerant check must still fail: flips without a near-tie, swaps away from the boundary, a reordered
+    row, too many flips; and exact mode must fail on any flip."""
+    T, Hk = T_LONG, 8  # 8 kv heads: over 1000 selections on CPU too, so one flip is allowed
+    n1 = ref.n_compressed(T, P.kernel_size, P.kernel_stride)
+    qb = q_blocks(T, T)
+    s1 = torch.rand(Hk, T, n1, generator=torch.Generator().manual_seed(1)).to(DEV)
+    bsc0 = ref.block_scores(s1, qb, -(-T // P.block_size), P)
+    n = P.n_select
+
+    def flip(bsc, idx, r, rel, far=False):
+        """Put the best unselected block of row (0, r) at rel below the boundary and swap it in for the
+        boundary block (``far``: swap in the worst candidate instead)."""
+        cand, hi, _ = boundary(bsc, T, n)
+        order = cand[0, r].sort(descending=True, stable=True).indices
+        bsc[0, r, order[n]] = hi[0, r] * (1 - rel)
+        a, c = order[n - 1], (order[torch.isfinite(cand[0, r, order])][-1] if far else order[n])
+        row = idx[0, r].clone()
+        row[row == a] = c
+        idx[0, r] = row.sort().values
+
+    def check(bsc, idx, exact=False):
+        idx_ref = ref.select_blocks(bsc, qb, n)
+        assert_selection_matches(idx, idx_ref, bsc, T, exact=exact)
+
+    allowed = int(MAX_FLIPS * Hk * T)
+    for case in ("near", "exact", "far", "wide", "order", "many"):
+        bsc, idx = bsc0.clone(), ref.select_blocks(bsc0, qb, n)
+        for i in range(allowed + 1 if case == "many" else 1):
+            if case == "order":
+                idx[0, T - 1] = idx[0, T - 1].flip(0)
+            else:
+                flip(bsc, idx, T - 1 - i, 0.1 if case == "wide" else 1e-6, far=case == "far")
+        if case == "near":
+            with pytest.warns(UserWarning, match="accepted near-tie flips: 1 of"):
+                check(bsc, idx)  # one flip at a near-tie: accepted, and reported
+        else:
+            with pytest.raises(AssertionError):
+                check(bsc, idx, exact=case == "exact")
 
 
 @pytest.mark.parametrize(
@@ -70,15 +224,10 @@ def test_stage1_scores_and_selection_match_reference(T, Hq, Hk, Tq, decode):
     idx = ts.select_blocks_chunk(q, k1, k2, q.shape[-1] ** -0.5, P, T - q.shape[0], T, decode=decode,
                                  scores_out=scores, lse_splits=3 if decode else 1)
     torch.testing.assert_close(scores, s1, rtol=2e-5, atol=1e-6)
-    assert torch.equal(idx, idx_ref)
+    mine = kernel_block_scores(q, k1, k2, T, decode)
+    assert_selection_matches(idx, idx_ref, bsc, T, kernel_scores=lambda: mine)
     # the pooled block scores carried by the keys, where the kernel keeps them (blocks up to the query's own)
-    keys = ts.block_keys(q, k1, ts.k2_lse(q, k2, q.shape[-1] ** -0.5, T - q.shape[0],
-                                          ts.visibility_offsets(T, k2.shape[0], P.kernel_stride2, decode),
-                                          P.kernel_stride2),
-                         q.shape[-1] ** -0.5, T - q.shape[0],
-                         ts.visibility_offsets(T, k1.shape[0], P.kernel_stride, decode), P, bsc.shape[-1])
-    mine = ts.keys_to_scores(keys)
-    qb = torch.arange(T - q.shape[0], T, device=DEV) // P.block_size
+    qb = q_blocks(T, q.shape[0])
     past = torch.arange(bsc.shape[-1], device=DEV)[None, :] <= qb[:, None]
     torch.testing.assert_close(mine[:, past], bsc.float()[:, past], rtol=2e-5, atol=1e-6)
     assert torch.all(mine[:, ~past & (torch.arange(bsc.shape[-1], device=DEV)[None, :] >= P.init_blocks)] == float("-inf"))
@@ -97,7 +246,7 @@ def test_unmasked_tiles_match_masked_and_reference(decode, monkeypatch):
         scores = torch.zeros(1, Tq, k1.shape[0], device=DEV)
         idx = ts.select_blocks_chunk(q, k1, k2, D ** -0.5, P, T - Tq, T, decode=decode, scores_out=scores)
         torch.testing.assert_close(scores, s1, rtol=2e-5, atol=1e-6)
-        assert torch.equal(idx, idx_ref)
+        assert_selection_matches(idx, idx_ref, bsc, T)
         out[fast] = scores
     assert torch.equal(out[True], out[False])
 
@@ -118,13 +267,13 @@ def test_selection_exact_ties_go_to_lower_block(pattern, row_topk, monkeypatch):
     k1, k2, s1, bsc, idx_ref = reference_selection(q, k)
     idx = select_blocks_triton(q, k1, k2, P, D ** -0.5, T)
     # the reference really has ties at the selection boundary on many rows
-    qb = torch.arange(T, device=DEV) // P.block_size
-    cand = bsc.float().masked_fill(torch.arange(bsc.shape[-1], device=DEV)[None, None, :] > qb[None, :, None], float("-inf"))
-    top = cand.sort(-1, descending=True).values
-    n_sel = idx_ref.shape[-1]
-    tie_rows = (top[..., n_sel - 1] == top[..., n_sel]) & torch.isfinite(top[..., n_sel])
-    assert tie_rows.sum() >= 5
-    assert torch.equal(idx, idx_ref)
+    _, hi, lo = boundary(bsc, T, idx_ref.shape[-1])
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    tie_rows = (hi == lo) & finite
+    assert tie_rows.sum() >= 5, (f"{int(tie_rows.sum())} exact ties at the reference's boundary over "
+                                 f"{int(finite.sum())} rows; smallest gaps "
+                                 f"{((hi - lo) / hi)[finite].sort().values[:5].tolist()}")
+    assert_selection_matches(idx, idx_ref, bsc, T, exact=True, kernel_scores=lambda: kernel_block_scores(q, k1, k2, T))
 
 
 def test_selection_bf16_rounds_scores_like_reference():
@@ -181,10 +330,21 @@ def test_stage2_forward_matches_reference(T, Hq, Hk, Tq):
     torch.testing.assert_close(o3, o_ref, rtol=1e-4, atol=1e-5)
 
 
+# key elements gathered per checkpointed row chunk of the reference under autograd: 512 MB of K (and of V),
+# a few GB at the peak of its backward (all 8K rows at once kept ~52 GB per KV head); all rows on CPU
+REF_CHUNK_ELEMS = 1 << 27
+
+
 def _reference_grads(q, k, v, idx):
-    """(o, do, (dq, dk, dv)) of the reference stage 2 under a random output gradient."""
+    """(o, do, (dq, dk, dv)) of the reference stage 2 (all rows, q_pos = row) under a random output gradient;
+    checkpointed per row chunk so that only one chunk's gathered K/V is alive, in the forward and the backward."""
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
-    o_ref = ref.block_sparse_attention(qr, kr, vr, idx, torch.arange(q.shape[0], device=DEV), P.block_size, D ** -0.5)
+    Hk, R, S = idx.shape
+    step = max(1, REF_CHUNK_ELEMS // (Hk * S * P.block_size * q.shape[-1]))
+    pos = torch.arange(R, device=DEV)
+    o_ref = torch.cat([checkpoint(ref.block_sparse_attention, qr[r:r + step], kr, vr, idx[:, r:r + step],
+                                  pos[r:r + step], P.block_size, D ** -0.5, REF_CHUNK_ELEMS, use_reentrant=False)
+                       for r in range(0, R, step)])
     do = torch.randn_like(o_ref)
     o_ref.backward(do)
     return o_ref, do, (qr.grad, kr.grad, vr.grad)
@@ -212,7 +372,8 @@ def test_union_rest_pass_matches_reference(Hq, Hk, overlap, monkeypatch):
     idx = reference_selection(q, k)[-1]
     _assert_triton_matches(q, k, v, idx, *_reference_grads(q, k, v, idx), forced=(P.init_blocks, P.local_blocks))
     if overlap:  # the case is what it says: most neighbouring rows share a non-forced block
-        shared = [(set(idx[0, r].tolist()) & set(idx[0, r + 1].tolist())) - {-1} for r in range(T // 2, T - 1)]
+        sel = idx[0, T // 2:].tolist()  # one transfer (thousands of rows on CUDA)
+        shared = [(set(a) & set(b)) - {-1} for a, b in zip(sel, sel[1:])]
         assert sum(len(x) > P.init_blocks + P.local_blocks + 1 for x in shared) > len(shared) // 2
 
 
@@ -232,9 +393,9 @@ def test_stage2_gradients_match_reference_autograd(Hq, Hk):
 @pytest.mark.parametrize("T,Hq,Hk,Tq,d", [(T_LONG, 8, 2, None, D), (T_LONG - 30, 12, 1, 20, D), (T_LONG - 7, 8, 1, 9, 64)])
 def test_full_op_matches_reference(T, Hq, Hk, Tq, d):
     q, k, v = make(T, Hq, Hk, Tq, seed=13, d=d)
-    o_ref = ref.infllmv2_attention(q, k, v, P, d ** -0.5)
-    o = infllmv2_attention_triton(q, k, v, P, d ** -0.5, key_budget=Hk * 2 * P.block_size * (-(-T // P.block_size)))
-    torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
+    budget = Hk * 2 * P.block_size * (-(-T // P.block_size))  # selection in chunks of 2 blocks of rows
+    o = infllmv2_attention_triton(q, k, v, P, d ** -0.5, key_budget=budget)
+    assert_op_matches_reference(q, k, v, o, key_budget=budget)
 
 
 def test_decode_with_cached_compressed_keys_matches_reference():
@@ -246,7 +407,8 @@ def test_decode_with_cached_compressed_keys_matches_reference():
     o_ref = ref.infllmv2_attention(q, k, v, P, D ** -0.5, k1=k1, k2=k2, decode=True, internals=got)
     o = infllmv2_attention_triton(q, k, v, P, D ** -0.5, k1=k1, k2=k2, decode=True)
     torch.testing.assert_close(o, o_ref, rtol=1e-4, atol=1e-5)
-    assert torch.equal(select_blocks_triton(q, k1, k2, P, D ** -0.5, T, decode=True), got["topk_idx"])
+    assert_selection_matches(select_blocks_triton(q, k1, k2, P, D ** -0.5, T, decode=True), got["topk_idx"],
+                             got["block_score"], T)
 
 
 def test_varlen_batch_equals_each_sequence():
@@ -255,8 +417,8 @@ def test_varlen_batch_equals_each_sequence():
     qs, ks, vs = zip(*(make(L, Hq, Hk, seed=L) for L in lens))
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=DEV, dtype=torch.int32)
     o = infllmv2_varlen_triton(torch.cat(qs), torch.cat(ks), torch.cat(vs), cu, cu, P, D ** -0.5)
-    want = torch.cat([ref.infllmv2_attention(a, b, c, P, D ** -0.5) for a, b, c in zip(qs, ks, vs)])
-    torch.testing.assert_close(o, want, rtol=1e-4, atol=1e-5)
+    for a, b, c, o_i in zip(qs, ks, vs, o.split(lens)):
+        assert_op_matches_reference(a, b, c, o_i)
 
 
 # ---------------------------------------------------------------- one-row decode path, specialization
@@ -384,17 +546,18 @@ def test_prefill_row_topk_selection_matches_reference(T, Hq, Hk, Tq, pattern, mo
     if pattern == "ties":
         period = 2 * P.block_size
         k = k[:period].repeat(T // period + 1, 1, 1)[:T].contiguous()
-    k1, k2, _, _, idx_ref = reference_selection(q, k)
+    k1, k2, _, bsc, idx_ref = reference_selection(q, k)
     seen = _capture_launches(monkeypatch, {"row": ttop._row_topk_kernel})
-    assert torch.equal(select_blocks_triton(q, k1, k2, P, D ** -0.5, T), idx_ref)
+    ties = pattern == "ties"  # exact ties: exact equality, with the kernel's scores in the message
+    assert_selection_matches(select_blocks_triton(q, k1, k2, P, D ** -0.5, T), idx_ref, bsc, T, exact=ties or not CUDA,
+                             kernel_scores=lambda: kernel_block_scores(q, k1, k2, T))
     assert len(seen["row"]) == 1
-    if pattern == "ties":
+    if ties:
         return
     n_blocks = -(-T // P.block_size)
     chunked = select_blocks_triton(q, k1, k2, P, D ** -0.5, T, key_budget=Hk * n_blocks * P.block_size)
-    assert torch.equal(chunked, idx_ref)
-    o = infllmv2_attention_triton(q, k, v, P, D ** -0.5)
-    torch.testing.assert_close(o, ref.infllmv2_attention(q, k, v, P, D ** -0.5), rtol=1e-4, atol=1e-5)
+    assert_selection_matches(chunked, idx_ref, bsc, T)
+    assert_op_matches_reference(q, k, v, infllmv2_attention_triton(q, k, v, P, D ** -0.5))
 
 
 def test_decode_falls_back_to_general_path_when_row_topk_cannot_compile(monkeypatch):
@@ -430,11 +593,11 @@ def test_prefill_falls_back_to_int64_keys_when_row_topk_cannot_compile(monkeypat
     monkeypatch.setattr(ts, "ROW_TOPK", True)
     T = T_LONG
     q, k, _ = make(T, 8, 2, 40, seed=31)
-    k1, k2, _, _, idx_ref = reference_selection(q, k)
+    k1, k2, _, bsc, idx_ref = reference_selection(q, k)
     with pytest.warns(UserWarning, match="torch.topk"):
         idx = select_blocks_triton(q, k1, k2, P, D ** -0.5, T)
     assert ts.ROW_TOPK is False
-    assert torch.equal(idx, idx_ref)
+    assert_selection_matches(idx, idx_ref, bsc, T)
 
 
 def test_prefill_rows_wider_than_row_kernel_use_int64_keys(monkeypatch):
@@ -444,8 +607,8 @@ def test_prefill_rows_wider_than_row_kernel_use_int64_keys(monkeypatch):
 
     T = T_LONG
     q, k, _ = make(T, 8, 1, 30, seed=37)
-    k1, k2, _, _, idx_ref = reference_selection(q, k)
+    k1, k2, _, bsc, idx_ref = reference_selection(q, k)
     monkeypatch.setattr(ts, "MAX_ROW_BLOCKS", -(-T // P.block_size) - 1)
     seen = _capture_launches(monkeypatch, {"row": ttop._row_topk_kernel})
-    assert torch.equal(select_blocks_triton(q, k1, k2, P, D ** -0.5, T), idx_ref)
+    assert_selection_matches(select_blocks_triton(q, k1, k2, P, D ** -0.5, T), idx_ref, bsc, T)
     assert seen["row"] == []
