@@ -50,6 +50,19 @@ __all__ = ["sparse_attn_forward", "sparse_attn_backward", "BlockSparseAttention"
 
 
 @triton.jit
+def _kv_tile_t(X, kpos, km, hk, s_xt, s_xh, d, dm):
+    """Key positions kpos of KV head hk as a [BD, BS] tile (transposed: the right operand of q @ k^T); 0 where
+    masked."""
+    return tl.load(X + kpos[None, :] * s_xt + hk * s_xh + d[:, None], mask=km[None, :] & dm[:, None], other=0.0)
+
+
+@triton.jit
+def _kv_tile(X, kpos, km, hk, s_xt, s_xh, d, dm):
+    """Key positions kpos of KV head hk as a [BS, BD] tile; 0 where masked."""
+    return tl.load(X + kpos[:, None] * s_xt + hk * s_xh + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+
+
+@triton.jit
 def _softmax_step(m_i, l_i, acc, sc, vb, PREC: tl.constexpr):
     """One block of the online softmax (log2 units): running max, normaliser and the p @ V accumulation;
     rows whose scores are all -inf so far stay at 0."""
@@ -107,8 +120,8 @@ def _fwd_kernel(
         b = tl.load(IDX + hk * s_ih + r * s_ir + s)
         kpos = b.to(tl.int64) * BS + kk
         kv = (b >= 0) & (kpos <= qpos) & (kpos < n_keys)
-        kt = tl.load(K + kpos[None, :] * s_kt + hk * s_kh + d[:, None], mask=kv[None, :] & dm[:, None], other=0.0)
-        vb = tl.load(V + kpos[:, None] * s_vt + hk * s_vh + d[None, :], mask=kv[:, None] & dm[None, :], other=0.0)
+        kt = _kv_tile_t(K, kpos, kv, hk, s_kt, s_kh, d, dm)
+        vb = _kv_tile(V, kpos, kv, hk, s_vt, s_vh, d, dm)
         sc = mma(q, kt, PREC) * qk_scale2
         sc = tl.where(kv[None, :], sc, float("-inf"))
         m_i, l_i, acc = _softmax_step(m_i, l_i, acc, sc, vb, PREC)
@@ -161,8 +174,8 @@ def _fwd_forced_kernel(
             b = loc_lo + (i - n_init)
             use = (b >= qb - local_blocks) & (b <= qb) & ok
         kpos = b.to(tl.int64) * BS + kk
-        kt = tl.load(K + kpos[None, :] * s_kt + hk * s_kh + d[:, None], mask=(kpos[None, :] < n_keys) & dm[:, None], other=0.0)
-        vb = tl.load(V + kpos[:, None] * s_vt + hk * s_vh + d[None, :], mask=(kpos[:, None] < n_keys) & dm[None, :], other=0.0)
+        kt = _kv_tile_t(K, kpos, kpos < n_keys, hk, s_kt, s_kh, d, dm)
+        vb = _kv_tile(V, kpos, kpos < n_keys, hk, s_vt, s_vh, d, dm)
         sc = mma(q, kt, PREC) * qk_scale2
         vis = use[:, None] & (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < n_keys)
         sc = tl.where(vis, sc, float("-inf"))
@@ -210,8 +223,8 @@ def _bwd_dq_kernel(
         b = tl.load(IDX + hk * s_ih + r * s_ir + s)
         kpos = b.to(tl.int64) * BS + kk
         kv = (b >= 0) & (kpos <= qpos) & (kpos < n_keys)
-        kt = tl.load(K + kpos[None, :] * s_kt + hk * s_kh + d[:, None], mask=kv[None, :] & dm[:, None], other=0.0)
-        vt = tl.load(V + kpos[None, :] * s_vt + hk * s_vh + d[:, None], mask=kv[None, :] & dm[:, None], other=0.0)
+        kt = _kv_tile_t(K, kpos, kv, hk, s_kt, s_kh, d, dm)
+        vt = _kv_tile_t(V, kpos, kv, hk, s_vt, s_vh, d, dm)
         sc = mma(q, kt, PREC) * qk_scale2
         p = tl.where(kv[None, :] & hm[:, None], tl.exp2(sc - lse[:, None]), 0.0)
         dp = mma(do, vt, PREC)
@@ -261,8 +274,8 @@ def _bwd_dq_forced_kernel(
             b = loc_lo + (i - n_init)
             use = (b >= qb - local_blocks) & (b <= qb) & ok
         kpos = b.to(tl.int64) * BS + kk
-        kt = tl.load(K + kpos[None, :] * s_kt + hk * s_kh + d[:, None], mask=(kpos[None, :] < n_keys) & dm[:, None], other=0.0)
-        vt = tl.load(V + kpos[None, :] * s_vt + hk * s_vh + d[:, None], mask=(kpos[None, :] < n_keys) & dm[:, None], other=0.0)
+        kt = _kv_tile_t(K, kpos, kpos < n_keys, hk, s_kt, s_kh, d, dm)
+        vt = _kv_tile_t(V, kpos, kpos < n_keys, hk, s_vt, s_vh, d, dm)
         sc = mma(q, kt, PREC) * qk_scale2
         vis = use[:, None] & (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < n_keys)
         p = tl.where(vis, tl.exp2(sc - lse[:, None]), 0.0)
@@ -287,8 +300,8 @@ def _bwd_dkdv_kernel(
     dm = d < D
     kpos = blk.to(tl.int64) * BS + tl.arange(0, BS)
     km = kpos < n_keys
-    k = tl.load(K + kpos[:, None] * s_kt + hk * s_kh + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
-    v = tl.load(V + kpos[:, None] * s_vt + hk * s_vh + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+    k = _kv_tile(K, kpos, km, hk, s_kt, s_kh, d, dm)
+    v = _kv_tile(V, kpos, km, hk, s_vt, s_vh, d, dm)
     dk = tl.zeros([BS, BD], tl.float32)
     dv = tl.zeros([BS, BD], tl.float32)
     start = tl.load(OFFS + hk * n_blocks + blk)
@@ -381,8 +394,8 @@ def _fwd_union_kernel(
         use = cand == b
         kpos = b.to(tl.int64) * BS + kk
         kin = kpos < n_keys  # a rest block lies before every user's local window: causal for all of them
-        kt = tl.load(K + kpos[None, :] * s_kt + hk * s_kh + d[:, None], mask=kin[None, :] & dm[:, None], other=0.0)
-        vb = tl.load(V + kpos[:, None] * s_vt + hk * s_vh + d[None, :], mask=kin[:, None] & dm[None, :], other=0.0)
+        kt = _kv_tile_t(K, kpos, kin, hk, s_kt, s_kh, d, dm)
+        vb = _kv_tile(V, kpos, kin, hk, s_vt, s_vh, d, dm)
         sc = mma(q, kt, PREC) * qk_scale2
         sc = tl.where(use[:, None] & kin[None, :], sc, float("-inf"))
         m_i, l_i, acc = _softmax_step(m_i, l_i, acc, sc, vb, PREC)
@@ -418,8 +431,8 @@ def _bwd_dq_union_kernel(
         use = cand == b
         kpos = b.to(tl.int64) * BS + kk
         kin = kpos < n_keys
-        kt = tl.load(K + kpos[None, :] * s_kt + hk * s_kh + d[:, None], mask=kin[None, :] & dm[:, None], other=0.0)
-        vt = tl.load(V + kpos[None, :] * s_vt + hk * s_vh + d[:, None], mask=kin[None, :] & dm[:, None], other=0.0)
+        kt = _kv_tile_t(K, kpos, kin, hk, s_kt, s_kh, d, dm)
+        vt = _kv_tile_t(V, kpos, kin, hk, s_vt, s_vh, d, dm)
         sc = mma(q, kt, PREC) * qk_scale2
         p = tl.where(use[:, None] & kin[None, :], tl.exp2(sc - lse[:, None]), 0.0)
         dp = mma(do, vt, PREC)
