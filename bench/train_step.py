@@ -75,8 +75,7 @@ def trained_student(path: str, device: str):
     selections (neighbouring rows sharing blocks), which random weights do not."""
     from sala.engine.loading import load_model
 
-    model, tok = load_model(path, device, torch.float32)
-    return model, tok
+    return load_model(path, device, torch.float32)
 
 
 def text_ids(tok, text: str, batch: int, seq: int, device: str) -> torch.Tensor:
@@ -185,6 +184,9 @@ def main() -> None:
     ap.add_argument("--text", default="shakespeare,brown,austen", help="--student's text: corpus names or a .txt")
     args = ap.parse_args()
     trained = trained_student(args.student, args.device) if args.student else None
+    # a trained student serves every case: its sparse layers' own dense_len, restored in the sparse cases
+    trained_dense_len = ({m: m.dense_len for m in trained[0].modules() if isinstance(m, SparseAttention)}
+                         if trained else {})
     res = Results("train_step")
     table = []
     for name, kind, batch, seq, sparse in CASES:
@@ -197,9 +199,7 @@ def main() -> None:
             student = trained[0]
         for m in student.modules():
             if isinstance(m, SparseAttention):
-                if not hasattr(m, "trained_dense_len"):  # a trained student serves every case: keep its own
-                    m.trained_dense_len = m.dense_len
-                m.dense_len = m.trained_dense_len if sparse else DENSE_ALWAYS
+                m.dense_len = trained_dense_len.get(m, m.dense_len) if sparse else DENSE_ALWAYS
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(3, teacher.config.vocab_size, (batch, seq), generator=gen).to(args.device)
         if trained is not None:
