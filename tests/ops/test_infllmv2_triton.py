@@ -190,7 +190,7 @@ def test_selection_check_accepts_only_rare_near_tie_flips():
         bsc[0, r, order[n]] = hi[0, r] * (1 - rel)
         a, c = order[n - 1], (order[torch.isfinite(cand[0, r, order])][-1] if far else order[n])
         row = idx[0, r].clone()
-        row[row == a] = c
+        row[row == a] = c.to(row.dtype)  # selections are int32 on CUDA
         idx[0, r] = row.sort().values
 
     def check(bsc, idx, exact=False):
