@@ -5,6 +5,9 @@
 #   gguf.xz.part0, gguf.xz.part1  the default teacher's GGUF (xz, split to fit 64 MiB per transfer)
 #   heldout.tar.xz, train.tar.xz  the corpora caches (sala.data.corpora) of shakespeare, brown, austen
 #   gguf-*.whl                    the gguf package (transformers reads GGUF files with it)
+#   reuse_run.tgz (optional)      an earlier run's run.tgz: its teacher evaluation and equal-budget comparison
+#                                 are reused where their settings, the card and HALO's layers are the same
+#                                 (sala pipeline --reuse); a run that changes only the student saves ~5 minutes
 # Each command stores what it received outside the checkout (STASH) and continues the pipeline:
 #   bash bench/convert_gpu.sh <seconds> [until-phase]
 # The pipeline resumes from its own checkpoints in RUN on the next command; after each command the run's
@@ -28,10 +31,15 @@ for t in heldout train; do
     tar -xJf "$STASH/$t.tar.xz" -C "$SALA_CACHE" && touch "$STASH/$t.done"
   fi
 done
+REUSE=()
+if [ -f "$STASH/reuse_run.tgz" ]; then
+  [ -f "$STASH/reuse/pipeline.json" ] || { mkdir -p "$STASH/reuse" && tar -xzf "$STASH/reuse_run.tgz" -C "$STASH/reuse"; }
+  REUSE=(--reuse "$STASH/reuse")
+fi
 ls -la "$SALA_CACHE/gguf" "$SALA_CACHE/corpora"/* 2>/dev/null | head -20
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 set +e
-python3 -m sala.cli pipeline --profile "${PROFILE:-gpu}" --out "$RUN" --time-limit "$LIMIT" --reserve 150 ${UNTIL:+--until $UNTIL} 2>&1 \
+python3 -m sala.cli pipeline --profile "${PROFILE:-gpu}" --out "$RUN" --time-limit "$LIMIT" --reserve 150 ${UNTIL:+--until $UNTIL} "${REUSE[@]}" 2>&1 \
   | grep -v -E "Loading weights|Writing model shards" | tee -a "$RUN.log"
 rc=${PIPESTATUS[0]}
 set -e

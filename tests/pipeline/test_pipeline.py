@@ -271,3 +271,43 @@ def test_answer_weight_needs_an_lm_stage_with_retrieval_rows(teacher_dir):
         stage = {"name": "s", "steps": 1, "seq_len": 64, "batch_size": 2, "lr": 1e-3, **bad}
         with pytest.raises(RecipeError, match="answer_weight"):
             prof.recipe("bad", "uniform", [stage])
+
+
+def test_reuse_takes_unchanged_phases_from_an_earlier_run(teacher_dir, tmp_path):
+    """--reuse: a run whose profile changes only the student's stages takes the teacher evaluation and the
+    equal-budget comparison from the earlier run (files copied, paths rewritten, the report says so); a changed
+    teacher-eval setting measures the teacher again, a changed HALO setting the comparison; a folder that is
+    not a run is an error."""
+    first = tmp_path / "first"
+    assert Pipeline(parse_profile(tiny_profile(teacher_dir)), first, device="cpu", log=lambda *a: None).run()["finished"]
+    before = json.loads((first / "pipeline.json").read_text())
+
+    raw = tiny_profile(teacher_dir)
+    raw["stages"] = [dict(raw["stages"][0], steps=3)]  # only the student changes, and its diagnosis
+    raw["eval"] = dict(raw["eval"], diagnose_lengths=[320], diagnose_samples=1)
+    lines = []
+    second = tmp_path / "second"
+    assert Pipeline(parse_profile(raw), second, device="cpu", log=lines.append, reuse=first).run()["finished"]
+    st = json.loads((second / "pipeline.json").read_text())
+    assert set(st["reused"]) == {"teacher_eval", "compare"}
+    assert st["done"]["compare"] == before["done"]["compare"]
+    assert st["done"]["teacher_eval"]["results"] == str(second / "eval" / "teacher.json")
+    assert (second / "eval" / "teacher.json").read_text() == (first / "eval" / "teacher.json").read_text()
+    assert (second / "compare" / "scores.json").read_text() == (first / "compare" / "scores.json").read_text()
+    assert st["seconds"]["teacher_eval"] == before["seconds"]["teacher_eval"]
+    assert not any(line == "pipeline: teacher_eval" or line == "pipeline: compare" for line in lines)
+    assert "Reused from an earlier run" in (second / "report" / "summary.md").read_text()
+    assert json.loads((second / "report" / "summary.json").read_text())["reused"]["compare"]["from"] == str(first)
+
+    raw = tiny_profile(teacher_dir)
+    raw["eval"] = dict(raw["eval"], samples=2)  # the teacher evaluation changes
+    raw["halo"] = dict(raw["halo"], lr=5e-4)  # the aligned layers the comparison starts from change
+    lines = []
+    third = Pipeline(parse_profile(raw), tmp_path / "third", device="cpu", log=lines.append, reuse=first)
+    assert third.run(until="compare")["done"] == ["teacher_eval", "halo", "compare"]
+    assert "reused" not in third.state
+    assert any("teacher_eval measured here" in line and "eval" in line for line in lines)
+    assert any("compare measured here" in line and "halo" in line for line in lines)
+
+    with pytest.raises(FileNotFoundError, match="not a pipeline run folder"):
+        Pipeline(parse_profile(raw), tmp_path / "fourth", device="cpu", reuse=tmp_path)

@@ -17,6 +17,9 @@ def pipeline(
     reserve: float = typer.Option(0.0, "--reserve", help="Do not start an evaluation/report phase with fewer "
                                   "seconds than this left before the time limit."),
     until: str = typer.Option("", help="Stop after this phase (teacher_eval, halo, compare, student, student_eval, report)."),
+    reuse: Path = typer.Option(None, "--reuse", help="An earlier run folder: its teacher evaluation and equal-budget "
+                               "comparison are reused where every setting they depend on (and the card, and HALO's "
+                               "layers) is the same."),
 ):
     """Run (or continue) the conversion pipeline of a profile; ends with report/summary.md in the run folder."""
     from .profile import ProfileError, load_profile
@@ -29,7 +32,10 @@ def pipeline(
     if until and until not in PHASES:
         raise typer.BadParameter(f"{until!r} is not a phase; phases: {', '.join(PHASES)}", param_hint="--until")
     deadline = time.time() + time_limit if time_limit > 0 else None
-    pipe = Pipeline(prof, out, device=None if device == "auto" else device)
+    try:
+        pipe = Pipeline(prof, out, device=None if device == "auto" else device, reuse=reuse)
+    except FileNotFoundError as e:
+        raise typer.BadParameter(str(e), param_hint="--reuse") from None
     res = pipe.run(deadline=deadline, reserve_s=reserve, until=until or None)
     if res["finished"]:
         typer.echo(f"finished: {out / 'report' / 'summary.md'}")

@@ -164,6 +164,8 @@ def summary(pipe, results: dict) -> dict:
         "commands": pipe.state.get("commands"),
         "profile": p.name,
     }
+    if pipe.state.get("reused"):  # phases taken from an earlier run (pipeline --reuse): their seconds are its
+        res["reused"] = pipe.state["reused"]
     diag = diagnosis(pipe)
     if diag is not None:
         res["diagnosis"] = diag
@@ -216,8 +218,11 @@ def _markdown(s: dict, images: dict[str, Path | None]) -> str:
                          f"{r['tokens']:,} | {r['seconds']:.0f} | {r['first_loss']:.4f} | {r['last_loss']:.4f} |")
     if images.get("training"):
         lines += ["", f"![training]({images['training'].name})"]
-    lines += ["", "Phase wall times (s): " + ", ".join(f"{k} {v}" for k, v in s["phase_seconds"].items()), "",
-              "The full evaluation (every task, length, perplexity and speed row, with plots): [eval_report.md](eval_report.md)."]
+    lines += ["", "Phase wall times (s): " + ", ".join(f"{k} {v}" for k, v in s["phase_seconds"].items()), ""]
+    if s.get("reused"):
+        lines += ["Reused from an earlier run with the same settings and card (`sala pipeline --reuse`; times are "
+                  "that run's): " + ", ".join(f"{k} ({v['from']})" for k, v in s["reused"].items()) + ".", ""]
+    lines.append("The full evaluation (every task, length, perplexity and speed row, with plots): [eval_report.md](eval_report.md).")
     return "\n".join(lines) + "\n"
 
 

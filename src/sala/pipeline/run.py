@@ -12,6 +12,11 @@ Phases (each writes into the run folder and is recorded in ``pipeline.json`` whe
 
 Training phases stop at a deadline with a checkpoint and continue where they stopped on the next call;
 other phases are not started when less than ``reserve_s`` seconds remain before the deadline.
+
+``reuse``: an earlier run folder (its small files are enough: ``run.tgz`` of ``bench/convert_gpu.sh``) whose
+``teacher_eval`` and ``compare`` results are taken instead of measured again when every setting they depend
+on is equal (``REUSABLE``), the card is the same, and, for ``compare``, HALO chose the same layers. A run that
+changes only the student's stages then spends its machine time on the student.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,6 +37,24 @@ from .profile import Profile
 
 PHASES = ("teacher_eval", "halo", "compare", "student", "student_eval", "report")
 LAYER_CHOICES = (("halo", None), ("uniform", "uniform"), ("all_linear", "all-linear"))
+# phase -> (profile settings its result depends on, files it leaves in the run folder); "eval" without the
+# student-only diagnosis settings
+REUSABLE = {
+    "teacher_eval": (("teacher", "haystack", "seed", "autocast_bf16", "eval"), ("eval/teacher.json",)),
+    "compare": (("teacher", "data", "data_options", "haystack", "seed", "ratio", "force_first_last", "autocast_bf16",
+                 "fuse", "convert", "halo", "compare", "eval.max_new_tokens", "eval.chunk_size"), ("compare",)),
+}
+STUDENT_ONLY_EVAL = ("diagnose_lengths", "diagnose_samples", "diagnose_topk")
+
+
+def _setting(settings: dict, path: str):
+    """A profile setting by dotted path (None where absent); ``eval`` without the student-only keys."""
+    value = settings
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if path == "eval" and isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k not in STUDENT_ONLY_EVAL}
+    return value
 
 
 def _set_fields(obj) -> dict:
@@ -93,11 +117,15 @@ def scores_by_task(results: dict) -> dict[str, float]:
 
 
 class Pipeline:
-    def __init__(self, profile: Profile, out_dir: str | Path, device: str | None = None, log=print):
+    def __init__(self, profile: Profile, out_dir: str | Path, device: str | None = None, log=print,
+                 reuse: str | Path | None = None):
         self.p = profile
         self.out = Path(out_dir)
         self.device = resolve_device(device)
         self.log = log
+        self.reuse = Path(reuse) if reuse else None
+        if self.reuse is not None and not (self.reuse / "pipeline.json").is_file():
+            raise FileNotFoundError(f"reuse: {self.reuse} has no pipeline.json (not a pipeline run folder)")
         self.state_path = self.out / "pipeline.json"
         self.state = self._load_state()
 
@@ -322,6 +350,41 @@ class Pipeline:
         paths = write_pipeline_report(self, self.out / "report")
         return {k: str(v) for k, v in paths.items()}
 
+    def _reused(self, phase: str) -> dict | None:
+        """``phase``'s result taken from the ``reuse`` run (its files copied here), or None with the reason
+        logged when a setting it depends on, the card, or (compare) HALO's layers differ."""
+        if self.reuse is None or phase not in REUSABLE:
+            return None
+        prev = json.loads((self.reuse / "pipeline.json").read_text())
+        result = prev.get("done", {}).get(phase)
+        keys, files = REUSABLE[phase]
+        mine = json.loads(json.dumps(self.p.to_dict(), default=str))
+        theirs = prev.get("profile_settings", {})
+        why = [k for k in keys if _setting(mine, k) != _setting(theirs, k)]
+        if result is None:
+            why = ["not done there"]
+        if prev.get("device") != device_name(self.device):
+            why.append(f"card {prev.get('device')} != {device_name(self.device)}")
+        if phase == "compare" and prev.get("done", {}).get("halo") != self.state["done"].get("halo"):
+            why.append("HALO's layers")
+        if why:
+            self.log(f"pipeline: {phase} measured here, not reused from {self.reuse} ({'; '.join(why)} differ)")
+            return None
+        for rel in files:
+            src, dst = self.reuse / rel, self.out / rel
+            if src.is_dir():
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+            else:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst)
+        if "results" in result:  # an absolute path in the other run's folder
+            result = dict(result, results=str(self.out / files[0]))
+        self.state["seconds"][phase] = prev.get("seconds", {}).get(phase, 0.0)
+        self.state.setdefault("reused", {})[phase] = {"from": str(self.reuse), "fingerprint": prev.get("fingerprint"),
+                                                      "seconds": self.state["seconds"][phase]}
+        self.log(f"pipeline: {phase} reused from {self.reuse} (same settings, card{' and layers' if phase == 'compare' else ''})")
+        return result
+
     # ------------------------------------------------------------------ driver
     def run(self, deadline: float | None = None, reserve_s: float = 0.0, until: str | None = None) -> dict:
         """Run the phases not yet done; returns ``{'finished', 'next', 'done'}``."""
@@ -333,6 +396,11 @@ class Pipeline:
                 continue
             if until is not None and PHASES.index(phase) > PHASES.index(until):
                 break
+            reused = self._reused(phase)
+            if reused is not None:
+                self.state["done"][phase] = reused
+                self._save()
+                continue
             training = phase in ("halo", "compare", "student")
             if deadline is not None and time.time() >= deadline - (0.0 if training else reserve_s):
                 self.log(f"pipeline: stopping before {phase} (deadline)")
