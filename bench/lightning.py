@@ -254,10 +254,14 @@ VARIANTS = {
     # BV128/8 warps: one program per (segment, head) computes q k^T once instead of once per V half
     # (offline sm_90: 112 KB smem, 4 B spilled; BV64/4w: 88 KB, none)
     # the default is now 8192-token segments (the H200 winner); the previous 4096 stays as the comparison
-    ("fwd", torch.bfloat16, 131072): [("sala-seg4096", {"segment_len": 4096}, {}),
-                                      ("sala-bv128-w8", {}, {"SALA_LIGHTNING_BV": "128", "SALA_LIGHTNING_WARPS": "8"})],
-    ("fwd", torch.bfloat16, 1048576): [("sala-seg4096", {"segment_len": 4096}, {}),
-                                       ("sala-bv128-w8", {}, {"SALA_LIGHTNING_BV": "128", "SALA_LIGHTNING_WARPS": "8"})],
+    # (seg4096 and bv128-w8 lost at 128K on the H200, ae88ccb: 2.509 and 2.742 against 2.402 ms.)
+    # kernel="chained": the three passes in one launch over short segments, each state handed to the next
+    # segment's program through a ring (offline sm_90, seg 512: 88 KB smem, all dots on wgmma); the output
+    # pass should find the segment's k and v in L2, which the segment length decides
+    ("fwd", torch.bfloat16, 131072): [(f"sala-chained-seg{n}", {"kernel": "chained"}, {"SALA_LIGHTNING_CHAIN_SEG": str(n)})
+                                      for n in (256, 512, 1024, 2048)],
+    ("fwd", torch.bfloat16, 1048576): [(f"sala-chained-seg{n}", {"kernel": "chained"}, {"SALA_LIGHTNING_CHAIN_SEG": str(n)})
+                                       for n in (512, 1024)],
     ("fwd", torch.float32, 131072): [
         # offline sm_90 compile (16-byte aligned pointers, ptxas -v) of the output kernel, shared memory and
         # spilled bytes per thread: TF32 BV64/8w/2s 176 KB, 428 B; bf16x3 BV64/4w/2s 112 KB, 1360 B;
@@ -274,6 +278,7 @@ VARIANTS = {
          {"SALA_LIGHTNING_CHUNK": "64", "SALA_LIGHTNING_WARPS": "8", "SALA_LIGHTNING_STAGES": "1"}),
         # the default kernels at C64/BV64/8w/1s also put 4 of 4 dots on wgmma: 144 KB, no spill
         ("sala-tf32-c64-w8s1", {}, {"SALA_LIGHTNING_CHUNK": "64", "SALA_LIGHTNING_WARPS": "8", "SALA_LIGHTNING_STAGES": "1"}),
+        ("sala-chained-seg512", {"kernel": "chained"}, {"SALA_LIGHTNING_CHAIN_SEG": "512"}),
     ],
     # the backward recomputing dq's segment states (one state pass more) instead of reusing the forward's
     ("fwdbwd", torch.bfloat16, 131072): [("sala-states-recomputed", {}, {"SALA_LIGHTNING_SAVED_STATES_SHARE": "0"})],
@@ -699,6 +704,7 @@ def main():
     ap.add_argument("--headline", action="store_true", help="only the issue's rows, in HEADLINE_JOBS order")
     ap.add_argument("--cases", help="regex over '<kind>_<dtype>_<T or B>' job names, e.g. 'decode|fwdbwd'")
     ap.add_argument("--no-variants", action="store_true", help="time only the library default")
+    ap.add_argument("--variants", help="regex over variant names: time only the matching ones beside the default")
     ap.add_argument("--fla-tune", choices=("full", "reduced", "min"), default="full",
                     help="shrink fla's autotune spaces for short runs (reduce_fla_autotune)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip jobs not started within this many seconds")
@@ -720,6 +726,9 @@ def main():
 
     if args.no_variants:
         VARIANTS.clear()
+    elif args.variants:
+        for key, entries in VARIANTS.items():
+            VARIANTS[key] = [e for e in entries if re.search(args.variants, e[0])]
     g = lightning_decay(H).cuda()
     scale = D**-0.5
     Ts = [8192, 32768] if args.quick else [8192, 32768, 131072, 524288, 1048576]

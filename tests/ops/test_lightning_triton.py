@@ -419,3 +419,54 @@ def test_unknown_kernel_is_rejected():
     q, k, v = inputs(1, 8, 2, 16, torch.float32, seed=40)
     with pytest.raises(ValueError, match="kernel"):
         lightning_attn_triton(q, k, v, lightning_decay(2).to(DEV), kernel="fast")
+
+
+# "chained" forward (the three passes in one launch, segment states handed on through a 2-slot ring):
+# several segments per sequence (the ring's slots are reused), sequences that start and end mid-chain
+# (varlen), partial last segments and chunks, an initial state, and the reversed direction
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_h0", [False, True])
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_chained_forward_matches_float64_and_default(dtype, with_h0, varlen, reverse):
+    from sala.ops.lightning_triton import lightning_forward
+
+    H, D = (3, 16) if not CUDA else (9, 64)
+    if varlen:
+        lens = VARLEN if not CUDA else [1000, 3000, 1, 2500]
+        cu = torch.tensor([0] + lens, device=DEV).cumsum(0)
+        B, T, N = 1, sum(lens), len(lens)
+    else:
+        cu, B, T, N = None, 2, (330 if not CUDA else 5000), 2
+    seg = 64 if not CUDA else 512
+    q, k, v = inputs(B, T, H, D, dtype, seed=41)
+    g = lightning_decay(H).to(DEV)
+    h0 = rand(N, H, D, D, seed=42) if with_h0 else None
+    scale = D ** -0.5
+    o, s = lightning_forward(q, k, v, g, scale, h0, cu, reverse=reverse, segment_len=seg, kernel="chained")
+    od, sd = lightning_forward(q, k, v, g, scale, h0, cu, reverse=reverse, segment_len=seg)
+    flip = (lambda x: x) if not reverse else (lambda x: x.flip(1))
+    if varlen and reverse:  # each sequence reversed on its own
+        idx = torch.cat([torch.arange(int(b) - 1, int(a) - 1, -1) for a, b in zip(cu[:-1], cu[1:])]).to(DEV)
+        flip = lambda x: x[:, idx]  # noqa: E731
+    ro, rs = lightning_attn_chunked(*(flip(x).double() for x in (q, k, v)), g,
+                                    initial_state=None if h0 is None else h0.double(), cu_seqlens=cu)
+    assert rel(o, flip(ro)) < TOL[dtype] and rel(s, rs) < TOL[dtype]
+    assert rel(o, od) < 1e-6 and rel(s, sd) < 1e-6  # the same products in the same order as the three passes
+
+
+def test_chained_kernel_serves_inference_and_leaves_training_to_the_default_passes():
+    """lightning_attn_triton(kernel="chained"): one launch when no input needs a gradient; with gradients
+    the forward runs the default passes (which keep the segment states the backward uses)."""
+    T, H, D, seg = SHAPES[0]
+    q, k, v = inputs(1, T, H, D, torch.float32, seed=43)
+    g = lightning_decay(H).to(DEV)
+    o, s = lightning_attn_triton(q, k, v, g, kernel="chained", segment_len=seg)
+    ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g)
+    assert rel(o, ro) < TOL[torch.float32] and rel(s, rs) < TOL[torch.float32]
+    qg = q.clone().requires_grad_(True)
+    o2, _ = lightning_attn_triton(qg, k, v, g, kernel="chained", segment_len=seg)
+    (dq,) = torch.autograd.grad(o2.sum(), qg)
+    q64 = q.double().requires_grad_(True)
+    (dq64,) = torch.autograd.grad(lightning_attn_chunked(q64, k.double(), v.double(), g)[0].sum(), q64)
+    assert rel(o2, ro) < TOL[torch.float32] and rel(dq, dq64) < TOL[torch.float32]

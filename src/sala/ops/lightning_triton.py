@@ -42,8 +42,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 PRECISIONS = ("tf32", "ieee", "bf16x3")  # float32 products (bf16/fp16 inputs ignore it)
 # forward kernel pair: "default", or "kmajor" (every tile loaded in the order its product reduces over,
-# k^T and v^T by swapped strides: the float32/TF32 candidate, see lightning_triton_kernels). Same math.
-KERNELS = ("default", "kmajor")
+# k^T and v^T by swapped strides: the float32/TF32 candidate, see lightning_triton_kernels), or "chained"
+# (the default kernels' three passes in one launch over short segments, so that the output pass reads k
+# and v from L2; forward only: a forward that autograd will differentiate runs "default"). Same math.
+KERNELS = ("default", "kmajor", "chained")
+# tokens per segment of the chained kernel: short, so that the k and v of every running program fit in L2
+# (SALA_LIGHTNING_CHAIN_SEG overrides it)
+CHAIN_SEG = 512
 
 
 def _pad_dim(d: int) -> int:
@@ -169,9 +174,11 @@ class _Plan:
         return self.tables[0].numel()
 
 
-def _plan(q: torch.Tensor, cu_seqlens: torch.Tensor | None, segment_len: int | None) -> _Plan:
+def _plan(q: torch.Tensor, cu_seqlens: torch.Tensor | None, segment_len: int | None, chained: bool = False) -> _Plan:
     B, T, H, _ = q.shape
     lens = _sequence_lengths(B, T, cu_seqlens)
+    if chained and not segment_len:
+        segment_len = int(os.environ.get("SALA_LIGHTNING_CHAIN_SEG", CHAIN_SEG))
     seg = segment_len or choose_segment_len(B * T, H, q.dtype)
     if seg % CHUNK:
         raise ValueError(f"segment_len must be a multiple of {CHUNK}, got {seg}")
@@ -240,6 +247,37 @@ def segment_outputs(
     return o
 
 
+def segment_chained(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, plan: _Plan, scale: float,
+    initial_state: torch.Tensor | None = None, *, reverse: bool = False, out_dtype: torch.dtype = torch.float32,
+    output_final_state: bool = True, precision: str = "tf32", factored_decay: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Passes 1-3 in one launch (``_segment_chained_kernel``): o and each sequence's final state. No
+    per-segment states are kept (a backward would recompute them)."""
+    B, T, H, KD = q.shape
+    VD = v.shape[-1]
+    N = len(plan.lens)
+    o = torch.empty(B, T, H, VD, dtype=out_dtype, device=q.device)
+    h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
+    ht = None
+    if output_final_state:  # what an empty sequence (no segment, no program) ends with
+        ht = h0.clone() if h0 is not None else torch.zeros(N, H, KD, VD, dtype=torch.float32, device=q.device)
+    if not plan.nseg:
+        return o, ht
+    common = _common(plan, H, KD, VD, q.dtype, precision, reverse)
+    nv = triton.cdiv(VD, common["BV"])
+    ring = torch.empty(2, H, KD, VD, dtype=torch.float32, device=q.device)
+    sync = torch.zeros(1 + 2 * H * nv, dtype=torch.int32, device=q.device)  # ticket counter, slot flags
+    seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0 = plan.tables
+    factored = factored_decay_ok(g) if factored_decay is None else factored_decay
+    _kn._segment_chained_kernel[(plan.nseg * H * nv,)](
+        q, k, v, g, h0 if h0 is not None else ring, ht if ht is not None else ring, o, ring, sync,
+        seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0, float(scale), **common,
+        FACTORED_DECAY=factored, HAS_H0=h0 is not None, STORE_HT=output_final_state,
+    )
+    return o, ht
+
+
 def lightning_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -265,7 +303,11 @@ def lightning_forward(
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     g = g.to(device=q.device, dtype=torch.float32).contiguous()
-    plan = _plan(q, cu_seqlens, segment_len)
+    plan = _plan(q, cu_seqlens, segment_len, chained=kernel == "chained")
+    if kernel == "chained":
+        return segment_chained(q, k, v, g, plan, scale, initial_state, reverse=reverse, out_dtype=out_dtype,
+                               output_final_state=output_final_state, precision=precision,
+                               factored_decay=factored_decay)
     states, ht = segment_states(k, v, g, plan, initial_state, reverse=reverse,
                                 output_final_state=output_final_state, precision=precision, kernel=kernel)
     o = segment_outputs(q, k, v, g, states, plan, scale, reverse=reverse, out_dtype=out_dtype,
@@ -299,6 +341,12 @@ class _LightningAttn(torch.autograd.Function):
         qc, kc, vc = _prepare(q, k, v)
         gf = g.to(device=qc.device, dtype=torch.float32).contiguous()
         factored = factored_decay_ok(gf)
+        if kernel == "chained":
+            if not any(ctx.needs_input_grad[i] for i in (0, 1, 2, 5)):  # inference: one launch
+                plan = _plan(qc, cu_seqlens, segment_len, chained=True)
+                return segment_chained(qc, kc, vc, gf, plan, scale, initial_state, out_dtype=out_dtype,
+                                       precision=precision, factored_decay=factored)
+            kernel = "default"  # the backward needs the segment states the chained kernel does not keep
         plan = _plan(qc, cu_seqlens, segment_len)
         kw = dict(precision=precision, kernel=kernel)
         states, ht = segment_states(kc, vc, gf, plan, initial_state, **kw)
@@ -355,6 +403,7 @@ def lightning_attn_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked lightning attention; differentiable in q, k, v and ``initial_state``. ``kernel="kmajor"``
     runs the K-major kernel pair (forward and backward passes); launch settings are unchanged.
+    ``kernel="chained"`` runs a forward that needs no gradient in one launch (``segment_chained``).
 
     Returns (o ``[B, T, H, V]`` in ``out_dtype``, final states float32 ``[N, H, K, V]``).
     """

@@ -90,11 +90,18 @@ def _mm(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT_BF16
 @triton.jit
 def _segment_program(g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr,
                      H: tl.constexpr, VD: tl.constexpr, SEG: tl.constexpr, BV: tl.constexpr):
-    """What a segment kernel's program works on: its V block, head and segment (program ids run V block
-    fastest, then head, then segment), the segment's sequence start and length, its first token within the
-    sequence, its token count and the head's decay."""
+    """What a segment kernel's program works on (``_segment_coords`` of its program id)."""
+    return _segment_coords(tl.program_id(0).to(tl.int64), g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr,
+                           seq_len_ptr, H, VD, SEG, BV)
+
+
+@triton.jit
+def _segment_coords(pid, g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr,
+                    H: tl.constexpr, VD: tl.constexpr, SEG: tl.constexpr, BV: tl.constexpr):
+    """Work item ``pid`` (int64; a program id, or the chained kernel's ticket): its V block, head and
+    segment (V block fastest, then head, then segment), the segment's sequence start and length, its first
+    token within the sequence, its token count and the head's decay."""
     NV: tl.constexpr = (VD + BV - 1) // BV
-    pid = tl.program_id(0).to(tl.int64)
     iv = pid % NV
     sh = pid // NV
     h = sh % H
@@ -121,11 +128,22 @@ def _segment_delta_kernel(
     iv, h, seg, tau0, bos, slen, seg_len, g = _segment_program(
         g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, H, VD, SEG, BV)
 
-    ar = tl.arange(0, C)
     offs_k = tl.arange(0, KP)
     offs_v = iv * BV + tl.arange(0, BV)
     mask_k = offs_k < KD
     mask_v = offs_v < VD
+    acc = _delta_loop(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv, H, KD, VD, KP, C, BV, REVERSE,
+                      DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, SPLIT_BF16)
+    base = (seg * H + h) * (KD * VD)
+    tl.store(delta_ptr + base + offs_k[:, None] * VD + offs_v[None, :], acc, mask=mask_k[:, None] & mask_v[None, :])
+
+
+@triton.jit
+def _delta_loop(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv,
+                H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, KP: tl.constexpr, C: tl.constexpr,
+                BV: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr,
+                SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, MASK_COLS: tl.constexpr, SPLIT_BF16: tl.constexpr):
+    """sum over a segment's tokens of exp(g (end-1-t)) k_t^T v_t for one V block: ``[KP, BV]`` float32."""
     acc = tl.zeros([KP, BV], dtype=tl.float32)
     vi = _virtual_index(C, REVERSE)
     col_v = (iv * BV).to(tl.int32)
@@ -140,8 +158,7 @@ def _segment_delta_kernel(
         w = tl.where(vi < cl, tl.exp(g * (cl - 1 - vi).to(tl.float32)), 0.0)
         kw = (b_k.to(tl.float32) * w[:, None]).to(b_v.dtype)
         acc = _mm(tl.trans(kw), b_v, acc * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST, SPLIT_BF16)
-    base = (seg * H + h) * (KD * VD)
-    tl.store(delta_ptr + base + offs_k[:, None] * VD + offs_v[None, :], acc, mask=mask_k[:, None] & mask_v[None, :])
+    return acc
 
 
 @triton.jit
@@ -196,14 +213,21 @@ def _segment_output_kernel(
     """o of one (segment, head, V-block): walk the chunks from the entering state kept in registers."""
     iv, h, seg, tau0, bos, slen, seg_len, g = _segment_program(
         g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, H, VD, SEG, BV)
-
-    ar = tl.arange(0, C)
     offs_k = tl.arange(0, KP)
     offs_v = iv * BV + tl.arange(0, BV)
-    mask_k = offs_k < KD
-    mask_v = offs_v < VD
     S = tl.load(state_ptr + (seg * H + h) * (KD * VD) + offs_k[:, None] * VD + offs_v[None, :],
-                mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+                mask=(offs_k < KD)[:, None] & (offs_v < VD)[None, :], other=0.0)
+    _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale, H, KD, VD, KP, C, BV,
+                 REVERSE, DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, FACTORED_DECAY, SPLIT_BF16)
+
+
+@triton.jit
+def _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale,
+                 H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, KP: tl.constexpr, C: tl.constexpr,
+                 BV: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr,
+                 SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, MASK_COLS: tl.constexpr,
+                 FACTORED_DECAY: tl.constexpr, SPLIT_BF16: tl.constexpr):
+    """Write o of a segment's chunks for one V block, from the entering state ``S`` ``[KP, BV]`` float32."""
     vi = _virtual_index(C, REVERSE)
     col_v = (iv * BV).to(tl.int32)
     causal = vi[:, None] >= vi[None, :]
@@ -239,6 +263,67 @@ def _segment_output_kernel(
         w = tl.where(vi < cl, tl.exp(g * (cl - 1 - vi).to(tl.float32)), 0.0)
         vw = (b_v.to(tl.float32) * w[:, None]).to(dt)  # weight the [C, BV] tile, not the [C, K] one
         S = _mm(tl.trans(b_k), vw, S * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST, SPLIT_BF16)
+
+
+@triton.jit
+def _segment_chained_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, ht_ptr, o_ptr, ring_ptr, sync_ptr,
+    seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, seq_seg0_ptr, scale,
+    H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, KP: tl.constexpr,
+    SEG: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
+    MASK_COLS: tl.constexpr, FACTORED_DECAY: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    SPLIT_BF16: tl.constexpr = False,
+):
+    """The three passes in one launch: each program computes its segment's delta (pass 1), takes the state
+    entering its segment from its predecessor (the previous segment of the same sequence, head and V block)
+    and passes its own on (pass 2, a chain), then writes o (pass 3) while the segment's k and v are likely
+    still in L2: short segments keep the k and v of every running program there.
+
+    Programs take work items by ticket (``sync_ptr[0]``, an atomic counter) rather than by program id, so
+    a predecessor always started earlier and is running or done: the wait cannot deadlock. The chain's
+    states go through a ring of 2 slots per (head, V block) (``ring_ptr [2, H, K, V]``); ``sync_ptr[1 + slot *
+    H * NV + h * NV + iv]`` holds seg + 1 once segment seg has written its slot. A slot is written again only
+    by segment seg + 2, after segment seg + 1 has read it (seg + 2 waits for seg + 1's state)."""
+    NV: tl.constexpr = (VD + BV - 1) // BV
+    ticket = tl.atomic_add(sync_ptr, 1).to(tl.int64)
+    iv, h, seg, tau0, bos, slen, seg_len, g = _segment_coords(
+        ticket, g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, H, VD, SEG, BV)
+    offs_k = tl.arange(0, KP)
+    offs_v = iv * BV + tl.arange(0, BV)
+    mask = (offs_k < KD)[:, None] & (offs_v < VD)[None, :]
+    tile = offs_k[:, None] * VD + offs_v[None, :]
+    acc = _delta_loop(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv, H, KD, VD, KP, C, BV, REVERSE,
+                      DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, SPLIT_BF16)
+    n = tl.load(seg_seq_ptr + seg)
+    first = seg == tl.load(seq_seg0_ptr + n)
+    last = seg + 1 == tl.load(seq_seg0_ptr + n + 1)
+    if first:
+        if HAS_H0:
+            S = tl.load(h0_ptr + (n * H + h) * (KD * VD) + tile, mask=mask, other=0.0)
+        else:
+            S = tl.zeros([KP, BV], dtype=tl.float32)
+    else:
+        flag = sync_ptr + 1 + ((seg - 1) % 2) * (H * NV) + h * NV + iv
+        seen = tl.atomic_add(flag, 0, sem="acquire")
+        if not UPCAST:  # (the interpreter runs programs one after another: the predecessor is done)
+            while seen != seg:
+                seen = tl.atomic_add(flag, 0, sem="acquire")
+        # .cg: past L1, which another program on this SM may have filled from the same slot
+        S = tl.load(ring_ptr + (((seg - 1) % 2) * H + h) * (KD * VD) + tile, mask=mask, other=0.0,
+                    cache_modifier=".cg")
+        if UPCAST:  # a slot read before its segment published it poisons the output (tests see NaN)
+            S = tl.where(seen == seg, S, float("nan"))
+    out = S * tl.exp(g * seg_len.to(tl.float32)) + acc
+    if last:
+        if STORE_HT:
+            tl.store(ht_ptr + (n * H + h) * (KD * VD) + tile, out, mask=mask)
+    else:
+        tl.store(ring_ptr + ((seg % 2) * H + h) * (KD * VD) + tile, out, mask=mask)
+        tl.debug_barrier()  # every thread's part of the slot is written before the flag says so
+        tl.atomic_xchg(sync_ptr + 1 + (seg % 2) * (H * NV) + h * NV + iv, (seg + 1).to(tl.int32), sem="release")
+    _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale, H, KD, VD, KP, C, BV,
+                 REVERSE, DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, FACTORED_DECAY, SPLIT_BF16)
 
 
 @triton.jit
