@@ -98,6 +98,8 @@ def test_sparse_stage_takes_the_sparse_path(recipe_factory, tmp_path, monkeypatc
         {"name": "short", "kind": "lm", "steps": 1, "seq_len": 32, "batch_size": 2, "lr": 1e-3},
         {"name": "long", "kind": "lm", "steps": 1, "seq_len": 64, "batch_size": 1, "lr": 1e-3, "sparse": True,
          "respect_boundaries": False},
+        # two rows with document boundaries (the GPU profile's 16K stage: batch 2, sparse)
+        {"name": "long2", "kind": "lm", "steps": 1, "seq_len": 64, "batch_size": 2, "lr": 1e-3, "sparse": True},
     ])
     tr = Trainer(rec, tmp_path / "r", log=lambda *a: None)
     res = tr.run(stop_after=1)
