@@ -15,6 +15,8 @@ to memory (T/64 * H * K * V elements, as much traffic as q, k and v together) an
    in registers, and writes o (intra-chunk masked product plus the inter-chunk term).
 
 Only one state per segment touches memory. Passes 1 and 3 run one program per (segment, head, V-block).
+``_segment_chained_kernel`` runs the three passes in one launch over short segments (forward only): pass
+1 reads each segment's k and v from memory, pass 3 finds them in L2, so k and v cross the memory bus once.
 
 All kernels index a packed token axis (varlen ``cu_seqlens`` or a flattened ``[B, T]`` batch) through a
 segment table; every offset is computed in int64 (correct past 2^31 elements, e.g. 1M tokens x 32 heads
