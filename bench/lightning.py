@@ -251,10 +251,8 @@ def make_ops():
 # Candidate settings timed beside the library default (variant "sala") in the same job; the default only
 # changes after a measurement. kw go to lightning_attn_triton, env overrides the launch config.
 VARIANTS = {
-    # BV128/8 warps: one program per (segment, head) computes q k^T once instead of once per V half
-    # (offline sm_90: 112 KB smem, 4 B spilled; BV64/4w: 88 KB, none)
-    # the default is now 8192-token segments (the H200 winner); the previous 4096 stays as the comparison
-    # (seg4096 and bv128-w8 lost at 128K on the H200, ae88ccb: 2.509 and 2.742 against 2.402 ms.)
+    # bf16: 4096-token segments and BV128/8 warps lost to the default (8192-token segments, BV64, 4 warps) at
+    # 128K on the H200, ae88ccb: 2.509 and 2.742 against 2.402 ms (removed).
     # kernel="chained": the three passes in one launch over short segments, each state handed to the next
     # segment's program through a ring (offline sm_90, seg 512: 88 KB smem, all dots on wgmma); the output
     # pass should find the segment's k and v in L2, which the segment length decides
@@ -262,23 +260,12 @@ VARIANTS = {
                                       for n in (256, 512, 1024, 2048)],
     ("fwd", torch.bfloat16, 1048576): [(f"sala-chained-seg{n}", {"kernel": "chained"}, {"SALA_LIGHTNING_CHAIN_SEG": str(n)})
                                        for n in (512, 1024)],
+    # float32 at 128K, measured on the H200 (ae88ccb) against the default's 9.00 ms (TF32, 32-token chunks, 4
+    # warps): bf16x3 4w 15.52 / 8w 11.84, TF32 C64 8w 12.71, C64 8w 1 stage 10.58, kmajor C64 BV32 18.64,
+    # kmajor C64 8w 1 stage 13.17 ms (all slower; removed). The chained kernel on the default's settings:
     ("fwd", torch.float32, 131072): [
-        # offline sm_90 compile (16-byte aligned pointers, ptxas -v) of the output kernel, shared memory and
-        # spilled bytes per thread: TF32 BV64/8w/2s 176 KB, 428 B; bf16x3 BV64/4w/2s 112 KB, 1360 B;
-        # bf16x3 BV64/8w/2s 112 KB, 656 B (all at the 255-register cap)
-        ("sala-bf16x3", {"precision": "bf16x3"}, {"SALA_LIGHTNING_WARPS": "4"}),  # bf16's BV64, 4 warps, 2 stages
-        ("sala-bf16x3-w8", {"precision": "bf16x3"}, {"SALA_LIGHTNING_WARPS": "8"}),
-        # the default is now 32-token chunks on 4 warps (76 KB, 32 B spilled); the previous 64/8 warps compared
-        ("sala-tf32-c64-w8", {}, {"SALA_LIGHTNING_CHUNK": "64", "SALA_LIGHTNING_WARPS": "8"}),
-        # kernel="kmajor": k^T and v^T tiles loaded by swapped strides, every dot K-major. Offline sm_90
-        # (output kernel): default C32/BV64/4w/2s 1 of 4 dots on wgmma (3 mma.sync), 76 KB, 32 B spilled;
-        # kmajor C64/BV32/4w/2s 4 of 4 on wgmma, 216 KB, no spill; C64/BV64/8w/1s 4 of 4, 144 KB, 64 B
-        ("sala-kmajor-c64-bv32", {"kernel": "kmajor"}, {"SALA_LIGHTNING_CHUNK": "64", "SALA_LIGHTNING_BV": "32"}),
-        ("sala-kmajor-c64-w8s1", {"kernel": "kmajor"},
-         {"SALA_LIGHTNING_CHUNK": "64", "SALA_LIGHTNING_WARPS": "8", "SALA_LIGHTNING_STAGES": "1"}),
-        # the default kernels at C64/BV64/8w/1s also put 4 of 4 dots on wgmma: 144 KB, no spill
-        ("sala-tf32-c64-w8s1", {}, {"SALA_LIGHTNING_CHUNK": "64", "SALA_LIGHTNING_WARPS": "8", "SALA_LIGHTNING_STAGES": "1"}),
         ("sala-chained-seg512", {"kernel": "chained"}, {"SALA_LIGHTNING_CHAIN_SEG": "512"}),
+        ("sala-chained-seg1024", {"kernel": "chained"}, {"SALA_LIGHTNING_CHAIN_SEG": "1024"}),
     ],
     # the backward recomputing dq's segment states (one state pass more) instead of reusing the forward's
     ("fwdbwd", torch.bfloat16, 131072): [("sala-states-recomputed", {}, {"SALA_LIGHTNING_SAVED_STATES_SHARE": "0"})],
