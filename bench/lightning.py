@@ -268,7 +268,9 @@ VARIANTS = {
         ("sala-chained-seg1024", {"kernel": "chained"}, {"SALA_LIGHTNING_CHAIN_SEG": "1024"}),
     ],
     # the backward recomputing dq's segment states (one state pass more) instead of reusing the forward's
-    ("fwdbwd", torch.bfloat16, 131072): [("sala-states-recomputed", {}, {"SALA_LIGHTNING_SAVED_STATES_SHARE": "0"})],
+    ("fwdbwd", torch.bfloat16, 131072): [("sala-states-recomputed", {}, {"SALA_LIGHTNING_SAVED_STATES_SHARE": "0"})]
+    # chained: one launch forward, three in the backward (dq, dv, dk each as a chained forward)
+    + [(f"sala-chained-seg{n}", {"kernel": "chained"}, {"SALA_LIGHTNING_CHAIN_SEG": str(n)}) for n in (512, 1024)],
     # other fwd+bwd variants cost ~6 more compiles each: add entries once a forward variant wins
 }
 

@@ -455,18 +455,40 @@ def test_chained_forward_matches_float64_and_default(dtype, with_h0, varlen, rev
     assert rel(o, od) < 1e-6 and rel(s, sd) < 1e-6  # the same products in the same order as the three passes
 
 
-def test_chained_kernel_serves_inference_and_leaves_training_to_the_default_passes():
-    """lightning_attn_triton(kernel="chained"): one launch when no input needs a gradient; with gradients
-    the forward runs the default passes (which keep the segment states the backward uses)."""
+@pytest.mark.parametrize("varlen", [False, True])
+def test_chained_backward_matches_reference_autograd(varlen):
+    """kernel="chained": the forward in one launch, dq / dv / dk as three chained launches (the reversed
+    recurrences run as forwards, each with its own states), dh0 from dv's final state."""
+    H, D = (3, 16) if not CUDA else (9, 64)
+    if varlen:
+        cu = torch.tensor([0] + VARLEN, device=DEV).cumsum(0)
+        B, T, N = 1, sum(VARLEN), len(VARLEN)
+    else:
+        cu, B, T, N = None, 2, (150 if not CUDA else 2500), 2
+    q, k, v = (x.requires_grad_(True) for x in inputs(B, T, H, D, torch.float32, seed=44))
+    g = lightning_decay(H).to(DEV)
+    h0 = rand(N, H, D, D, seed=45).requires_grad_(True)
+    do, dht = rand(B, T, H, D, seed=46), rand(N, H, D, D, seed=47)
+    seg = 64 if not CUDA else 512
+    ours = grads_of(lambda a, b, c, h: lightning_attn_triton(a, b, c, g, initial_state=h, cu_seqlens=cu,
+                                                             segment_len=seg, kernel="chained"), [q, k, v, h0], do, dht)
+    leaves64 = [x.detach().double().requires_grad_(True) for x in (q, k, v, h0)]
+    ref = grads_of(lambda a, b, c, h: lightning_attn_chunked(a, b, c, g, initial_state=h, cu_seqlens=cu),
+                   leaves64, do.double(), dht.double())
+    for a, b in zip(ours, ref):
+        assert rel(a, b) < TOL[torch.float32]
+
+
+def test_chained_kernel_without_initial_state_or_state_gradient():
+    """No h0 and a loss on o only (dht None): the chained backward's optional inputs."""
     T, H, D, seg = SHAPES[0]
-    q, k, v = inputs(1, T, H, D, torch.float32, seed=43)
+    q, k, v = (x.requires_grad_(True) for x in inputs(1, T, H, D, torch.float32, seed=43))
     g = lightning_decay(H).to(DEV)
     o, s = lightning_attn_triton(q, k, v, g, kernel="chained", segment_len=seg)
-    ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g)
+    grads = torch.autograd.grad(o.sum(), [q, k, v])
+    leaves = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
+    ro, rs = lightning_attn_chunked(*leaves, g)
+    ref = torch.autograd.grad(ro.sum(), leaves)
     assert rel(o, ro) < TOL[torch.float32] and rel(s, rs) < TOL[torch.float32]
-    qg = q.clone().requires_grad_(True)
-    o2, _ = lightning_attn_triton(qg, k, v, g, kernel="chained", segment_len=seg)
-    (dq,) = torch.autograd.grad(o2.sum(), qg)
-    q64 = q.double().requires_grad_(True)
-    (dq64,) = torch.autograd.grad(lightning_attn_chunked(q64, k.double(), v.double(), g)[0].sum(), q64)
-    assert rel(o2, ro) < TOL[torch.float32] and rel(dq, dq64) < TOL[torch.float32]
+    for a, b in zip(grads, ref):
+        assert rel(a, b) < TOL[torch.float32]

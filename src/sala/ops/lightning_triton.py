@@ -44,7 +44,7 @@ PRECISIONS = ("tf32", "ieee", "bf16x3")  # float32 products (bf16/fp16 inputs ig
 # forward kernel pair: "default", or "kmajor" (every tile loaded in the order its product reduces over,
 # k^T and v^T by swapped strides: the float32/TF32 candidate, see lightning_triton_kernels), or "chained"
 # (the default kernels' three passes in one launch over short segments, so that the output pass reads k
-# and v from L2; forward only: a forward that autograd will differentiate runs "default"). Same math.
+# and v from L2; the backward is three such launches). Same math.
 KERNELS = ("default", "kmajor", "chained")
 # tokens per segment of the chained kernel: short, so that the k and v of every running program fit in L2
 # (SALA_LIGHTNING_CHAIN_SEG overrides it)
@@ -341,12 +341,14 @@ class _LightningAttn(torch.autograd.Function):
         qc, kc, vc = _prepare(q, k, v)
         gf = g.to(device=qc.device, dtype=torch.float32).contiguous()
         factored = factored_decay_ok(gf)
-        if kernel == "chained":
-            if not any(ctx.needs_input_grad[i] for i in (0, 1, 2, 5)):  # inference: one launch
-                plan = _plan(qc, cu_seqlens, segment_len, chained=True)
-                return segment_chained(qc, kc, vc, gf, plan, scale, initial_state, out_dtype=out_dtype,
-                                       precision=precision, factored_decay=factored)
-            kernel = "default"  # the backward needs the segment states the chained kernel does not keep
+        if kernel == "chained":  # one launch forward, three in the backward (_chained_backward)
+            plan = _plan(qc, cu_seqlens, segment_len, chained=True)
+            o, ht = segment_chained(qc, kc, vc, gf, plan, scale, initial_state, out_dtype=out_dtype,
+                                    precision=precision, factored_decay=factored)
+            ctx.save_for_backward(qc, kc, vc, gf, initial_state, None)
+            ctx.scale, ctx.plan, ctx.factored, ctx.kw = scale, plan, factored, dict(precision=precision, kernel=kernel)
+            ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
+            return o, ht
         plan = _plan(qc, cu_seqlens, segment_len)
         kw = dict(precision=precision, kernel=kernel)
         states, ht = segment_states(kc, vc, gf, plan, initial_state, **kw)
@@ -367,6 +369,8 @@ class _LightningAttn(torch.autograd.Function):
         if do is None:
             do = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
         do = do.to(q.dtype).contiguous()
+        if kw["kernel"] == "chained":
+            return _chained_backward(ctx, q, k, v, g, h0, do, dht) + (None,) * 5
         # dq = forward(do, v, k; S0^T): its states are the forward's, transposed
         if states is None:
             h0t = h0.float().transpose(-1, -2).contiguous() if h0 is not None else None
@@ -387,6 +391,25 @@ class _LightningAttn(torch.autograd.Function):
         return dq, dk, dv, None, None, dh0, None, None, None, None, None
 
 
+def _chained_backward(ctx, q, k, v, g, h0, do, dht):
+    """dq, dk, dv, dh0 by three chained launches, the recurrences of the module docstring run as forwards
+    (each computes its own segment states and keeps none): dq = forward(do, v, k; S0^T),
+    dv = reverse(k, q, do; dS_T), dk = reverse(v, do, q; dS_T^T)."""
+    scale, plan = ctx.scale, ctx.plan
+    kw = dict(precision=ctx.kw["precision"], factored_decay=ctx.factored)
+    h0t = h0.float().transpose(-1, -2).contiguous() if h0 is not None else None
+    dq, _ = segment_chained(do, v, k, g, plan, scale, h0t, out_dtype=ctx.in_dtypes[0], output_final_state=False, **kw)
+    init = (dht.float() * torch.exp(-g)[None, :, None, None] / scale).contiguous() if dht is not None else None
+    need_dh0 = h0 is not None and ctx.needs_input_grad[5]
+    dv, dsf = segment_chained(k, q, do, g, plan, scale, init, reverse=True, out_dtype=ctx.in_dtypes[2],
+                              output_final_state=need_dh0, **kw)
+    init_t = init.transpose(-1, -2).contiguous() if init is not None else None
+    dk, _ = segment_chained(v, do, q, g, plan, scale, init_t, reverse=True, out_dtype=ctx.in_dtypes[1],
+                            output_final_state=False, **kw)
+    dh0 = (dsf * (torch.exp(g) * scale)[None, :, None, None]).to(h0.dtype) if need_dh0 else None
+    return dq, dk, dv, None, None, dh0
+
+
 def lightning_attn_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -403,7 +426,7 @@ def lightning_attn_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked lightning attention; differentiable in q, k, v and ``initial_state``. ``kernel="kmajor"``
     runs the K-major kernel pair (forward and backward passes); launch settings are unchanged.
-    ``kernel="chained"`` runs a forward that needs no gradient in one launch (``segment_chained``).
+    ``kernel="chained"`` runs the forward in one launch (``segment_chained``) and the backward in three.
 
     Returns (o ``[B, T, H, V]`` in ``out_dtype``, final states float32 ``[N, H, K, V]``).
     """
