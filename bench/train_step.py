@@ -7,12 +7,14 @@ the same shapes in the same run, so the ratio says what the SALA layers cost ove
 For each case a ``torch.profiler`` pass splits the device time by kernel (top rows and a per-family sum)
 and compares it with the step's wall time (the gap is host time the GPU waits for). ``--fuse`` adds the
 student with ``sala.layers.fusion`` on (the elementwise chains compiled; the recipes' ``fuse = true``);
+``--lightning-chained`` the student with the chained lightning kernels (``sala.ops.dispatch.LIGHTNING_KERNEL``);
 ``--union LANES`` the sparse cases with InfLLM-V2's union rest pass (random weights select unrelated blocks, so
 this bounds its cost where rows share nothing);
 ``sala-full-logits`` rows take the student's loss from its full logits, the path before the chunked losses
 (``sala.ops.linear_ce``), for their time and peak memory side by side.
 
-    python bench/train_step.py [--cases lm4k long32k] [--steps 6] [--fuse] [--union 16] [--student DIR]
+    python bench/train_step.py [--cases lm4k long32k] [--steps 6] [--fuse] [--lightning-chained] [--union 16]
+                               [--student DIR]
                                [--tiny --device cpu]
 
 Random weights and random tokens: the timing of a step does not depend on what the weights have learned.
@@ -39,6 +41,7 @@ from sala.convert.teacher import random_llama_teacher  # noqa: E402
 from sala.convert.transfer import ConvertOptions, convert_model  # noqa: E402
 from sala.layers.fusion import fusion  # noqa: E402
 from sala.layers.sparse import DENSE_ALWAYS, SparseAttention  # noqa: E402
+from sala.ops import dispatch  # noqa: E402
 from sala.ops import infllmv2_triton_attn as attn_kernels  # noqa: E402
 from sala.modeling import SALAForCausalLM  # noqa: E402
 from sala.train.losses import kl_sum, lm_sum  # noqa: E402
@@ -177,6 +180,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--fuse", action="store_true", help="also time the student with sala.layers.fusion on")
+    ap.add_argument("--lightning-chained", action="store_true",
+                    help="also time the student with the chained lightning kernels (dispatch.LIGHTNING_KERNEL)")
     ap.add_argument("--union", type=int, default=0, metavar="LANES",
                     help="also time the sparse cases with the union rest pass (infllmv2_triton_attn.UNION_LANES)")
     ap.add_argument("--student", help="a trained SALA checkpoint folder: the student variants use its weights "
@@ -208,6 +213,7 @@ def main() -> None:
         out = {}
         variants = [("dense_llama", teacher), ("sala", student), ("sala-full-logits", student)] \
             + ([("sala-fused", student)] if args.fuse else []) \
+            + ([("sala-lightning-chained", student)] if args.lightning_chained else []) \
             + ([(f"sala-union{args.union}", student)] if args.union and sparse else [])
         for variant, model in variants:
             model.train().requires_grad_(True)
@@ -222,11 +228,13 @@ def main() -> None:
             if variant != "dense_llama" and kind == "distill":
                 teacher.eval().requires_grad_(False)
             fused = fusion(variant == "sala-fused", devices=(args.device,))
-            union_before = attn_kernels.UNION_LANES
+            union_before, lightning_before = attn_kernels.UNION_LANES, dispatch.LIGHTNING_KERNEL
             try:
                 fused.__enter__()
                 if variant.startswith("sala-union"):
                     attn_kernels.UNION_LANES = args.union
+                if variant == "sala-lightning-chained":
+                    dispatch.LIGHTNING_KERNEL = "chained"
                 if args.device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 time_step(step, args.device, 2)
@@ -239,6 +247,7 @@ def main() -> None:
             finally:
                 fused.__exit__(None, None, None)
                 attn_kernels.UNION_LANES = union_before
+                dispatch.LIGHTNING_KERNEL = lightning_before
             del step
             if args.device == "cuda":
                 torch.cuda.empty_cache()

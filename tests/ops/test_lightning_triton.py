@@ -337,6 +337,24 @@ def test_dispatch_routes_and_force_reference():
     assert rel(o, ro) < 1e-5 and rel(state, ref_state) < 1e-6
 
 
+def test_dispatch_runs_the_chosen_lightning_kernel(monkeypatch):
+    """dispatch.LIGHTNING_KERNEL (SALA_LIGHTNING_KERNEL) picks the Triton kernel set the model runs: here the
+    Triton path is taken on CPU tensors too (the interpreter) and the chained kernel's launch is counted."""
+    from sala.ops import lightning_triton as lt
+
+    H, D = 2, 16
+    q, k, v = inputs(1, 150, H, D, torch.float32, seed=8)
+    g = lightning_decay(H).to(DEV)
+    launches = []
+    real = lt.segment_chained
+    monkeypatch.setattr(lt, "segment_chained", lambda *a, **kw: launches.append(1) or real(*a, **kw))
+    monkeypatch.setattr(dispatch, "use_triton", lambda *t: True)
+    monkeypatch.setattr(dispatch, "LIGHTNING_KERNEL", "chained")
+    o, s = dispatch.lightning_prefill(q, k, v, g, D**-0.5)
+    ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g)
+    assert launches == [1] and rel(o, ro) < TOL[torch.float32] and rel(s, rs) < TOL[torch.float32]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs 2^31+ elements on a GPU")
 def test_offsets_past_int32_are_exact():
