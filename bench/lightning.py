@@ -257,7 +257,10 @@ VARIANTS = {
     # segment's program through a ring (offline sm_90, seg 512: 88 KB smem, all dots on wgmma); the output
     # pass should find the segment's k and v in L2, which the segment length decides
     ("fwd", torch.bfloat16, 131072): [(f"sala-chained-seg{n}", {"kernel": "chained"}, {"SALA_LIGHTNING_CHAIN_SEG": str(n)})
-                                      for n in (256, 512, 1024, 2048)],
+                                      for n in (256, 512, 1024, 2048)]
+    # one program per (segment, head): q k^T computed once, not once per V half (more registers per program)
+    + [("sala-chained-seg512-bv128-w8", {"kernel": "chained"},
+        {"SALA_LIGHTNING_CHAIN_SEG": "512", "SALA_LIGHTNING_BV": "128", "SALA_LIGHTNING_WARPS": "8"})],
     ("fwd", torch.bfloat16, 1048576): [(f"sala-chained-seg{n}", {"kernel": "chained"}, {"SALA_LIGHTNING_CHAIN_SEG": str(n)})
                                        for n in (512, 1024)],
     # float32 at 128K, measured on the H200 (ae88ccb) against the default's 9.00 ms (TF32, 32-token chunks, 4

@@ -291,12 +291,13 @@ def _segment_chained_kernel(
     ticket = tl.atomic_add(sync_ptr, 1).to(tl.int64)
     iv, h, seg, tau0, bos, slen, seg_len, g = _segment_coords(
         ticket, g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, H, VD, SEG, BV)
+    acc = _delta_loop(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv, H, KD, VD, KP, C, BV, REVERSE,
+                      DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, SPLIT_BF16)
+    # tile offsets only now: live across the delta loop they cost as many registers as its accumulator
     offs_k = tl.arange(0, KP)
     offs_v = iv * BV + tl.arange(0, BV)
     mask = (offs_k < KD)[:, None] & (offs_v < VD)[None, :]
     tile = offs_k[:, None] * VD + offs_v[None, :]
-    acc = _delta_loop(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv, H, KD, VD, KP, C, BV, REVERSE,
-                      DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, SPLIT_BF16)
     n = tl.load(seg_seq_ptr + seg)
     first = seg == tl.load(seq_seg0_ptr + n)
     last = seg + 1 == tl.load(seq_seg0_ptr + n + 1)
