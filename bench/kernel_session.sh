@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One device call for the kernel checks that follow a GPU profile run on the same machine, each step under its
+# own time limit so that a hang (the chained lightning kernel's programs wait on each other) costs one step,
+# not the call. Everything lands in $OUT (logs, lightning.json, train_step.json, gpu test logs).
+#   bash bench/kernel_session.sh [seconds for the whole call, default 540]
+# Steps (skipped when less than their limit is left):
+#   1. the chained lightning kernel's tests at GPU shapes (a smoke test: it must not hang)
+#   2. bench/lightning.py: default vs chained vs fla, forward bf16 128K and 1M, fwd+bwd bf16 128K, fwd fp32 128K
+#   3. bench/train_step.py on the profile's trained student: union rest pass and chained lightning, 4K and 32K
+#   4. the InfLLM-V2 selection tests that failed on the H200 (their failure reports stream to $OUT)
+cd "$(dirname "$0")/.." || exit 2
+TOTAL=${1:-540}
+START=$(date +%s)
+OUT=${OUT:-/tmp/kernel_session}
+mkdir -p "$OUT"
+source bench/gpu_site.sh  # carried wheels (fla-core, einops) -> /tmp/site; src/ on PYTHONPATH
+export PYTHONPATH=$PWD/bench:$PYTHONPATH SALA_TEST_STREAM=$OUT/gpu_tests_stream.log
+export SALA_CACHE=${SALA_CACHE:-/root/sala_cache} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false  # as convert_gpu.sh
+STUDENT=${STUDENT:-/root/sala_runs/gpu/student/final}
+
+left() { echo $((TOTAL - ($(date +%s) - START))); }
+step() {  # step NAME LIMIT COMMAND...: run under `timeout LIMIT` if that much time is left
+  local name=$1 limit=$2
+  shift 2
+  if [ "$(left)" -lt "$limit" ]; then
+    echo "== $name: skipped ($(left) s left, needs $limit)" | tee -a "$OUT/session.log"
+    return 1
+  fi
+  echo "== $name (limit $limit s)" | tee -a "$OUT/session.log"
+  local t0=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc $rc in $(($(date +%s) - t0)) s" | tee -a "$OUT/session.log"
+  tail -25 "$OUT/$name.log"
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee "$OUT/session.log"
+if step chained_smoke 150 python -m pytest -q -x -p no:cacheprovider -p pytest_stream \
+    tests/ops/test_lightning_triton.py -k "chained or dispatch"; then
+  step lightning 300 python bench/lightning.py --no-sweep --variants chained --budget-s 230 \
+    --cases '^(fwd_bf16_131072|fwd_bf16_1048576|fwdbwd_bf16_131072|fwd_fp32_131072)$'
+  CHAINED=--lightning-chained
+else
+  echo "== chained kernel failed or hung: lightning bench and chained training step skipped" | tee -a "$OUT/session.log"
+  CHAINED=
+fi
+if [ -d "$STUDENT" ]; then
+  step train_step 200 python bench/train_step.py --cases lm4k long32k --student "$STUDENT" --no-profile --steps 4 \
+    --union 16 $CHAINED
+else
+  echo "== train_step: skipped (no trained student at $STUDENT)" | tee -a "$OUT/session.log"
+fi
+TIMEOUT=()  # pytest-timeout where installed (the GPU image has it)
+python -c "import pytest_timeout" 2>/dev/null && TIMEOUT=(--timeout 60)
+step infllmv2_selection_tests 120 python -m pytest -q -p no:cacheprovider -p pytest_stream "${TIMEOUT[@]}" \
+  tests/ops/test_infllmv2_triton.py -k "stage1_scores or exact_ties or accepts_only_rare"
+echo "== done in $(($(date +%s) - START)) s" | tee -a "$OUT/session.log"
