@@ -253,7 +253,7 @@ def segment_chained(
     output_final_state: bool = True, precision: str = "tf32", factored_decay: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Passes 1-3 in one launch (``_segment_chained_kernel``): o and each sequence's final state. No
-    per-segment states are kept (a backward would recompute them)."""
+    per-segment state reaches memory (the chained backward runs three more such launches)."""
     B, T, H, KD = q.shape
     VD = v.shape[-1]
     N = len(plan.lens)
@@ -341,21 +341,19 @@ class _LightningAttn(torch.autograd.Function):
         qc, kc, vc = _prepare(q, k, v)
         gf = g.to(device=qc.device, dtype=torch.float32).contiguous()
         factored = factored_decay_ok(gf)
-        if kernel == "chained":  # one launch forward, three in the backward (_chained_backward)
+        kw = dict(precision=precision, kernel=kernel)
+        if kernel == "chained":  # one launch forward, three in the backward (_chained_backward); no states kept
             plan = _plan(qc, cu_seqlens, segment_len, chained=True)
             o, ht = segment_chained(qc, kc, vc, gf, plan, scale, initial_state, out_dtype=out_dtype,
                                     precision=precision, factored_decay=factored)
-            ctx.save_for_backward(qc, kc, vc, gf, initial_state, None)
-            ctx.scale, ctx.plan, ctx.factored, ctx.kw = scale, plan, factored, dict(precision=precision, kernel=kernel)
-            ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
-            return o, ht
-        plan = _plan(qc, cu_seqlens, segment_len)
-        kw = dict(precision=precision, kernel=kernel)
-        states, ht = segment_states(kc, vc, gf, plan, initial_state, **kw)
-        o = segment_outputs(qc, kc, vc, gf, states, plan, scale, out_dtype=out_dtype, factored_decay=factored, **kw)
-        qkv_bytes = sum(x.numel() * x.element_size() for x in (qc, kc, vc))
-        share = float(os.environ.get("SALA_LIGHTNING_SAVED_STATES_SHARE", SAVED_STATES_MAX_SHARE))
-        keep = plan.nseg > 0 and states.numel() * 4 <= share * qkv_bytes
+            states, keep = None, False
+        else:
+            plan = _plan(qc, cu_seqlens, segment_len)
+            states, ht = segment_states(kc, vc, gf, plan, initial_state, **kw)
+            o = segment_outputs(qc, kc, vc, gf, states, plan, scale, out_dtype=out_dtype, factored_decay=factored, **kw)
+            qkv_bytes = sum(x.numel() * x.element_size() for x in (qc, kc, vc))
+            share = float(os.environ.get("SALA_LIGHTNING_SAVED_STATES_SHARE", SAVED_STATES_MAX_SHARE))
+            keep = plan.nseg > 0 and states.numel() * 4 <= share * qkv_bytes
         ctx.save_for_backward(qc, kc, vc, gf, initial_state, states if keep else None)
         ctx.scale, ctx.plan, ctx.factored, ctx.kw = scale, plan, factored, kw
         ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
