@@ -397,12 +397,16 @@ def test_kmajor_forward_matches_float64(shape, with_h0, launch, monkeypatch):
     assert rel(o, od) < TOL[torch.float32] and rel(s, sd) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("kernel", ["kmajor", "chained"])
 @pytest.mark.parametrize("varlen", [False, True])
-def test_kmajor_backward_matches_reference_autograd(varlen, monkeypatch):
-    """The backward runs the reversed passes (REVERSE) through the kmajor kernels too."""
+def test_kernel_set_backward_matches_reference_autograd(varlen, kernel, monkeypatch):
+    """kmajor: the backward runs the reversed passes (REVERSE) through the kmajor kernels too. chained: the
+    forward in one launch, dq / dv / dk as three chained launches (the reversed recurrences run as forwards,
+    each with its own states), dh0 from dv's final state."""
     for var in LAUNCH_ENV:
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("SALA_LIGHTNING_CHUNK", "64")
+    if kernel == "kmajor":
+        monkeypatch.setenv("SALA_LIGHTNING_CHUNK", "64")
     H, D = (3, 32) if not CUDA else (9, 64)
     if varlen:
         cu = torch.tensor([0] + VARLEN, device=DEV).cumsum(0)
@@ -415,7 +419,7 @@ def test_kmajor_backward_matches_reference_autograd(varlen, monkeypatch):
     do, dht = rand(B, T, H, D, seed=37), rand(N, H, D, D, seed=38)
     seg = 64 if not CUDA else 512
     ours = grads_of(lambda a, b, c, h: lightning_attn_triton(a, b, c, g, initial_state=h, cu_seqlens=cu,
-                                                             segment_len=seg, kernel="kmajor"), [q, k, v, h0], do, dht)
+                                                             segment_len=seg, kernel=kernel), [q, k, v, h0], do, dht)
     leaves64 = [x.detach().double().requires_grad_(True) for x in (q, k, v, h0)]
     ref = grads_of(lambda a, b, c, h: lightning_attn_chunked(a, b, c, g, initial_state=h, cu_seqlens=cu),
                    leaves64, do.double(), dht.double())
@@ -471,30 +475,6 @@ def test_chained_forward_matches_float64_and_default(dtype, with_h0, varlen, rev
                                     initial_state=None if h0 is None else h0.double(), cu_seqlens=cu)
     assert rel(o, flip(ro)) < TOL[dtype] and rel(s, rs) < TOL[dtype]
     assert rel(o, od) < 1e-6 and rel(s, sd) < 1e-6  # the same products in the same order as the three passes
-
-
-@pytest.mark.parametrize("varlen", [False, True])
-def test_chained_backward_matches_reference_autograd(varlen):
-    """kernel="chained": the forward in one launch, dq / dv / dk as three chained launches (the reversed
-    recurrences run as forwards, each with its own states), dh0 from dv's final state."""
-    H, D = (3, 16) if not CUDA else (9, 64)
-    if varlen:
-        cu = torch.tensor([0] + VARLEN, device=DEV).cumsum(0)
-        B, T, N = 1, sum(VARLEN), len(VARLEN)
-    else:
-        cu, B, T, N = None, 2, (150 if not CUDA else 2500), 2
-    q, k, v = (x.requires_grad_(True) for x in inputs(B, T, H, D, torch.float32, seed=44))
-    g = lightning_decay(H).to(DEV)
-    h0 = rand(N, H, D, D, seed=45).requires_grad_(True)
-    do, dht = rand(B, T, H, D, seed=46), rand(N, H, D, D, seed=47)
-    seg = 64 if not CUDA else 512
-    ours = grads_of(lambda a, b, c, h: lightning_attn_triton(a, b, c, g, initial_state=h, cu_seqlens=cu,
-                                                             segment_len=seg, kernel="chained"), [q, k, v, h0], do, dht)
-    leaves64 = [x.detach().double().requires_grad_(True) for x in (q, k, v, h0)]
-    ref = grads_of(lambda a, b, c, h: lightning_attn_chunked(a, b, c, g, initial_state=h, cu_seqlens=cu),
-                   leaves64, do.double(), dht.double())
-    for a, b in zip(ours, ref):
-        assert rel(a, b) < TOL[torch.float32]
 
 
 def test_chained_kernel_without_initial_state_or_state_gradient():
