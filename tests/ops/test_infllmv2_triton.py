@@ -233,6 +233,29 @@ def test_stage1_scores_and_selection_match_reference(T, Hq, Hk, Tq, decode):
     assert torch.all(mine[:, ~past & (torch.arange(bsc.shape[-1], device=DEV)[None, :] >= P.init_blocks)] == float("-inf"))
 
 
+@pytest.mark.parametrize("splits", [1, 3, None], ids=["one_program", "three_programs", "auto"])
+@pytest.mark.parametrize("decode", [False, True])
+def test_block_scores_across_tiles_match_reference(decode, splits):
+    """Several key tiles (16 blocks each): every block pools the chunk left of it, which for a tile's first
+    block is the last chunk of the tile before (carried from it, or on a program's first tile computed
+    there). The pooled scores the kernel keys carry equal the reference's for every visible block."""
+    T = 4 * 64 * P.kernel_stride + 37 if not CUDA else 3 * T_LONG
+    Tq = 1 if decode else 40
+    q, k, _ = make(T, 4, 1, Tq, seed=23)
+    k1, k2, s1, bsc, idx_ref = reference_selection(q, k, decode=decode)
+    scale, q_pos0 = D ** -0.5, T - Tq
+    rows = 1 if decode else None
+    lse2 = ts.k2_lse(q, k2, scale, q_pos0, ts.visibility_offsets(T, k2.shape[0], P.kernel_stride2, decode),
+                     P.kernel_stride2, rows=rows)
+    n_blocks = -(-T // P.block_size)
+    assert n_blocks > 3 * 16  # at least four tiles
+    keys = ts.block_keys(q, k1, lse2, scale, q_pos0, ts.visibility_offsets(T, k1.shape[0], P.kernel_stride, decode),
+                         P, n_blocks, rows=rows, splits=splits)
+    mine = ts.keys_to_scores(keys)
+    past = torch.arange(n_blocks, device=DEV)[None, :] <= q_blocks(T, Tq)[:, None]
+    torch.testing.assert_close(mine[:, past], bsc.float()[:, past], rtol=2e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("decode", [False, True])
 def test_unmasked_tiles_match_masked_and_reference(decode, monkeypatch):
     """Rows far enough from the start take the unmasked K1 tiles (64 chunks each): same scores and blocks."""

@@ -165,12 +165,17 @@ def _group_scores(q, kt, lse, vis, j, n1, qk_scale2,
 
 
 @triton.jit
-def _score_tile(t, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
+def _score_tile(t, carry, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
                 init_blocks, local_blocks, s_kn, s_kh, s_yh, s_yr, s_sh, s_sr, d,
                 D: tl.constexpr, NBT: tl.constexpr, POOL: tl.constexpr, ROWS: tl.constexpr, GP: tl.constexpr,
                 OUT_T: tl.constexpr, PREC: tl.constexpr, WRITE_SCORES: tl.constexpr, MASKED: tl.constexpr,
-                FLOAT_OUT: tl.constexpr):
-    """Block keys of the NBT blocks of tile t (K1 chunks [t*NBT*POOL, (t+1)*NBT*POOL) and chunk POOL*b-1)."""
+                FLOAT_OUT: tl.constexpr, FIRST: tl.constexpr):
+    """Block keys of the NBT blocks of tile t: each block pools its own POOL chunks and the chunk left of it
+    (POOL*b-1), the last chunk of the block before. Within the tile that chunk is a column of this tile's
+    scores; for the tile's first block it is the previous tile's last column, ``carry`` ``[ROWS]``, or on a
+    program's first tile (``FIRST``) a separate small dot of the NBT left chunks. Returns this tile's last
+    column, the next tile's carry. Every chunk's score thus comes from one tile computation (one rounding),
+    so blocks whose chunks tie exactly keep their tie."""
     BN: tl.constexpr = NBT * POOL
     b = t * NBT + tl.arange(0, NBT)
     j = t * BN + tl.arange(0, BN)
@@ -181,13 +186,23 @@ def _score_tile(t, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols
     sc = _group_scores(q, kt, lse, vis, j, n1, qk_scale2, ROWS, GP, BN, OUT_T, PREC, MASKED)
     if WRITE_SCORES:
         tl.store(SCORES + hk * s_sh + rr[:, None] * s_sr + j[None, :], sc, mask=row_ok[:, None] & (j[None, :] < n1))
-    pooled = tl.max(tl.reshape(sc, (ROWS, NBT, POOL)), axis=2)
-    je = b * POOL - 1
-    ke = tl.load(K1 + je[None, :] * s_kn + hk * s_kh + d[:, None],
-                 mask=(je[None, :] >= 0) & (je[None, :] < n1) & (d[:, None] < D), other=0.0)
-    se = _group_scores(q, ke, lse, vis, je, n1, qk_scale2, ROWS, GP, NBT, OUT_T, PREC, MASKED)
-    pooled = tl.maximum(pooled, se)
+    per_block = tl.reshape(sc, (ROWS, NBT, POOL))
+    pooled = tl.max(per_block, axis=2)
+    if FIRST:
+        je = b * POOL - 1
+        ke = tl.load(K1 + je[None, :] * s_kn + hk * s_kh + d[:, None],
+                     mask=(je[None, :] >= 0) & (je[None, :] < n1) & (d[:, None] < D), other=0.0)
+        left = _group_scores(q, ke, lse, vis, je, n1, qk_scale2, ROWS, GP, NBT, OUT_T, PREC, MASKED)
+    else:
+        # the last chunk of each block, moved one block to the right (exact: selections by max over -inf)
+        c = tl.arange(0, POOL)
+        last = tl.max(tl.where((c == POOL - 1)[None, None, :], per_block, float("-inf")), axis=2)
+        i = tl.arange(0, NBT)
+        shifted = tl.max(tl.where((i[:, None] - 1 == i[None, :])[None, :, :], last[:, None, :], float("-inf")), axis=2)
+        left = tl.where((i == 0)[None, :], carry[:, None], shifted)
+    pooled = tl.maximum(pooled, left)
     _store_keys(KEYS, pooled, b, qb, rr, row_ok, hk, n_cols, init_blocks, local_blocks, s_yh, s_yr, FLOAT_OUT)
+    return tl.max(tl.where((tl.arange(0, BN) == BN - 1)[None, :], sc, float("-inf")), axis=1)
 
 
 @triton.jit(do_not_specialize=BLOCK_KEY_LENGTH_ARGS)
@@ -239,18 +254,28 @@ def _block_key_kernel(
     else:
         f_lo = t_mid
         f_hi = t_mid
-    for t in range(t_lo, tl.minimum(f_lo, t_mid)):
-        _score_tile(t, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
-                    init_blocks, local_blocks, s_kn, s_kh, s_yh, s_yr, s_sh, s_sr, d,
-                    D, NBT, POOL, ROWS, GP, OUT_T, PREC, WRITE_SCORES, True, FLOAT_OUT)
-    for t in range(f_lo, f_hi):
-        _score_tile(t, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
-                    init_blocks, local_blocks, s_kn, s_kh, s_yh, s_yr, s_sh, s_sr, d,
-                    D, NBT, POOL, ROWS, GP, OUT_T, PREC, WRITE_SCORES, False, FLOAT_OUT)
-    for t in range(tl.maximum(f_hi, tl.minimum(f_lo, t_mid)), t_mid):
-        _score_tile(t, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
-                    init_blocks, local_blocks, s_kn, s_kh, s_yh, s_yr, s_sh, s_sr, d,
-                    D, NBT, POOL, ROWS, GP, OUT_T, PREC, WRITE_SCORES, True, FLOAT_OUT)
+    # the tiles in order through the three ranges (masked, unmasked, masked), the left chunk's score carried
+    # from tile to tile; the program's first tile computes it (chunk -1 of the sequence is -inf: no dot)
+    carry = tl.full([ROWS], float("-inf"), tl.float32)
+    t_first = t_lo
+    if t_lo > 0:
+        if t_lo < t_mid:
+            carry = _score_tile(t_lo, carry, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
+                                init_blocks, local_blocks, s_kn, s_kh, s_yh, s_yr, s_sh, s_sr, d,
+                                D, NBT, POOL, ROWS, GP, OUT_T, PREC, WRITE_SCORES, True, FLOAT_OUT, True)
+            t_first = t_lo + 1
+    for t in range(t_first, tl.maximum(tl.minimum(f_lo, t_mid), t_first)):
+        carry = _score_tile(t, carry, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
+                            init_blocks, local_blocks, s_kn, s_kh, s_yh, s_yr, s_sh, s_sr, d,
+                            D, NBT, POOL, ROWS, GP, OUT_T, PREC, WRITE_SCORES, True, FLOAT_OUT, False)
+    for t in range(tl.maximum(f_lo, t_first), f_hi):
+        carry = _score_tile(t, carry, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
+                            init_blocks, local_blocks, s_kn, s_kh, s_yh, s_yr, s_sh, s_sr, d,
+                            D, NBT, POOL, ROWS, GP, OUT_T, PREC, WRITE_SCORES, False, FLOAT_OUT, False)
+    for t in range(tl.maximum(tl.maximum(f_hi, tl.minimum(f_lo, t_mid)), t_first), t_mid):
+        carry = _score_tile(t, carry, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
+                            init_blocks, local_blocks, s_kn, s_kh, s_yh, s_yr, s_sh, s_sr, d,
+                            D, NBT, POOL, ROWS, GP, OUT_T, PREC, WRITE_SCORES, True, FLOAT_OUT, False)
     for t in range(t_mid, t_hi):  # tiles entirely in every row's future: no scores needed
         b = t * NBT + tl.arange(0, NBT)
         pooled = tl.full([ROWS, NBT], float("-inf"), tl.float32)
