@@ -8,7 +8,8 @@
 #   2. bench/lightning.py: default vs chained vs fla, forward bf16 128K and 1M, fwd+bwd bf16 128K, fwd fp32 128K
 #   3. bench/train_step.py on the profile's trained student: union rest pass and chained lightning, 4K and 32K
 #   4. the InfLLM-V2 selection tests that failed on the H200 (their failure reports stream to $OUT)
-#   5. if time is left: bench/model.py on the release shape, decode eager vs CUDA graphs (never measured yet)
+#   5. bench/infllmv2.py forward at 128K and 256K against cuDNN (stage 1 without its second small dot)
+#   6. if time is left: bench/model.py on the release shape, decode eager vs CUDA graphs (never measured yet)
 cd "$(dirname "$0")/.." || exit 2
 TOTAL=${1:-540}
 START=$(date +%s)
@@ -56,5 +57,7 @@ TIMEOUT=()  # pytest-timeout where installed (the GPU image has it)
 python -c "import pytest_timeout" 2>/dev/null && TIMEOUT=(--timeout 60)
 step infllmv2_selection_tests 120 python -m pytest -q -p no:cacheprovider -p pytest_stream "${TIMEOUT[@]}" \
   tests/ops/test_infllmv2_triton.py -k "stage1_scores or exact_ties or accepts_only_rare"
+step infllmv2 170 python bench/infllmv2.py --no-tune --budget-s 120 --dense-backends cudnn \
+  --cases 'fwd_T(131072|262144)$' --out "$OUT"
 step model_decode_graphs 200 python bench/model.py --lengths 8K 64K --decode 16 --decode-graphs --check --out "$OUT"
 echo "== done in $(($(date +%s) - START)) s" | tee -a "$OUT/session.log"
