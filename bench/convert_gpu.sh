@@ -26,6 +26,11 @@ GGUF="$SALA_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
 if [ ! -f "$GGUF" ] && [ -f "$STASH/gguf.xz.part0" ] && [ -f "$STASH/gguf.xz.part1" ]; then
   cat "$STASH/gguf.xz.part0" "$STASH/gguf.xz.part1" | xz -d > "$GGUF.tmp" && mv "$GGUF.tmp" "$GGUF"
 fi
+if [ ! -f "$GGUF" ]; then  # a fresh machine (the last one was released): the parts must come again
+  echo "convert_gpu.sh: the teacher GGUF is not on this machine and $STASH lacks gguf.xz.part0/part1;" \
+       "carry both parts again (one per call), then rerun" >&2
+  exit 3
+fi
 for t in heldout train; do
   if [ -f "$STASH/$t.tar.xz" ] && [ ! -f "$STASH/$t.done" ]; then
     tar -xJf "$STASH/$t.tar.xz" -C "$SALA_CACHE" && touch "$STASH/$t.done"
