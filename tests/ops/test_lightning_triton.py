@@ -477,16 +477,20 @@ def test_chained_forward_matches_float64_and_default(dtype, with_h0, varlen, rev
     assert rel(o, od) < 1e-6 and rel(s, sd) < 1e-6  # the same products in the same order as the three passes
 
 
-def test_chained_kernel_without_initial_state_or_state_gradient():
-    """No h0 and a loss on o only (dht None): the chained backward's optional inputs."""
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_chained_kernel_with_a_loss_on_o_only(with_h0):
+    """A loss on o only (dht None), with and without an initial state that needs its gradient: the chained
+    backward's optional inputs (dh0 then comes from dv's pass started from a zero state)."""
     T, H, D, seg = SHAPES[0]
     q, k, v = (x.requires_grad_(True) for x in inputs(1, T, H, D, torch.float32, seed=43))
     g = lightning_decay(H).to(DEV)
-    o, s = lightning_attn_triton(q, k, v, g, kernel="chained", segment_len=seg)
-    grads = torch.autograd.grad(o.sum(), [q, k, v])
-    leaves = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
-    ro, rs = lightning_attn_chunked(*leaves, g)
-    ref = torch.autograd.grad(ro.sum(), leaves)
+    h0 = rand(1, H, D, D, seed=48).requires_grad_(True) if with_h0 else None
+    leaves = [q, k, v] + ([h0] if with_h0 else [])
+    o, s = lightning_attn_triton(q, k, v, g, initial_state=h0, kernel="chained", segment_len=seg)
+    grads = torch.autograd.grad(o.sum(), leaves)
+    leaves64 = [x.detach().double().requires_grad_(True) for x in leaves]
+    ro, rs = lightning_attn_chunked(*leaves64[:3], g, initial_state=leaves64[3] if with_h0 else None)
+    ref = torch.autograd.grad(ro.sum(), leaves64)
     assert rel(o, ro) < TOL[torch.float32] and rel(s, rs) < TOL[torch.float32]
     for a, b in zip(grads, ref):
         assert rel(a, b) < TOL[torch.float32]
