@@ -477,6 +477,24 @@ def test_chained_forward_matches_float64_and_default(dtype, with_h0, varlen, rev
     assert rel(o, od) < 1e-6 and rel(s, sd) < 1e-6  # the same products in the same order as the three passes
 
 
+def test_chained_kernel_with_several_v_blocks(monkeypatch):
+    """V split over several programs per (segment, head) (BV < V): each V block is its own chain with its own
+    ring slots and flags."""
+    from sala.ops.lightning_triton import lightning_forward
+
+    for var in LAUNCH_ENV:
+        monkeypatch.delenv(var, raising=False)
+    H, D, bv = (2, 32, 16) if not CUDA else (4, 128, 32)
+    monkeypatch.setenv("SALA_LIGHTNING_BV", str(bv))
+    T, seg = (300, 64) if not CUDA else (5000, 512)
+    q, k, v = inputs(2, T, H, D, torch.float32, seed=49)
+    g = lightning_decay(H).to(DEV)
+    h0 = rand(2, H, D, D, seed=50)
+    o, s = lightning_forward(q, k, v, g, D ** -0.5, h0, segment_len=seg, kernel="chained")
+    ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g, initial_state=h0.double())
+    assert rel(o, ro) < TOL[torch.float32] and rel(s, rs) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("with_h0", [False, True])
 def test_chained_kernel_with_a_loss_on_o_only(with_h0):
     """A loss on o only (dht None), with and without an initial state that needs its gradient: the chained

@@ -285,8 +285,9 @@ def _segment_chained_kernel(
     Programs take work items by ticket (``sync_ptr[0]``, an atomic counter) rather than by program id, so
     a predecessor always started earlier and is running or done: the wait cannot deadlock. The chain's
     states go through a ring of 2 slots per (head, V block) (``ring_ptr [2, H, K, V]``); ``sync_ptr[1 + slot *
-    H * NV + h * NV + iv]`` holds seg + 1 once segment seg has written its slot. A slot is written again only
-    by segment seg + 2, after segment seg + 1 has read it (seg + 2 waits for seg + 1's state)."""
+    H * NV + h * NV + iv]`` holds the writer's ticket + 1 once it has written its slot (a value only that
+    program writes, so a wait can only end on its own predecessor). A slot is written again only by segment
+    seg + 2, after segment seg + 1 has read it (seg + 2 waits for seg + 1's state)."""
     NV: tl.constexpr = (VD + BV - 1) // BV
     ticket = tl.atomic_add(sync_ptr, 1).to(tl.int64)
     iv, h, seg, tau0, bos, slen, seg_len, g = _segment_coords(
@@ -308,15 +309,16 @@ def _segment_chained_kernel(
             S = tl.zeros([KP, BV], dtype=tl.float32)
     else:
         flag = sync_ptr + 1 + ((seg - 1) % 2) * (H * NV) + h * NV + iv
+        want = ticket - H * NV + 1  # the predecessor's ticket + 1 (same head and V block, segment seg - 1)
         seen = tl.atomic_add(flag, 0, sem="acquire")
         if not UPCAST:  # (the interpreter runs programs one after another: the predecessor is done)
-            while seen != seg:
+            while seen != want:
                 seen = tl.atomic_add(flag, 0, sem="acquire")
         # .cg: past L1, which another program on this SM may have filled from the same slot
         S = tl.load(ring_ptr + (((seg - 1) % 2) * H + h) * (KD * VD) + tile, mask=mask, other=0.0,
                     cache_modifier=".cg")
-        if UPCAST:  # a slot read before its segment published it poisons the output (tests see NaN)
-            S = tl.where(seen == seg, S, float("nan"))
+        if UPCAST:  # a slot read before (or other than) its predecessor published it poisons the output
+            S = tl.where(seen == want, S, float("nan"))
     out = S * tl.exp(g * seg_len.to(tl.float32)) + acc
     if last:
         if STORE_HT:
@@ -324,7 +326,7 @@ def _segment_chained_kernel(
     else:
         tl.store(ring_ptr + ((seg % 2) * H + h) * (KD * VD) + tile, out, mask=mask)
         tl.debug_barrier()  # every thread's part of the slot is written before the flag says so
-        tl.atomic_xchg(sync_ptr + 1 + (seg % 2) * (H * NV) + h * NV + iv, (seg + 1).to(tl.int32), sem="release")
+        tl.atomic_xchg(sync_ptr + 1 + (seg % 2) * (H * NV) + h * NV + iv, (ticket + 1).to(tl.int32), sem="release")
     _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale, H, KD, VD, KP, C, BV,
                  REVERSE, DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, FACTORED_DECAY, SPLIT_BF16)
 
