@@ -309,5 +309,12 @@ def test_reuse_takes_unchanged_phases_from_an_earlier_run(teacher_dir, tmp_path)
     assert any("teacher_eval measured here" in line and "eval" in line for line in lines)
     assert any("compare measured here" in line and "halo" in line for line in lines)
 
+    (first / "eval" / "teacher.json").unlink()  # a reuse folder without a phase's files: measured here
+    lines = []
+    fifth = Pipeline(parse_profile(tiny_profile(teacher_dir)), tmp_path / "fifth", device="cpu", log=lines.append,
+                     reuse=first)
+    assert fifth.run(until="teacher_eval")["done"] == ["teacher_eval"] and "reused" not in fifth.state
+    assert any("teacher_eval measured here" in line and "missing there" in line for line in lines)
+
     with pytest.raises(FileNotFoundError, match="not a pipeline run folder"):
         Pipeline(parse_profile(raw), tmp_path / "fourth", device="cpu", reuse=tmp_path)

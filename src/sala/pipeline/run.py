@@ -367,6 +367,7 @@ class Pipeline:
             why.append(f"card {prev.get('device')} != {device_name(self.device)}")
         if phase == "compare" and prev.get("done", {}).get("halo") != self.state["done"].get("halo"):
             why.append("HALO's layers")
+        why += [f"{rel} (missing there)" for rel in files if not (self.reuse / rel).exists()]
         if why:
             self.log(f"pipeline: {phase} measured here, not reused from {self.reuse} ({'; '.join(why)} differ)")
             return None
