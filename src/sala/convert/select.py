@@ -98,19 +98,21 @@ class RecallCommonProbe:
         if not self.recall_t.any() or not self.common_t.any():
             raise ValueError("probe text has no recall (or no non-recall) targets; use longer rows or other text")
 
-        self.last_hits: torch.Tensor | None = None  # the latest call's per-token correctness (C_noise)
-
     @torch.no_grad()
-    def __call__(self, model) -> tuple[float, float]:
+    def hits(self, model) -> torch.Tensor:
+        """Per-token correctness of the model's greedy next-token prediction on the probe rows (CPU bool)."""
         dev = next(model.parameters()).device
         am = self.mask.to(dev) if not bool(self.mask.all()) else None
         kw = {"use_cache": False} if hasattr(model.config, "mixer_types") else {}
         logits = model(input_ids=self.ids.to(dev), attention_mask=am, **kw).logits[:, :-1]
-        hit = (logits.argmax(-1).cpu() == self.ids[:, 1:])
-        self.last_hits = hit
-        r = hit[self.recall_t].float().mean().item()
-        c = hit[self.common_t].float().mean().item()
-        return r, c
+        return logits.argmax(-1).cpu() == self.ids[:, 1:]
+
+    def scores(self, hits: torch.Tensor) -> tuple[float, float]:
+        """(R, C) of per-token correctness ``hits``."""
+        return hits[self.recall_t].float().mean().item(), hits[self.common_t].float().mean().item()
+
+    def __call__(self, model) -> tuple[float, float]:
+        return self.scores(self.hits(model))
 
     def common_noise(self, hits: torch.Tensor, base_hits: torch.Tensor) -> float:
         """Paired noise of C between two models on the probe's tokens: sqrt(n changed) / n tokens, the standard

@@ -52,14 +52,15 @@ def halo_select(out_dir: str | Path, teacher: str = "default", data: str = "synt
         task_recall = TaskRecall(tr.tokenizer, resolve_text(haystack, "train"), task, int(length), int(n), seed=42 + seed)
     elif recall != "bigram":
         raise ValueError(f"recall={recall!r}: use 'bigram' or 'task:<name>:<length>:<samples>'")
-    r0, c0 = probe(reference)
+    teacher_hits = probe.hits(reference)
+    r0, c0 = probe.scores(teacher_hits)
     if task_recall is not None:
         r0 = task_recall(reference)
-    teacher_hits = probe.last_hits
 
     def score(model):
-        r, c = probe(model)
-        extra = {"C_noise": probe.common_noise(probe.last_hits, teacher_hits)}
+        hits = probe.hits(model)
+        r, c = probe.scores(hits)
+        extra = {"C_noise": probe.common_noise(hits, teacher_hits)}
         return (task_recall(model) if task_recall is not None else r), c, extra
 
     log(f"teacher: R {r0:.4f} C {c0:.4f} ({probe.counts()}, recall from {recall})")
