@@ -53,10 +53,8 @@ if [ -d "$STUDENT" ]; then
 else
   echo "== train_step: skipped (no trained student at $STUDENT)" | tee -a "$OUT/session.log"
 fi
-TIMEOUT=()  # pytest-timeout where installed (the GPU image has it)
-python -c "import pytest_timeout" 2>/dev/null && TIMEOUT=(--timeout 60)
-step infllmv2_selection_tests 120 python -m pytest -q -p no:cacheprovider -p pytest_stream "${TIMEOUT[@]}" \
-  tests/ops/test_infllmv2_triton.py -k "stage1_scores or across_tiles or exact_ties or accepts_only_rare"
+step infllmv2_selection_tests 120 env TEST_TIMEOUT=60 bash bench/gpu_tests.sh \
+  -k "stage1_scores or across_tiles or exact_ties or accepts_only_rare"
 step infllmv2 170 python bench/infllmv2.py --no-tune --budget-s 120 --dense-backends cudnn \
   --cases 'fwd_T(131072|262144)$' --out "$OUT"
 step model_decode_graphs 200 python bench/model.py --lengths 8K 64K --decode 16 --decode-graphs --check --out "$OUT"
