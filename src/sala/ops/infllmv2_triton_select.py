@@ -258,12 +258,11 @@ def _block_key_kernel(
     # from tile to tile; the program's first tile computes it (chunk -1 of the sequence is -inf: no dot)
     carry = tl.full([ROWS], float("-inf"), tl.float32)
     t_first = t_lo
-    if t_lo > 0:
-        if t_lo < t_mid:
-            carry = _score_tile(t_lo, carry, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
-                                init_blocks, local_blocks, s_kn, s_kh, s_yh, s_yr, s_sh, s_sr, d,
-                                D, NBT, POOL, ROWS, GP, OUT_T, PREC, WRITE_SCORES, True, FLOAT_OUT, True)
-            t_first = t_lo + 1
+    if (t_lo > 0) & (t_lo < t_mid):
+        carry = _score_tile(t_lo, carry, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
+                            init_blocks, local_blocks, s_kn, s_kh, s_yh, s_yr, s_sh, s_sr, d,
+                            D, NBT, POOL, ROWS, GP, OUT_T, PREC, WRITE_SCORES, True, FLOAT_OUT, True)
+        t_first = t_lo + 1
     for t in range(t_first, tl.maximum(tl.minimum(f_lo, t_mid), t_first)):
         carry = _score_tile(t, carry, q, K1, KEYS, SCORES, lse, vis, qb, rr, row_ok, hk, n1, n_cols, qk_scale2,
                             init_blocks, local_blocks, s_kn, s_kh, s_yh, s_yr, s_sh, s_sr, d,
