@@ -360,16 +360,16 @@ class Pipeline:
         keys, files = REUSABLE[phase]
         mine = json.loads(json.dumps(self.p.to_dict(), default=str))
         theirs = prev.get("profile_settings", {})
-        why = [k for k in keys if _setting(mine, k) != _setting(theirs, k)]
+        why = [f"setting {k} differs" for k in keys if _setting(mine, k) != _setting(theirs, k)]
         if result is None:
             why = ["not done there"]
         if prev.get("device") != device_name(self.device):
-            why.append(f"card {prev.get('device')} != {device_name(self.device)}")
+            why.append(f"card {prev.get('device')} there, {device_name(self.device)} here")
         if phase == "compare" and prev.get("done", {}).get("halo") != self.state["done"].get("halo"):
-            why.append("HALO's layers")
+            why.append("HALO chose other layers")
         why += [f"{rel} (missing there)" for rel in files if not (self.reuse / rel).exists()]
         if why:
-            self.log(f"pipeline: {phase} measured here, not reused from {self.reuse} ({'; '.join(why)} differ)")
+            self.log(f"pipeline: {phase} measured here, not reused from {self.reuse} ({'; '.join(why)})")
             return None
         for rel in files:
             src, dst = self.reuse / rel, self.out / rel
