@@ -9,6 +9,7 @@ hence the GPU tolerance; ``precision="ieee"`` is checked tightly.
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 import torch
@@ -493,6 +494,57 @@ def test_chained_kernel_with_several_v_blocks(monkeypatch):
     o, s = lightning_forward(q, k, v, g, D ** -0.5, h0, segment_len=seg, kernel="chained")
     ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g, initial_state=h0.double())
     assert rel(o, ro) < TOL[torch.float32] and rel(s, rs) < TOL[torch.float32]
+
+
+def _interleaved_chains(plan, H: int, nv: int, how: str, seed: int = 0) -> list[int]:
+    """A schedule the GPU may run: every chain's (sequence, head, V block) segments in order, the chains
+    interleaved ("round_robin": segment j of every sequence before segment j + 1 of any; "random")."""
+    seg0 = plan.tables[4].tolist()
+    chains = [[s * H * nv + h * nv + iv for s in range(seg0[n], seg0[n + 1])]
+              for n in range(len(plan.lens)) for h in range(H) for iv in range(nv)]
+    chains = [c for c in chains if c]
+    if how == "round_robin":
+        return [c[j] for j in range(max(map(len, chains))) for c in chains if j < len(c)]
+    rng, order = random.Random(seed), []
+    while chains:
+        c = rng.choice(chains)
+        order.append(c.pop(0))
+        if not c:
+            chains.remove(c)
+    return order
+
+
+@pytest.mark.parametrize("how", ["round_robin", "random"])
+def test_chained_kernel_when_sequences_progress_at_different_speeds(how):
+    """Packed sequences run side by side: a sequence's first segment publishes its state while the previous
+    sequence's last segments have not read theirs yet. With ring slots shared across sequences (indexed by
+    the global segment) it overwrote one, and on the H200 the reader waited forever; each sequence now has
+    its own slots. Replayed in the interpreter by handing programs the work items in such an order (the
+    interpreter poisons a state read from a slot its predecessor did not write last)."""
+    from sala.ops import lightning_triton as lt
+
+    H, D, seg = (2, 16, 64) if not CUDA else (4, 64, 512)
+    lens = [150, 70, 200, 1, 130] if not CUDA else [1500, 700, 2000, 1, 1300]
+    cu = torch.tensor([0] + lens, device=DEV).cumsum(0)
+    q, k, v = inputs(1, sum(lens), H, D, torch.float32, seed=51)
+    g = lightning_decay(H).to(DEV)
+    h0 = rand(len(lens), H, D, D, seed=52)
+    plan = lt._plan(q, cu, seg, chained=True)
+    nv = -(-D // lt._launch_cfg(D, q.dtype, "tf32")["BV"])
+    order = torch.tensor(_interleaved_chains(plan, H, nv, how), device=DEV)
+    assert sorted(order.tolist()) == list(range(plan.nseg * H * nv))
+    o, s = lt.segment_chained(q, k, v, g, plan, D ** -0.5, h0, work_order=order)
+    ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g, initial_state=h0.double(), cu_seqlens=cu)
+    assert rel(o, ro) < TOL[torch.float32] and rel(s, rs) < TOL[torch.float32]
+
+
+def test_chained_kernel_rejects_a_partial_work_order():
+    from sala.ops import lightning_triton as lt
+
+    q, k, v = inputs(1, 200, 2, 16, torch.float32, seed=53)
+    plan = lt._plan(q, None, 64, chained=True)
+    with pytest.raises(ValueError, match="work_order"):
+        lt.segment_chained(q, k, v, lightning_decay(2).to(DEV), plan, 0.25, work_order=torch.arange(3, device=DEV))
 
 
 @pytest.mark.parametrize("with_h0", [False, True])

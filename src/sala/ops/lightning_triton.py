@@ -114,8 +114,8 @@ _TABLES: dict = {}
 
 
 def _segment_table(lens: list[int], seg: int, device) -> tuple[torch.Tensor, ...]:
-    """int64 tables: per segment (sequence, start); per sequence (bos, length, first segment).
-    Cached per (lengths, segment length, device): rebuilding means host work and five copies."""
+    """int64 tables: per segment (sequence, start); per sequence (bos, length, first segment, chain lane).
+    Cached per (lengths, segment length, device): rebuilding means host work and six copies."""
     key = (tuple(lens), seg, str(device))
     if key not in _TABLES:
         if len(_TABLES) >= 64:
@@ -135,7 +135,10 @@ def _build_segment_table(lens: list[int], seg: int, device) -> tuple[torch.Tenso
     total = int(seg0[-1])
     seg_seq = torch.repeat_interleave(torch.arange(len(lens), dtype=torch.int64), nseg)
     seg_tau0 = (torch.arange(total, dtype=torch.int64) - seg0[seg_seq]) * seg
-    return tuple(t.to(device) for t in (seg_seq, seg_tau0, bos, lens_t, seg0))
+    # the chained kernel's ring slots: a pair per sequence of 2+ segments (its lane), none for the others
+    chained = nseg > 1
+    lane = torch.where(chained, torch.cumsum(chained.to(torch.int64), 0) - 1, -1)
+    return tuple(t.to(device) for t in (seg_seq, seg_tau0, bos, lens_t, seg0, lane))
 
 
 def _sequence_lengths(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[int]:
@@ -166,8 +169,9 @@ class _Plan:
 
     lens: list[int]
     seg: int
-    tables: tuple[torch.Tensor, ...]  # seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0
+    tables: tuple[torch.Tensor, ...]  # seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0, seq_lane
     max_segs: int
+    lanes: int  # sequences of 2+ segments (each has its own pair of the chained kernel's ring slots)
 
     @property
     def nseg(self) -> int:
@@ -182,7 +186,8 @@ def _plan(q: torch.Tensor, cu_seqlens: torch.Tensor | None, segment_len: int | N
     seg = segment_len or choose_segment_len(B * T, H, q.dtype)
     if seg % CHUNK:
         raise ValueError(f"segment_len must be a multiple of {CHUNK}, got {seg}")
-    return _Plan(lens, seg, _segment_table(lens, seg, q.device), max([-(-n // seg) for n in lens] + [1]))
+    return _Plan(lens, seg, _segment_table(lens, seg, q.device), max([-(-n // seg) for n in lens] + [1]),
+                 sum(n > seg for n in lens))
 
 
 def _common(plan: _Plan, H: int, KD: int, VD: int, q_dtype: torch.dtype, precision: str, reverse: bool) -> dict:
@@ -205,7 +210,7 @@ def segment_states(
     _, _, H, KD = k.shape
     VD = v.shape[-1]
     nseg, N = plan.nseg, len(plan.lens)
-    seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0 = plan.tables
+    seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0, _ = plan.tables
     states = torch.empty(max(nseg, 1), H, KD, VD, dtype=torch.float32, device=k.device)
     ht = torch.empty(N, H, KD, VD, dtype=torch.float32, device=k.device) if output_final_state else None
     if initial_state is not None:
@@ -236,7 +241,7 @@ def segment_outputs(
     VD = v.shape[-1]
     o = torch.empty(B, T, H, VD, dtype=out_dtype, device=q.device)
     if plan.nseg:
-        seg_seq, seg_tau0, seq_bos, seq_len, _ = plan.tables
+        seg_seq, seg_tau0, seq_bos, seq_len, _, _ = plan.tables
         common = _common(plan, H, KD, VD, q.dtype, precision, reverse)
         factored = factored_decay_ok(g) if factored_decay is None else factored_decay
         out_kernel = _kn._segment_output_kmajor_kernel if kernel == "kmajor" else _kn._segment_output_kernel
@@ -251,9 +256,15 @@ def segment_chained(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, plan: _Plan, scale: float,
     initial_state: torch.Tensor | None = None, *, reverse: bool = False, out_dtype: torch.dtype = torch.float32,
     output_final_state: bool = True, precision: str = "tf32", factored_decay: bool | None = None,
+    work_order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Passes 1-3 in one launch (``_segment_chained_kernel``): o and each sequence's final state. No
-    per-segment state reaches memory (the chained backward runs three more such launches)."""
+    per-segment state reaches memory (the chained backward runs three more such launches); the states
+    handed on go through 2 ring slots of ``[H, K, V]`` float32 per sequence of 2+ segments.
+
+    ``work_order`` (tests): the work item each ticket takes, in place of ticket order. The interpreter runs
+    programs one after another, so an order that interleaves the chains (each chain's segments in order)
+    replays a schedule the GPU may run, where sequences progress at different speeds."""
     B, T, H, KD = q.shape
     VD = v.shape[-1]
     N = len(plan.lens)
@@ -266,14 +277,19 @@ def segment_chained(
         return o, ht
     common = _common(plan, H, KD, VD, q.dtype, precision, reverse)
     nv = triton.cdiv(VD, common["BV"])
-    ring = torch.empty(2, H, KD, VD, dtype=torch.float32, device=q.device)
-    sync = torch.zeros(1 + 2 * H * nv, dtype=torch.int32, device=q.device)  # ticket counter, slot flags
-    seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0 = plan.tables
+    slots = 2 * max(plan.lanes, 1)
+    ring = torch.empty(slots, H, KD, VD, dtype=torch.float32, device=q.device)
+    sync = torch.zeros(1 + slots * H * nv, dtype=torch.int32, device=q.device)  # ticket counter, slot flags
+    seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0, seq_lane = plan.tables
+    if work_order is not None and work_order.numel() != plan.nseg * H * nv:
+        raise ValueError(f"work_order must list all {plan.nseg * H * nv} work items, got {work_order.numel()}")
     factored = factored_decay_ok(g) if factored_decay is None else factored_decay
     _kn._segment_chained_kernel[(plan.nseg * H * nv,)](
         q, k, v, g, h0 if h0 is not None else ring, ht if ht is not None else ring, o, ring, sync,
-        seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0, float(scale), **common,
+        seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0, seq_lane,
+        work_order if work_order is not None else seq_lane, float(scale), **common,
         FACTORED_DECAY=factored, HAS_H0=h0 is not None, STORE_HT=output_final_state,
+        ORDERED=work_order is not None,
     )
     return o, ht
 

@@ -270,12 +270,12 @@ def _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, 
 @triton.jit
 def _segment_chained_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, ht_ptr, o_ptr, ring_ptr, sync_ptr,
-    seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, seq_seg0_ptr, scale,
+    seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, seq_seg0_ptr, seq_lane_ptr, order_ptr, scale,
     H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, KP: tl.constexpr,
     SEG: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
     MASK_COLS: tl.constexpr, FACTORED_DECAY: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
-    SPLIT_BF16: tl.constexpr = False,
+    ORDERED: tl.constexpr = False, SPLIT_BF16: tl.constexpr = False,
 ):
     """The three passes in one launch: each program computes its segment's delta (pass 1), takes the state
     entering its segment from its predecessor (the previous segment of the same sequence, head and V block)
@@ -283,15 +283,23 @@ def _segment_chained_kernel(
     still in L2: short segments keep the k and v of every running program there.
 
     Programs take work items by ticket (``sync_ptr[0]``, an atomic counter) rather than by program id, so
-    a predecessor always started earlier and is running or done: the wait cannot deadlock. The chain's
-    states go through a ring of 2 slots per (head, V block) (``ring_ptr [2, H, K, V]``); ``sync_ptr[1 + slot *
-    H * NV + h * NV + iv]`` holds the writer's ticket + 1 once it has written its slot (a value only that
-    program writes, so a wait can only end on its own predecessor). A slot is written again only by segment
-    seg + 2, after segment seg + 1 has read it (seg + 2 waits for seg + 1's state)."""
+    a predecessor always started earlier and is running or done: the wait cannot deadlock. Each sequence of
+    2+ segments has its own pair of ring slots per (head, V block) (its lane, ``seq_lane_ptr``; ``ring_ptr
+    [2 * lanes, H, K, V]``): segment j of a sequence writes slot j % 2, which only its own segment j + 2
+    writes again, after segment j + 1 has read it (j + 2 waits for j + 1's state). Slots shared across
+    sequences would not be safe: a sequence's first segment waits for nothing and could overwrite a state
+    the previous sequence's last segment has not read yet (which then waits forever).
+    ``sync_ptr[1 + slot * H * NV + h * NV + iv]`` holds the writer's work item + 1 once it has written its
+    slot (a value only that program writes, so a wait can only end on its own predecessor).
+    ``ORDERED`` (tests): ticket t works on item ``order_ptr[t]``."""
     NV: tl.constexpr = (VD + BV - 1) // BV
     ticket = tl.atomic_add(sync_ptr, 1).to(tl.int64)
+    if ORDERED:
+        item = tl.load(order_ptr + ticket)
+    else:
+        item = ticket
     iv, h, seg, tau0, bos, slen, seg_len, g = _segment_coords(
-        ticket, g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, H, VD, SEG, BV)
+        item, g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, H, VD, SEG, BV)
     acc = _delta_loop(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv, H, KD, VD, KP, C, BV, REVERSE,
                       DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, SPLIT_BF16)
     # tile offsets only now: live across the delta loop they cost as many registers as its accumulator
@@ -300,23 +308,25 @@ def _segment_chained_kernel(
     mask = (offs_k < KD)[:, None] & (offs_v < VD)[None, :]
     tile = offs_k[:, None] * VD + offs_v[None, :]
     n = tl.load(seg_seq_ptr + seg)
-    first = seg == tl.load(seq_seg0_ptr + n)
+    seg0 = tl.load(seq_seg0_ptr + n)
+    first = seg == seg0
     last = seg + 1 == tl.load(seq_seg0_ptr + n + 1)
+    pair = 2 * tl.load(seq_lane_ptr + n)  # the sequence's first ring slot (-2 when it has one segment)
     if first:
         if HAS_H0:
             S = tl.load(h0_ptr + (n * H + h) * (KD * VD) + tile, mask=mask, other=0.0)
         else:
             S = tl.zeros([KP, BV], dtype=tl.float32)
     else:
-        flag = sync_ptr + 1 + ((seg - 1) % 2) * (H * NV) + h * NV + iv
-        want = ticket - H * NV + 1  # the predecessor's ticket + 1 (same head and V block, segment seg - 1)
+        slot = pair + (seg - seg0 - 1) % 2
+        flag = sync_ptr + 1 + slot * (H * NV) + h * NV + iv
+        want = item - H * NV + 1  # the predecessor's item + 1 (same head and V block, segment seg - 1)
         seen = tl.atomic_add(flag, 0, sem="acquire")
         if not UPCAST:  # (the interpreter runs programs one after another: the predecessor is done)
             while seen != want:
                 seen = tl.atomic_add(flag, 0, sem="acquire")
         # .cg: past L1, which another program on this SM may have filled from the same slot
-        S = tl.load(ring_ptr + (((seg - 1) % 2) * H + h) * (KD * VD) + tile, mask=mask, other=0.0,
-                    cache_modifier=".cg")
+        S = tl.load(ring_ptr + (slot * H + h) * (KD * VD) + tile, mask=mask, other=0.0, cache_modifier=".cg")
         if UPCAST:  # a slot read before (or other than) its predecessor published it poisons the output
             S = tl.where(seen == want, S, float("nan"))
     out = S * tl.exp(g * seg_len.to(tl.float32)) + acc
@@ -324,9 +334,10 @@ def _segment_chained_kernel(
         if STORE_HT:
             tl.store(ht_ptr + (n * H + h) * (KD * VD) + tile, out, mask=mask)
     else:
-        tl.store(ring_ptr + ((seg % 2) * H + h) * (KD * VD) + tile, out, mask=mask)
+        slot = pair + (seg - seg0) % 2
+        tl.store(ring_ptr + (slot * H + h) * (KD * VD) + tile, out, mask=mask)
         tl.debug_barrier()  # every thread's part of the slot is written before the flag says so
-        tl.atomic_xchg(sync_ptr + 1 + (seg % 2) * (H * NV) + h * NV + iv, (ticket + 1).to(tl.int32), sem="release")
+        tl.atomic_xchg(sync_ptr + 1 + slot * (H * NV) + h * NV + iv, (item + 1).to(tl.int32), sem="release")
     _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale, H, KD, VD, KP, C, BV,
                  REVERSE, DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, FACTORED_DECAY, SPLIT_BF16)
 
