@@ -13,7 +13,12 @@
 # The pipeline resumes from its own checkpoints in RUN on the next command; after each command the run's
 # small files (logs, results, report when made) come back in $OUT/run.tgz.
 set -euo pipefail
+START=$(date +%s)
 LIMIT=${1:-540}
+# a training phase stops at the first step ending past its deadline, then saves a checkpoint (~2 GB with the
+# optimizer, 10-20 s): that much of LIMIT is kept back, and the set-up below (decompressing the GGUF and the
+# corpora on a fresh machine, 20-40 s) counts too (2026-11-29e: `570` with neither ran past a 600 s call)
+SAVE_MARGIN=${SAVE_MARGIN:-25}
 UNTIL=${2:-}
 STASH=${STASH:-/root/sala_stash}
 RUN=${RUN:-/root/sala_runs/gpu}
@@ -44,7 +49,9 @@ fi
 ls -la "$SALA_CACHE/gguf" "$SALA_CACHE/corpora"/* 2>/dev/null | head -20
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 set +e
-python3 -m sala.cli pipeline --profile "${PROFILE:-gpu}" --out "$RUN" --time-limit "$LIMIT" --reserve 150 ${UNTIL:+--until $UNTIL} "${REUSE[@]}" 2>&1 \
+LEFT=$((LIMIT - ($(date +%s) - START) - SAVE_MARGIN))
+echo "convert_gpu.sh: $LEFT s for the pipeline (limit $LIMIT, set-up $(($(date +%s) - START)) s, checkpoint margin $SAVE_MARGIN s)"
+python3 -m sala.cli pipeline --profile "${PROFILE:-gpu}" --out "$RUN" --time-limit "$LEFT" --reserve 150 ${UNTIL:+--until $UNTIL} "${REUSE[@]}" 2>&1 \
   | grep -v -E "Loading weights|Writing model shards" | tee -a "$RUN.log"
 rc=${PIPESTATUS[0]}
 set -e

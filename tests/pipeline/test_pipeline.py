@@ -96,11 +96,22 @@ def test_pipeline_runs_every_phase_resumes_and_reports(teacher_dir, tmp_path):
     shutil.copytree(out, light, ignore=shutil.ignore_patterns("*.safetensors", "checkpoints", "report"))
     st = json.loads((light / "pipeline.json").read_text())
     st["done"].pop("report")
+    assert set(st["phase_devices"]) == set(PHASES) - {"report"}
+    # measured on a GPU: the report made here names that card, not this machine
+    st["device"], st["phase_devices"] = "NVIDIA H200", {k: "NVIDIA H200" for k in st["phase_devices"]}
     (light / "pipeline.json").write_text(json.dumps(st))
     assert Pipeline(prof, light, device="cpu", log=quiet).run()["finished"]
     s2 = json.loads((light / "report" / "summary.json").read_text())
     for key in ("ppl", "passkey", "recall", "layers", "train_tokens"):
         assert s2[key] == s[key], key
+    assert s2["card"] == "NVIDIA H200" and "Card: NVIDIA H200." in (light / "report" / "summary.md").read_text()
+    st = json.loads((light / "pipeline.json").read_text())  # phases measured on two cards: each named
+    st["done"].pop("report")
+    st["phase_devices"]["student_eval"] = "NVIDIA H100"
+    (light / "pipeline.json").write_text(json.dumps(st))
+    assert Pipeline(prof, light, device="cpu", log=quiet).run()["finished"]
+    card = json.loads((light / "report" / "summary.json").read_text())["card"]
+    assert "NVIDIA H100 (student_eval)" in card and "NVIDIA H200 (halo)" in card
 
 
 def test_profile_errors_name_the_problem(teacher_dir, tmp_path):

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -31,6 +32,55 @@ def test_interrupted_run_resumes_bitwise(recipe_factory, tmp_path):
     losses_cut = [r["loss"] for r in part["history"] + part2["history"] + rest["history"]]
     assert losses_full == losses_cut
     assert (tmp_path / "full" / "final" / "config.json").is_file()
+
+
+def _logged_steps(run):
+    return [json.loads(ln)["global_step"] for ln in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_a_kill_logs_every_step_once(recipe_factory, tmp_path):
+    """A command killed between checkpoints logged steps the resumed run takes again: the training log
+    (what the pipeline's report counts) keeps each step once, the resumed ones."""
+    rec = recipe_factory()
+    run = tmp_path / "run"
+    Trainer(rec, run, log=lambda *a: None).run(stop_after=3)
+    Trainer(rec, run, log=lambda *a: None).run(stop_after=5)
+    ckpts = run / "checkpoints"
+    shutil.rmtree(ckpts / "step-0000005")  # killed after logging steps 4 and 5, before their checkpoint
+    (ckpts / "latest").write_text("step-0000003")
+    assert _logged_steps(run) == [1, 2, 3, 4, 5]
+    notes = []
+    rest = Trainer(rec, run, log=notes.append).run()
+    assert rest["finished"] and _logged_steps(run) == [1, 2, 3, 4, 5, 6]
+    assert any("dropped 2 step(s)" in n for n in notes)
+
+
+def test_steps_run_under_the_recipes_sparse_union_lanes(recipe_factory, tmp_path, monkeypatch):
+    """sparse_union_lanes: every training step's forward and backward run with InfLLM-V2's union rest pass
+    on (sala.ops.dispatch.sparse_union_lanes), the setting restored after; it changes no result, so a run
+    may resume with another value (the recipe's fingerprint leaves it out)."""
+    from sala.ops import infllmv2_triton_attn as attn
+    from sala.train.trainer import recipe_fingerprint
+
+    seen = {"forward": [], "backward": []}
+    real = ops.sparse_attention
+
+    def spy(*a, **k):
+        seen["forward"].append(attn.UNION_LANES)
+        out = real(*a, **k)
+        if out.requires_grad:
+            out.register_hook(lambda g: seen["backward"].append(attn.UNION_LANES))
+        return out
+
+    monkeypatch.setattr(ops, "sparse_attention", spy)
+    stages = [{"name": "long", "kind": "lm", "steps": 2, "seq_len": 64, "batch_size": 1, "lr": 1e-3, "sparse": True}]
+    rec = recipe_factory(stages=stages, sparse_union_lanes=16)
+    assert recipe_fingerprint(rec) == recipe_fingerprint(recipe_factory(stages=stages))
+    before = attn.UNION_LANES
+    assert Trainer(rec, tmp_path / "r", log=lambda *a: None).run()["finished"]
+    assert seen["forward"] and seen["backward"]
+    assert set(seen["forward"]) == {16} and set(seen["backward"]) == {16}
+    assert attn.UNION_LANES == before
 
 
 def test_resume_test_can_fail(recipe_factory, tmp_path):

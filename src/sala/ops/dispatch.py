@@ -39,6 +39,27 @@ def reference_ops():
         _FORCE_REFERENCE = old
 
 
+@contextmanager
+def sparse_union_lanes(lanes: int):
+    """Inside the block InfLLM-V2's Triton rest pass (forward and backward) walks the union of ``lanes``
+    neighbouring rows' selections (``infllmv2_triton_attn.UNION_LANES``; 0 leaves the setting alone). Same
+    blocks, same results; faster where rows share their blocks, as a trained model's do (a training step of
+    the GPU profile's student at 32K: 634 instead of 842 ms on an H200, bench/results/train_step.md)."""
+    if lanes < 0:
+        raise ValueError(f"sparse union lanes must be >= 0, got {lanes}")
+    if not lanes:
+        yield
+        return
+    from . import infllmv2_triton_attn as attn
+
+    old = attn.UNION_LANES
+    attn.UNION_LANES = int(lanes)
+    try:
+        yield
+    finally:
+        attn.UNION_LANES = old
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True when the Triton path should run for these tensors."""
     return not _FORCE_REFERENCE and all(t.is_cuda for t in tensors)

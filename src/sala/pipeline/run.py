@@ -390,7 +390,6 @@ class Pipeline:
     def run(self, deadline: float | None = None, reserve_s: float = 0.0, until: str | None = None) -> dict:
         """Run the phases not yet done; returns ``{'finished', 'next', 'done'}``."""
         self.state["commands"] = self.state.get("commands", 0) + 1
-        self.state["device"] = device_name(self.device)
         self._save()
         for phase in PHASES:
             if phase in self.state["done"]:
@@ -407,6 +406,9 @@ class Pipeline:
                 self.log(f"pipeline: stopping before {phase} (deadline)")
                 return {"finished": False, "next": phase, "done": list(self.state["done"])}
             self.log(f"pipeline: {phase}")
+            if phase != "report":  # the card of the measurements (a report made later elsewhere keeps it)
+                self.state["device"] = device_name(self.device)
+                self.state.setdefault("phase_devices", {})[phase] = self.state["device"]
             t0 = time.time()
             result = getattr(self, f"_phase_{phase}")(deadline)
             self.state["seconds"][phase] = self.state["seconds"].get(phase, 0.0) + time.time() - t0

@@ -68,6 +68,7 @@ class Recipe:
     autocast_bf16: bool = False
     gradient_checkpointing: bool = False
     fuse: bool = False  # CUDA: run the layers' elementwise chains through torch.compile (sala.layers.fusion)
+    sparse_union_lanes: int = 0  # CUDA: InfLLM-V2's union rest pass in training steps (sala.ops.dispatch)
     parallel: str = "ddp"  # with several processes: 'ddp' (replicas) or 'fsdp2' (fully_shard per layer)
     checkpoint_every: int = 50
     log_every: int = 1

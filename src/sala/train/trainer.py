@@ -33,6 +33,7 @@ from ..data.packing import IGNORE, Packed, concat_packed, unpack_segments
 from ..data.retrieval import retrieval_documents, retrieval_documents_with_answers
 from ..layers.fusion import fusion
 from ..layers.sparse import DENSE_ALWAYS, SparseAttention
+from ..ops.dispatch import sparse_union_lanes
 from . import distributed as D
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .data import PackedStream, StreamState, load_documents
@@ -49,7 +50,7 @@ MAX_RETRIEVAL_DOCS = 256  # synthetic retrieval documents per stage (the stream 
 def recipe_fingerprint(recipe: Recipe) -> str:
     """Short hash of everything in the recipe that changes what a step computes (not the logging cadence)."""
     d = asdict(recipe)
-    for k in ("checkpoint_every", "log_every", "fuse"):
+    for k in ("checkpoint_every", "log_every", "fuse", "sparse_union_lanes"):
         d.pop(k)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -231,6 +232,18 @@ class Trainer:
         return (ids.to(dev), (am.to(dev) if am is not None else None), labels.to(dev),
                 weights.to(dev) if weights is not None else None)
 
+    def _drop_steps_after(self, global_step: int) -> None:
+        """Keep only the log.jsonl rows up to the checkpoint being resumed: a process stopped between two
+        checkpoints (a killed command) logged steps that the resumed run takes again."""
+        path = self.out / "log.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines if json.loads(ln).get("global_step", 0) <= global_step]
+        if len(kept) != len(lines):
+            path.write_text("".join(kept))
+            self.log(f"log.jsonl: dropped {len(lines) - len(kept)} step(s) logged after that checkpoint")
+
     def _fusion(self):
         return fusion(self.recipe.fuse and self.device.type == "cuda")
 
@@ -328,6 +341,8 @@ class Trainer:
                                    f"{fingerprint}); resume with the same recipe or use a new run folder")
             set_rng_state(rng)
             self.log(f"resumed from {latest} (stage {state['stage_index']}, step {state['stage_step']})")
+            if self.rank == 0:
+                self._drop_steps_after(state["global_step"])
         else:
             torch.manual_seed(r.seed)
         history = []
@@ -372,10 +387,11 @@ class Trainer:
                 parts = [stream.next_batch(stage.batch_size - n_aux)] if stage.batch_size > n_aux else []
                 batch = concat_packed(parts + ([aux.next_batch(n_aux)] if aux is not None else []))
                 opt.zero_grad(set_to_none=True)
-                with self._fusion():
-                    loss_sum, count = self._loss(stage, module, batch)
-                total = D.all_sum(count).clamp_min(1.0)
-                (loss_sum * (self.world / total)).backward()  # DDP averages: world * sum / total = global mean
+                with sparse_union_lanes(self.recipe.sparse_union_lanes):  # read by the backward too
+                    with self._fusion():
+                        loss_sum, count = self._loss(stage, module, batch)
+                    total = D.all_sum(count).clamp_min(1.0)
+                    (loss_sum * (self.world / total)).backward()  # DDP: world * sum / total = global mean
                 gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in params], stage.grad_clip) \
                     if stage.grad_clip > 0 else torch.tensor(0.0)
                 if hasattr(gnorm, "full_tensor"):  # DTensor under FSDP2
