@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call for the kernel checks that follow a GPU profile run on the same machine, each step under its
 # own time limit so that a hang (the chained lightning kernel's programs wait on each other) costs one step,
-# not the call. Everything lands in $OUT (logs, lightning.json, train_step.json, gpu test logs).
+# not the call. Every step writes into a work folder (logs, lightning.json, train_step.json, gpu test logs),
+# packed after each step into $OUT/kernel_session.tgz beside $OUT/session.log: a call brings back at most 8
+# files, and on 2026-11-29 the steps wrote 14 (train_step.json was left behind).
 #   bash bench/kernel_session.sh [seconds for the whole call, default 540]
 # Steps (skipped when less than their limit is left), most wanted first:
 #   1. the chained lightning kernel's tests at GPU shapes (a smoke test: it must not hang; it did on 2026-11-29
@@ -14,8 +16,9 @@
 cd "$(dirname "$0")/.." || exit 2
 TOTAL=${1:-540}
 START=$(date +%s)
-OUT=${OUT:-/tmp/kernel_session}
-mkdir -p "$OUT"
+BACK=${OUT:-/tmp/kernel_session_out}  # what the call brings back: session.log, kernel_session.tgz
+export OUT=/tmp/kernel_session        # where the steps and the bench scripts write
+mkdir -p "$OUT" "$BACK"
 source bench/gpu_site.sh  # carried wheels (fla-core, einops) -> /tmp/site; src/ on PYTHONPATH
 export PYTHONPATH=$PWD/bench:$PYTHONPATH SALA_TEST_STREAM=$OUT/gpu_tests_stream.log
 export SALA_CACHE=${SALA_CACHE:-/root/sala_cache} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false  # as convert_gpu.sh
@@ -31,10 +34,11 @@ step() {  # step NAME LIMIT COMMAND...: run under `timeout LIMIT` if that much t
   fi
   echo "== $name (limit $limit s)" | tee -a "$OUT/session.log"
   local t0=$(date +%s)
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "== $name: rc $rc in $(($(date +%s) - t0)) s" | tee -a "$OUT/session.log"
   tail -25 "$OUT/$name.log"
+  tar -czf "$BACK/kernel_session.tgz" -C "$OUT" . && cp "$OUT/session.log" "$BACK/"
   return $rc
 }
 
@@ -60,3 +64,4 @@ step infllmv2_selection_tests 150 env TEST_TIMEOUT=60 bash bench/gpu_tests.sh \
 step infllmv2 170 python bench/infllmv2.py --no-tune --budget-s 120 --dense-backends cudnn \
   --cases 'fwd_T(131072|262144)$' --out "$OUT"
 echo "== done in $(($(date +%s) - START)) s" | tee -a "$OUT/session.log"
+cp "$OUT/session.log" "$BACK/"
