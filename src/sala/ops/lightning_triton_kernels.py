@@ -267,6 +267,11 @@ def _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, 
         S = _mm(tl.trans(b_k), vw, S * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST, SPLIT_BF16)
 
 
+# polls of a predecessor's flag before a chained program gives up (~10 s on an H100: a real wait lasts at
+# most one launch, milliseconds to a second at 1M tokens); its segment and the chain after it come out NaN
+MAX_SPINS = tl.constexpr(1 << 24)
+
+
 @triton.jit
 def _segment_chained_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, ht_ptr, o_ptr, ring_ptr, sync_ptr,
@@ -323,12 +328,15 @@ def _segment_chained_kernel(
         want = item - H * NV + 1  # the predecessor's item + 1 (same head and V block, segment seg - 1)
         seen = tl.atomic_add(flag, 0, sem="acquire")
         if not UPCAST:  # (the interpreter runs programs one after another: the predecessor is done)
-            while seen != want:
+            spins = 0
+            while (seen != want) & (spins < MAX_SPINS):
                 seen = tl.atomic_add(flag, 0, sem="acquire")
+                spins += 1
         # .cg: past L1, which another program on this SM may have filled from the same slot
         S = tl.load(ring_ptr + (slot * H + h) * (KD * VD) + tile, mask=mask, other=0.0, cache_modifier=".cg")
-        if UPCAST:  # a slot read before (or other than) its predecessor published it poisons the output
-            S = tl.where(seen == want, S, float("nan"))
+        # a slot read before (or other than) its predecessor published it poisons the output: in the
+        # interpreter a wrong schedule, on the GPU a wait given up (a broken chain ends in NaN, not a hang)
+        S = tl.where(seen == want, S, float("nan"))
     out = S * tl.exp(g * seg_len.to(tl.float32)) + acc
     if last:
         if STORE_HT:
