@@ -134,6 +134,39 @@ def _fwd_kernel(
         tl.store(LSE + r * s_lr + hk * G + h, lse, mask=hm)
 
 
+@triton.jit
+def _forced_rows(pid, q_pos0, n_rows, init_blocks, local_blocks,
+                 G: tl.constexpr, GP: tl.constexpr, RB: tl.constexpr, BS: tl.constexpr):
+    """The RB consecutive rows x GP head lanes of a forced-block program (``row``, ``h``, ``ok``: a real row and
+    head; ``qpos``, ``qb``: position and block of each lane's row) and the blocks the rows share: ``n_init``
+    initial blocks, then the local window from block ``loc_lo``, ``n_loop`` blocks in all."""
+    BM: tl.constexpr = RB * GP
+    mm = tl.arange(0, BM)
+    row = pid * RB + mm // GP
+    h = mm % GP
+    ok = (row < n_rows) & (h < G)
+    qpos = q_pos0 + row
+    qb = qpos // BS
+    qb_lo = (q_pos0 + pid * RB) // BS
+    qb_hi = (q_pos0 + tl.minimum(pid * RB + RB, n_rows) - 1) // BS
+    n_init = tl.minimum(init_blocks, tl.maximum(qb_hi - local_blocks, 0))
+    loc_lo = tl.maximum(qb_lo - local_blocks, 0)
+    return row, h, ok, qpos, qb, n_init, loc_lo, n_init + (qb_hi + 1 - loc_lo)
+
+
+@triton.jit
+def _forced_block(i, n_init, loc_lo, qb, ok, local_blocks):
+    """Block ``i`` of a forced-block loop (the initial blocks, then the local window) and the lanes whose row
+    has it among its forced blocks."""
+    if i < n_init:
+        b = i
+        use = (b < qb - local_blocks) & ok
+    else:
+        b = loc_lo + (i - n_init)
+        use = (b >= qb - local_blocks) & (b <= qb) & ok
+    return b, use
+
+
 @triton.jit(do_not_specialize=LENGTH_ARGS["_fwd_forced_kernel"])
 def _fwd_forced_kernel(
     Q, K, V, OP, LP,
@@ -147,32 +180,18 @@ def _fwd_forced_kernel(
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     BM: tl.constexpr = RB * GP
-    mm = tl.arange(0, BM)
-    row = pid * RB + mm // GP
-    h = mm % GP
-    ok = (row < n_rows) & (h < G)
+    row, h, ok, qpos, qb, n_init, loc_lo, n_loop = _forced_rows(pid, q_pos0, n_rows, init_blocks, local_blocks,
+                                                                G, GP, RB, BS)
     d = tl.arange(0, BD)
     dm = d < D
     row64 = row.to(tl.int64)
     q = tl.load(Q + row64[:, None] * s_qr + (hk * G + h)[:, None] * s_qh + d[None, :], mask=ok[:, None] & dm[None, :], other=0.0)
-    qpos = q_pos0 + row
-    qb = qpos // BS
-    qb_lo = (q_pos0 + pid * RB) // BS
-    qb_hi = (q_pos0 + tl.minimum(pid * RB + RB, n_rows) - 1) // BS
     kk = tl.arange(0, BS)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
-    n_init = tl.minimum(init_blocks, tl.maximum(qb_hi - local_blocks, 0))
-    loc_lo = tl.maximum(qb_lo - local_blocks, 0)
-    n_loop = n_init + (qb_hi + 1 - loc_lo)
     for i in range(0, n_loop):
-        if i < n_init:
-            b = i
-            use = (b < qb - local_blocks) & ok
-        else:
-            b = loc_lo + (i - n_init)
-            use = (b >= qb - local_blocks) & (b <= qb) & ok
+        b, use = _forced_block(i, n_init, loc_lo, qb, ok, local_blocks)
         kpos = b.to(tl.int64) * BS + kk
         kt = _kv_tile_t(K, kpos, kpos < n_keys, hk, s_kt, s_kh, d, dm)
         vb = _kv_tile(V, kpos, kpos < n_keys, hk, s_vt, s_vh, d, dm)
@@ -245,10 +264,8 @@ def _bwd_dq_forced_kernel(
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     BM: tl.constexpr = RB * GP
-    mm = tl.arange(0, BM)
-    row = pid * RB + mm // GP
-    h = mm % GP
-    ok = (row < n_rows) & (h < G)
+    row, h, ok, qpos, qb, n_init, loc_lo, n_loop = _forced_rows(pid, q_pos0, n_rows, init_blocks, local_blocks,
+                                                                G, GP, RB, BS)
     d = tl.arange(0, BD)
     dm = d < D
     row64 = row.to(tl.int64)
@@ -257,22 +274,10 @@ def _bwd_dq_forced_kernel(
     do = tl.load(DO + row64[:, None] * s_dr + (hk * G + h)[:, None] * s_dh + d[None, :], mask=qm, other=0.0)
     lse = tl.load(LSE + row64 * s_lr + hk * G + h, mask=ok, other=0.0)
     delta = tl.load(DELTA + row64 * s_lr + hk * G + h, mask=ok, other=0.0)
-    qpos = q_pos0 + row
-    qb = qpos // BS
-    qb_lo = (q_pos0 + pid * RB) // BS
-    qb_hi = (q_pos0 + tl.minimum(pid * RB + RB, n_rows) - 1) // BS
     kk = tl.arange(0, BS)
     dq = tl.zeros([BM, BD], tl.float32)
-    n_init = tl.minimum(init_blocks, tl.maximum(qb_hi - local_blocks, 0))
-    loc_lo = tl.maximum(qb_lo - local_blocks, 0)
-    n_loop = n_init + (qb_hi + 1 - loc_lo)
     for i in range(0, n_loop):
-        if i < n_init:
-            b = i
-            use = (b < qb - local_blocks) & ok
-        else:
-            b = loc_lo + (i - n_init)
-            use = (b >= qb - local_blocks) & (b <= qb) & ok
+        b, use = _forced_block(i, n_init, loc_lo, qb, ok, local_blocks)
         kpos = b.to(tl.int64) * BS + kk
         kt = _kv_tile_t(K, kpos, kpos < n_keys, hk, s_kt, s_kh, d, dm)
         vt = _kv_tile_t(V, kpos, kpos < n_keys, hk, s_vt, s_vh, d, dm)
