@@ -496,55 +496,89 @@ def test_chained_kernel_with_several_v_blocks(monkeypatch):
     assert rel(o, ro) < TOL[torch.float32] and rel(s, rs) < TOL[torch.float32]
 
 
-def _interleaved_chains(plan, H: int, nv: int, how: str, seed: int = 0) -> list[int]:
-    """A schedule the GPU may run: every chain's (sequence, head, V block) segments in order, the chains
-    interleaved ("round_robin": segment j of every sequence before segment j + 1 of any; "random")."""
-    seg0 = plan.tables[4].tolist()
-    chains = [[s * H * nv + h * nv + iv for s in range(seg0[n], seg0[n + 1])]
-              for n in range(len(plan.lens)) for h in range(H) for iv in range(nv)]
-    chains = [c for c in chains if c]
-    if how == "round_robin":
-        return [c[j] for j in range(max(map(len, chains))) for c in chains if j < len(c)]
-    rng, order = random.Random(seed), []
-    while chains:
-        c = rng.choice(chains)
-        order.append(c.pop(0))
-        if not c:
-            chains.remove(c)
+def _chain_waits(plan, H: int, nv: int) -> dict[int, int]:
+    """What each work item of the chained kernel waits for (the kernel's protocol, from the plan's tables):
+    the same chain's previous segment, and for a sequence's first segment that takes over a lane, the last
+    segment of the lane's previous sequence (same head and V block)."""
+    seg0, prev_last = plan.tables[4].tolist(), plan.tables[6].tolist()
+    waits = {}
+    for n in range(len(plan.lens)):
+        for s in range(seg0[n], seg0[n + 1]):
+            for c in range(H * nv):
+                item = s * H * nv + c
+                if s > seg0[n]:
+                    waits[item] = item - H * nv
+                elif prev_last[n] >= 0 and seg0[n + 1] - seg0[n] > 1:
+                    waits[item] = prev_last[n] * H * nv + c
+    return waits
+
+
+def _schedule(plan, H: int, nv: int, how: str, seed: int = 0) -> list[int]:
+    """A run order the GPU may take: each item after the one it waits for, the sequences interleaved
+    ("round_robin": the ready item of the lowest segment index within its sequence first; "random")."""
+    waits = _chain_waits(plan, H, nv)
+    seg0, seg_seq = plan.tables[4].tolist(), plan.tables[0].tolist()
+    n_items = plan.nseg * H * nv
+    done, order, rng = set(), [], random.Random(seed)
+    ready = [i for i in range(n_items) if i not in waits]
+    blocked = {}
+    for item, dep in waits.items():
+        blocked.setdefault(dep, []).append(item)
+    while ready:
+        if how == "round_robin":
+            local = [i // (H * nv) - seg0[seg_seq[i // (H * nv)]] for i in ready]
+            pick = ready.pop(local.index(min(local)))
+        else:
+            pick = ready.pop(rng.randrange(len(ready)))
+        order.append(pick)
+        done.add(pick)
+        ready += blocked.get(pick, [])
+    assert len(order) == n_items
     return order
 
 
-@pytest.mark.parametrize("how", ["round_robin", "random"])
-def test_chained_kernel_when_sequences_progress_at_different_speeds(how):
-    """Packed sequences run side by side: a sequence's first segment publishes its state while the previous
-    sequence's last segments have not read theirs yet. With ring slots shared across sequences (indexed by
-    the global segment) it overwrote one, and on the H200 the reader waited forever; each sequence now has
-    its own slots. Replayed in the interpreter by handing programs the work items in such an order (the
-    interpreter poisons a state read from a slot its predecessor did not write last)."""
+@pytest.mark.parametrize("lanes", [1, 2, 32])
+@pytest.mark.parametrize("how,reverse,nv", [("round_robin", False, 1), ("random", False, 1), ("random", True, 2)])
+def test_chained_kernel_when_sequences_progress_at_different_speeds(how, reverse, nv, lanes, monkeypatch):
+    """Packed sequences run side by side: a sequence's first segment publishes its state while other
+    sequences' segments have not read theirs yet. With ring slots shared across sequences (indexed by the
+    global segment) it overwrote one, and on the H200 the reader waited forever. Sequences now take lanes of
+    slots in turn (1 and 2 lanes: every sequence waits for the lane's previous one), replayed in the
+    interpreter by handing programs the work items in such orders; the interpreter poisons a state read
+    from a slot, or written into a lane, that its flag does not say is ready."""
     from sala.ops import lightning_triton as lt
 
+    monkeypatch.setattr(lt, "CHAIN_LANES", lanes)
     H, D, seg = (2, 16, 64) if not CUDA else (4, 64, 512)
-    lens = [150, 70, 200, 1, 130] if not CUDA else [1500, 700, 2000, 1, 1300]
+    if nv > 1:
+        monkeypatch.setenv("SALA_LIGHTNING_BV", str(D // nv))
+    lens = [150, 70, 200, 1, 130, 0, 300] if not CUDA else [1500, 700, 2000, 1, 1300, 0, 3000]
     cu = torch.tensor([0] + lens, device=DEV).cumsum(0)
     q, k, v = inputs(1, sum(lens), H, D, torch.float32, seed=51)
     g = lightning_decay(H).to(DEV)
     h0 = rand(len(lens), H, D, D, seed=52)
     plan = lt._plan(q, cu, seg, chained=True)
-    nv = -(-D // lt._launch_cfg(D, q.dtype, "tf32")["BV"])
-    order = torch.tensor(_interleaved_chains(plan, H, nv, how), device=DEV)
-    assert sorted(order.tolist()) == list(range(plan.nseg * H * nv))
-    o, s = lt.segment_chained(q, k, v, g, plan, D ** -0.5, h0, work_order=order)
-    ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g, initial_state=h0.double(), cu_seqlens=cu)
-    assert rel(o, ro) < TOL[torch.float32] and rel(s, rs) < TOL[torch.float32]
+    assert plan.lanes == min(lanes, 5)
+    assert -(-D // lt._launch_cfg(D, q.dtype, "tf32")["BV"]) == nv
+    order = torch.tensor(_schedule(plan, H, nv, how), device=DEV)
+    o, s = lt.segment_chained(q, k, v, g, plan, D ** -0.5, h0, reverse=reverse, work_order=order)
+    idx = torch.arange(sum(lens), device=DEV)
+    if reverse:  # each sequence reversed on its own
+        idx = torch.cat([torch.arange(int(b) - 1, int(a) - 1, -1) for a, b in zip(cu[:-1], cu[1:])]).to(DEV)
+    ro, rs = lightning_attn_chunked(*(x[:, idx].double() for x in (q, k, v)), g, initial_state=h0.double(),
+                                    cu_seqlens=cu)
+    assert rel(o, ro[:, torch.argsort(idx)]) < TOL[torch.float32] and rel(s, rs) < TOL[torch.float32]
 
 
-def test_chained_kernel_rejects_a_partial_work_order():
+def test_chained_kernel_rejects_a_work_order_that_is_not_a_permutation():
     from sala.ops import lightning_triton as lt
 
     q, k, v = inputs(1, 200, 2, 16, torch.float32, seed=53)
     plan = lt._plan(q, None, 64, chained=True)
-    with pytest.raises(ValueError, match="work_order"):
-        lt.segment_chained(q, k, v, lightning_decay(2).to(DEV), plan, 0.25, work_order=torch.arange(3, device=DEV))
+    n_items = plan.nseg * 2
+    for bad in (torch.arange(3), torch.zeros(n_items, dtype=torch.int64), torch.arange(1, n_items + 1)):
+        with pytest.raises(ValueError, match="work_order"):
+            lt.segment_chained(q, k, v, lightning_decay(2).to(DEV), plan, 0.25, work_order=bad.to(DEV))
 
 
 @pytest.mark.parametrize("with_h0", [False, True])

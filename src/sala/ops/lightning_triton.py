@@ -49,6 +49,11 @@ KERNELS = ("default", "kmajor", "chained")
 # tokens per segment of the chained kernel: short, so that the k and v of every running program fit in L2
 # (SALA_LIGHTNING_CHAIN_SEG overrides it)
 CHAIN_SEG = 512
+# ring lanes of the chained kernel (a lane: 2 state slots of [H, K, V] float32): sequences of 2+ segments take
+# them in turn, a sequence's first segment waiting until the lane's previous sequence has read its last state.
+# Only the sequences in flight need one (a few at a time: programs take work in segment order), so 32 lanes
+# bound the ring (256 MiB at 32 heads x 128 x 128) however many documents a batch packs
+CHAIN_LANES = 32
 
 
 def _pad_dim(d: int) -> int:
@@ -114,9 +119,9 @@ _TABLES: dict = {}
 
 
 def _segment_table(lens: list[int], seg: int, device) -> tuple[torch.Tensor, ...]:
-    """int64 tables: per segment (sequence, start); per sequence (bos, length, first segment, chain lane).
-    Cached per (lengths, segment length, device): rebuilding means host work and six copies."""
-    key = (tuple(lens), seg, str(device))
+    """int64 tables: per segment (sequence, start); per sequence (bos, length, first segment, chain lane, the
+    lane's previous sequence's last segment). Cached per (lengths, segment length, device, lanes)."""
+    key = (tuple(lens), seg, str(device), CHAIN_LANES)
     if key not in _TABLES:
         if len(_TABLES) >= 64:
             _TABLES.clear()
@@ -135,10 +140,16 @@ def _build_segment_table(lens: list[int], seg: int, device) -> tuple[torch.Tenso
     total = int(seg0[-1])
     seg_seq = torch.repeat_interleave(torch.arange(len(lens), dtype=torch.int64), nseg)
     seg_tau0 = (torch.arange(total, dtype=torch.int64) - seg0[seg_seq]) * seg
-    # the chained kernel's ring slots: a pair per sequence of 2+ segments (its lane), none for the others
+    # the chained kernel's lanes (CHAIN_LANES, in turn) for the sequences of 2+ segments, -1 for the others;
+    # and for each, the last segment of the sequence that had its lane before it (-1: none)
     chained = nseg > 1
-    lane = torch.where(chained, torch.cumsum(chained.to(torch.int64), 0) - 1, -1)
-    return tuple(t.to(device) for t in (seg_seq, seg_tau0, bos, lens_t, seg0, lane))
+    rank = torch.cumsum(chained.to(torch.int64), 0) - 1  # index among the sequences of 2+ segments
+    lane = torch.where(chained, rank % CHAIN_LANES, -1)
+    last_of_chained = (seg0[1:] - 1)[chained]
+    lane_prev = torch.full_like(rank, -1)
+    takes_over = chained & (rank >= CHAIN_LANES)
+    lane_prev[takes_over] = last_of_chained[rank[takes_over] - CHAIN_LANES]
+    return tuple(t.to(device) for t in (seg_seq, seg_tau0, bos, lens_t, seg0, lane, lane_prev))
 
 
 def _sequence_lengths(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[int]:
@@ -169,9 +180,9 @@ class _Plan:
 
     lens: list[int]
     seg: int
-    tables: tuple[torch.Tensor, ...]  # seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0, seq_lane
+    tables: tuple[torch.Tensor, ...]  # seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0, seq_lane, seq_lane_prev
     max_segs: int
-    lanes: int  # sequences of 2+ segments (each has its own pair of the chained kernel's ring slots)
+    lanes: int  # lanes of the chained kernel's ring in use: min(sequences of 2+ segments, CHAIN_LANES)
 
     @property
     def nseg(self) -> int:
@@ -187,7 +198,7 @@ def _plan(q: torch.Tensor, cu_seqlens: torch.Tensor | None, segment_len: int | N
     if seg % CHUNK:
         raise ValueError(f"segment_len must be a multiple of {CHUNK}, got {seg}")
     return _Plan(lens, seg, _segment_table(lens, seg, q.device), max([-(-n // seg) for n in lens] + [1]),
-                 sum(n > seg for n in lens))
+                 min(sum(n > seg for n in lens), CHAIN_LANES))
 
 
 def _common(plan: _Plan, H: int, KD: int, VD: int, q_dtype: torch.dtype, precision: str, reverse: bool) -> dict:
@@ -210,7 +221,7 @@ def segment_states(
     _, _, H, KD = k.shape
     VD = v.shape[-1]
     nseg, N = plan.nseg, len(plan.lens)
-    seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0, _ = plan.tables
+    seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0 = plan.tables[:5]
     states = torch.empty(max(nseg, 1), H, KD, VD, dtype=torch.float32, device=k.device)
     ht = torch.empty(N, H, KD, VD, dtype=torch.float32, device=k.device) if output_final_state else None
     if initial_state is not None:
@@ -241,7 +252,7 @@ def segment_outputs(
     VD = v.shape[-1]
     o = torch.empty(B, T, H, VD, dtype=out_dtype, device=q.device)
     if plan.nseg:
-        seg_seq, seg_tau0, seq_bos, seq_len, _, _ = plan.tables
+        seg_seq, seg_tau0, seq_bos, seq_len = plan.tables[:4]
         common = _common(plan, H, KD, VD, q.dtype, precision, reverse)
         factored = factored_decay_ok(g) if factored_decay is None else factored_decay
         out_kernel = _kn._segment_output_kmajor_kernel if kernel == "kmajor" else _kn._segment_output_kernel
@@ -260,10 +271,10 @@ def segment_chained(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Passes 1-3 in one launch (``_segment_chained_kernel``): o and each sequence's final state. No
     per-segment state reaches memory (the chained backward runs three more such launches); the states
-    handed on go through 2 ring slots of ``[H, K, V]`` float32 per sequence of 2+ segments.
+    handed on go through a ring of 2 slots of ``[H, K, V]`` float32 per lane (``CHAIN_LANES`` at most).
 
     ``work_order`` (tests): the work item each ticket takes, in place of ticket order. The interpreter runs
-    programs one after another, so an order that interleaves the chains (each chain's segments in order)
+    programs one after another, so an order that interleaves the chains (each item after those it waits for)
     replays a schedule the GPU may run, where sequences progress at different speeds."""
     B, T, H, KD = q.shape
     VD = v.shape[-1]
@@ -277,19 +288,22 @@ def segment_chained(
         return o, ht
     common = _common(plan, H, KD, VD, q.dtype, precision, reverse)
     nv = triton.cdiv(VD, common["BV"])
-    slots = 2 * max(plan.lanes, 1)
-    ring = torch.empty(slots, H, KD, VD, dtype=torch.float32, device=q.device)
-    sync = torch.zeros(1 + slots * H * nv, dtype=torch.int32, device=q.device)  # ticket counter, slot flags
-    seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0, seq_lane = plan.tables
-    if work_order is not None and work_order.numel() != plan.nseg * H * nv:
-        raise ValueError(f"work_order must list all {plan.nseg * H * nv} work items, got {work_order.numel()}")
+    lanes = max(plan.lanes, 1)
+    ring = torch.empty(2 * lanes, H, KD, VD, dtype=torch.float32, device=q.device)
+    # ticket counter, then a flag per slot and per lane for every (head, V block)
+    sync = torch.zeros(1 + 3 * lanes * H * nv, dtype=torch.int32, device=q.device)
+    seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0, seq_lane, seq_lane_prev = plan.tables
+    n_items = plan.nseg * H * nv
+    if work_order is not None and not torch.equal(work_order.sort().values.cpu(), torch.arange(n_items)):
+        raise ValueError(f"work_order must list each of the {n_items} work items once, got {work_order.numel()} "
+                         "entries")
     factored = factored_decay_ok(g) if factored_decay is None else factored_decay
-    _kn._segment_chained_kernel[(plan.nseg * H * nv,)](
+    _kn._segment_chained_kernel[(n_items,)](
         q, k, v, g, h0 if h0 is not None else ring, ht if ht is not None else ring, o, ring, sync,
-        seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0, seq_lane,
-        work_order if work_order is not None else seq_lane, float(scale), **common,
+        seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0, seq_lane, seq_lane_prev,
+        work_order if work_order is not None else seq_lane, float(scale), lanes, **common,
         FACTORED_DECAY=factored, HAS_H0=h0 is not None, STORE_HT=output_final_state,
-        ORDERED=work_order is not None,
+        SPIN=not _INTERPRET, ORDERED=work_order is not None,
     )
     return o, ht
 

@@ -267,20 +267,34 @@ def _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, 
         S = _mm(tl.trans(b_k), vw, S * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST, SPLIT_BF16)
 
 
-# polls of a predecessor's flag before a chained program gives up (~10 s on an H100: a real wait lasts at
-# most one launch, milliseconds to a second at 1M tokens); its segment and the chain after it come out NaN
+# polls of a flag before a chained program gives up (~10 s on an H100: a real wait lasts at most one launch,
+# milliseconds to a second at 1M tokens); its segment and the chain after it come out NaN instead of a hang
 MAX_SPINS = tl.constexpr(1 << 24)
 
 
 @triton.jit
+def _wait_flag(flag, want, SPIN: tl.constexpr):
+    """Poll ``flag`` (acquire) until it holds ``want`` or MAX_SPINS polls have passed; returns whether it does.
+    Without SPIN (the interpreter, which runs programs one after another) one read."""
+    seen = tl.atomic_add(flag, 0, sem="acquire")
+    if SPIN:
+        spins = 0
+        while (seen != want) & (spins < MAX_SPINS):
+            seen = tl.atomic_add(flag, 0, sem="acquire")
+            spins += 1
+    return seen == want
+
+
+@triton.jit(do_not_specialize=["LANES"])
 def _segment_chained_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, ht_ptr, o_ptr, ring_ptr, sync_ptr,
-    seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, seq_seg0_ptr, seq_lane_ptr, order_ptr, scale,
+    seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, seq_seg0_ptr, seq_lane_ptr, seq_lane_prev_ptr, order_ptr,
+    scale, LANES,
     H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, KP: tl.constexpr,
     SEG: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
     MASK_COLS: tl.constexpr, FACTORED_DECAY: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
-    ORDERED: tl.constexpr = False, SPLIT_BF16: tl.constexpr = False,
+    SPIN: tl.constexpr, ORDERED: tl.constexpr = False, SPLIT_BF16: tl.constexpr = False,
 ):
     """The three passes in one launch: each program computes its segment's delta (pass 1), takes the state
     entering its segment from its predecessor (the previous segment of the same sequence, head and V block)
@@ -288,14 +302,16 @@ def _segment_chained_kernel(
     still in L2: short segments keep the k and v of every running program there.
 
     Programs take work items by ticket (``sync_ptr[0]``, an atomic counter) rather than by program id, so
-    a predecessor always started earlier and is running or done: the wait cannot deadlock. Each sequence of
-    2+ segments has its own pair of ring slots per (head, V block) (its lane, ``seq_lane_ptr``; ``ring_ptr
-    [2 * lanes, H, K, V]``): segment j of a sequence writes slot j % 2, which only its own segment j + 2
-    writes again, after segment j + 1 has read it (j + 2 waits for j + 1's state). Slots shared across
-    sequences would not be safe: a sequence's first segment waits for nothing and could overwrite a state
-    the previous sequence's last segment has not read yet (which then waits forever).
-    ``sync_ptr[1 + slot * H * NV + h * NV + iv]`` holds the writer's work item + 1 once it has written its
-    slot (a value only that program writes, so a wait can only end on its own predecessor).
+    every program a program waits for got its ticket earlier and is running or done: no wait can deadlock.
+    States go through lanes of 2 ring slots per (head, V block) (``ring_ptr [2 * LANES, H, K, V]``). A
+    sequence of 2+ segments has a lane to itself while it runs: segment j writes slot j % 2, which only its
+    segment j + 2 writes again, after segment j + 1 has read it (j + 2 waits for j + 1's state). Sequences take
+    the lanes in turn; a sequence's first segment writes its lane only once the lane's previous sequence has
+    read its last state (``seq_lane_prev_ptr``: that sequence's last segment, an earlier ticket). Without that
+    wait a first segment, which waits for nothing else, could overwrite a state not yet read (on the H200 the
+    reader then waited forever). Flags hold the writer's work item + 1 (values only that program writes):
+    ``sync_ptr[1 + slot * H * NV + h * NV + iv]`` once it wrote the slot, ``sync_ptr[1 + 2 * LANES * H * NV +
+    lane * H * NV + h * NV + iv]`` once a sequence's last segment has read its lane's last state.
     ``ORDERED`` (tests): ticket t works on item ``order_ptr[t]``."""
     NV: tl.constexpr = (VD + BV - 1) // BV
     ticket = tl.atomic_add(sync_ptr, 1).to(tl.int64)
@@ -316,36 +332,38 @@ def _segment_chained_kernel(
     seg0 = tl.load(seq_seg0_ptr + n)
     first = seg == seg0
     last = seg + 1 == tl.load(seq_seg0_ptr + n + 1)
-    pair = 2 * tl.load(seq_lane_ptr + n)  # the sequence's first ring slot (-2 when it has one segment)
+    lane = tl.load(seq_lane_ptr + n)  # -1 for a sequence of one segment (no slot)
+    chain = h * NV + iv
+    lane_flag = sync_ptr + 1 + (2 * LANES + lane) * (H * NV) + chain
     if first:
         if HAS_H0:
             S = tl.load(h0_ptr + (n * H + h) * (KD * VD) + tile, mask=mask, other=0.0)
         else:
             S = tl.zeros([KP, BV], dtype=tl.float32)
     else:
-        slot = pair + (seg - seg0 - 1) % 2
-        flag = sync_ptr + 1 + slot * (H * NV) + h * NV + iv
-        want = item - H * NV + 1  # the predecessor's item + 1 (same head and V block, segment seg - 1)
-        seen = tl.atomic_add(flag, 0, sem="acquire")
-        if not UPCAST:  # (the interpreter runs programs one after another: the predecessor is done)
-            spins = 0
-            while (seen != want) & (spins < MAX_SPINS):
-                seen = tl.atomic_add(flag, 0, sem="acquire")
-                spins += 1
+        slot = 2 * lane + (seg - seg0 - 1) % 2
+        ok = _wait_flag(sync_ptr + 1 + slot * (H * NV) + chain, item - H * NV + 1, SPIN)  # the predecessor's
         # .cg: past L1, which another program on this SM may have filled from the same slot
         S = tl.load(ring_ptr + (slot * H + h) * (KD * VD) + tile, mask=mask, other=0.0, cache_modifier=".cg")
         # a slot read before (or other than) its predecessor published it poisons the output: in the
         # interpreter a wrong schedule, on the GPU a wait given up (a broken chain ends in NaN, not a hang)
-        S = tl.where(seen == want, S, float("nan"))
+        S = tl.where(ok, S, float("nan"))
     out = S * tl.exp(g * seg_len.to(tl.float32)) + acc
     if last:
         if STORE_HT:
             tl.store(ht_ptr + (n * H + h) * (KD * VD) + tile, out, mask=mask)
+        if not first:  # the lane's last state is read: the lane's next sequence may write it
+            tl.debug_barrier()
+            tl.atomic_xchg(lane_flag, (item + 1).to(tl.int32), sem="release")
     else:
-        slot = pair + (seg - seg0) % 2
+        prev_last = tl.load(seq_lane_prev_ptr + n)
+        if first & (prev_last >= 0):
+            free = _wait_flag(lane_flag, prev_last * (H * NV) + chain + 1, SPIN)
+            out = tl.where(free, out, float("nan"))
+        slot = 2 * lane + (seg - seg0) % 2
         tl.store(ring_ptr + (slot * H + h) * (KD * VD) + tile, out, mask=mask)
         tl.debug_barrier()  # every thread's part of the slot is written before the flag says so
-        tl.atomic_xchg(sync_ptr + 1 + slot * (H * NV) + h * NV + iv, (item + 1).to(tl.int32), sem="release")
+        tl.atomic_xchg(sync_ptr + 1 + slot * (H * NV) + chain, (item + 1).to(tl.int32), sem="release")
     _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale, H, KD, VD, KP, C, BV,
                  REVERSE, DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, FACTORED_DECAY, SPLIT_BF16)
 
