@@ -5,7 +5,7 @@
 # packed after each step into $OUT/kernel_session.tgz beside $OUT/session.log: a call brings back at most 8
 # files, and on 2026-11-29 the steps wrote 14 (train_step.json was left behind).
 #   bash bench/kernel_session.sh [seconds for the whole call, default 540]
-#   ONLY='chained_smoke|lightning' LIGHTNING_LIMIT=380 bash bench/kernel_session.sh 560   # only these steps
+#   ONLY='chained_smoke|lightning' LIGHTNING_LIMIT=350 bash bench/kernel_session.sh 560   # only these steps
 # Steps (skipped when less than their limit is left), most wanted first:
 #   1. the chained lightning kernel's tests at GPU shapes (a smoke test: it must not hang; it did on 2026-11-29
 #      before each sequence had its own ring slots)
@@ -51,7 +51,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee
 MARK=/root/chained_smoke_ok  # the smoke test passed in an earlier call on this machine
 # the chained tests that matter on a GPU: many programs in flight (sequences at different speeds, varlen with
 # empty sequences), the backward's three launches; the bench below checks every timed variant's output too
-step chained_smoke 150 python -m pytest -q -x -p no:cacheprovider -p pytest_stream \
+step chained_smoke 200 python -m pytest -q -x -p no:cacheprovider -p pytest_stream \
     tests/ops/test_lightning_triton.py -k "different_speeds or (backward_matches_reference_autograd and chained) \
     or (chained_forward_matches_float64 and True-False-dtype1) or several_v_blocks"
 rc=$?
