@@ -127,6 +127,8 @@ def test_profile_errors_name_the_problem(teacher_dir, tmp_path):
     bad["halo"] = dict(bad.get("halo", {}), noise_floor=-1)
     with pytest.raises(ProfileError, match="noise_floor"):
         parse_profile(bad)
+    with pytest.raises(ProfileError, match="sparse_union_lanes=-2 must be"):  # at parse time, not at training
+        parse_profile(tiny_profile(teacher_dir, sparse_union_lanes=-2))
     prof = parse_profile(tiny_profile(teacher_dir))
     Pipeline(prof, tmp_path / "r", device="cpu", log=lambda *a: None)._save()
     other = parse_profile(tiny_profile(teacher_dir, seed=3))

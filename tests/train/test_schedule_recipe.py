@@ -48,6 +48,11 @@ def test_recipe_errors_name_the_key():
                                                "batch_size": 1, "lr": 1.0, "trainable": "all"}]})
     with pytest.raises(RecipeError, match="no recipe file"):
         load_recipe("nope")
+    lm = [{"name": "a", "kind": "lm", "steps": 1, "seq_len": 8, "batch_size": 1, "lr": 1.0}]
+    for bad in (-1, 1.5, "16"):
+        with pytest.raises(RecipeError, match="sparse_union_lanes"):
+            parse_recipe({"name": "x", "sparse_union_lanes": bad, "stages": lm})
+    assert parse_recipe({"name": "x", "sparse_union_lanes": 16, "stages": lm}).sparse_union_lanes == 16
 
 
 def test_text_source_documents(tmp_path):

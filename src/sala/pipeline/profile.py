@@ -118,7 +118,7 @@ def parse_profile(raw: dict) -> Profile:
         prof.recipe("check", "uniform", prof.stages)
         prof.recipe("check", "uniform", [prof.compare.stage])
     except RecipeError as e:
-        raise ProfileError(f"invalid stage: {e}") from None
+        raise ProfileError(f"invalid training settings: {e}") from None
     if prof.halo.noise_floor < 0:
         raise ProfileError(f"halo.noise_floor={prof.halo.noise_floor} must be >= 0")
     for key in ("align_steps", "seq_len", "batch_size", "probe_rows"):

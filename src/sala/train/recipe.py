@@ -132,6 +132,8 @@ def parse_recipe(raw: dict) -> Recipe:
         rec.stages.append(st)
     if rec.parallel not in ("ddp", "fsdp2"):
         raise RecipeError(f"parallel={rec.parallel!r}; expected 'ddp' or 'fsdp2'")
+    if not isinstance(rec.sparse_union_lanes, int) or rec.sparse_union_lanes < 0:
+        raise RecipeError(f"sparse_union_lanes={rec.sparse_union_lanes!r} must be an integer >= 0 (0: off)")
     if not rec.stages:
         raise RecipeError("recipe has no [[stages]]")
     if len({s.name for s in rec.stages}) != len(rec.stages):
