@@ -5,7 +5,7 @@
 # packed after each step into $OUT/kernel_session.tgz beside $OUT/session.log: a call brings back at most 8
 # files, and on 2026-11-29 the steps wrote 14 (train_step.json was left behind).
 #   bash bench/kernel_session.sh [seconds for the whole call, default 540]
-#   ONLY='chained_smoke|lightning' LIGHTNING_LIMIT=350 bash bench/kernel_session.sh 560   # only these steps
+#   ONLY='chained_smoke|lightning' LIGHTNING_LIMIT=300 bash bench/kernel_session.sh 420   # only these steps
 # Steps (skipped when less than their limit is left), most wanted first:
 #   1. the chained lightning kernel's tests at GPU shapes (a smoke test: it must not hang; it did on 2026-11-29
 #      before each sequence had its own ring slots)
