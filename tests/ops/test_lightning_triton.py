@@ -519,7 +519,7 @@ def _schedule(plan, H: int, nv: int, how: str, seed: int = 0) -> list[int]:
     waits = _chain_waits(plan, H, nv)
     seg0, seg_seq = plan.tables[4].tolist(), plan.tables[0].tolist()
     n_items = plan.nseg * H * nv
-    done, order, rng = set(), [], random.Random(seed)
+    order, rng = [], random.Random(seed)
     ready = [i for i in range(n_items) if i not in waits]
     blocked = {}
     for item, dep in waits.items():
@@ -531,7 +531,6 @@ def _schedule(plan, H: int, nv: int, how: str, seed: int = 0) -> list[int]:
         else:
             pick = ready.pop(rng.randrange(len(ready)))
         order.append(pick)
-        done.add(pick)
         ready += blocked.get(pick, [])
     assert len(order) == n_items
     return order

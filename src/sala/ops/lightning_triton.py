@@ -372,13 +372,12 @@ class _LightningAttn(torch.autograd.Function):
         gf = g.to(device=qc.device, dtype=torch.float32).contiguous()
         factored = factored_decay_ok(gf)
         kw = dict(precision=precision, kernel=kernel)
+        plan = _plan(qc, cu_seqlens, segment_len, chained=kernel == "chained")
         if kernel == "chained":  # one launch forward, three in the backward (_chained_backward); no states kept
-            plan = _plan(qc, cu_seqlens, segment_len, chained=True)
             o, ht = segment_chained(qc, kc, vc, gf, plan, scale, initial_state, out_dtype=out_dtype,
                                     precision=precision, factored_decay=factored)
             states, keep = None, False
         else:
-            plan = _plan(qc, cu_seqlens, segment_len)
             states, ht = segment_states(kc, vc, gf, plan, initial_state, **kw)
             o = segment_outputs(qc, kc, vc, gf, states, plan, scale, out_dtype=out_dtype, factored_decay=factored, **kw)
             qkv_bytes = sum(x.numel() * x.element_size() for x in (qc, kc, vc))
