@@ -24,6 +24,7 @@ Writes train_step.json (BENCH.md format) under $OUT or bench/results and prints 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import statistics
 import sys
@@ -42,7 +43,6 @@ from sala.convert.transfer import ConvertOptions, convert_model  # noqa: E402
 from sala.layers.fusion import fusion  # noqa: E402
 from sala.layers.sparse import DENSE_ALWAYS, SparseAttention  # noqa: E402
 from sala.ops import dispatch  # noqa: E402
-from sala.ops import infllmv2_triton_attn as attn_kernels  # noqa: E402
 from sala.modeling import SALAForCausalLM  # noqa: E402
 from sala.train.losses import kl_sum, lm_sum  # noqa: E402
 from sala.train.trainer import LM_LOSS_CHUNK  # noqa: E402
@@ -227,12 +227,10 @@ def main() -> None:
             step = make_step(model, teacher, kind, ids, teacher_copy, full_logits=variant == "sala-full-logits")
             if variant != "dense_llama" and kind == "distill":
                 teacher.eval().requires_grad_(False)
-            fused = fusion(variant == "sala-fused", devices=(args.device,))
-            union_before, lightning_before = attn_kernels.UNION_LANES, dispatch.LIGHTNING_KERNEL
+            lightning_before, settings = dispatch.LIGHTNING_KERNEL, contextlib.ExitStack()
             try:
-                fused.__enter__()
-                if variant.startswith("sala-union"):
-                    attn_kernels.UNION_LANES = args.union
+                settings.enter_context(fusion(variant == "sala-fused", devices=(args.device,)))
+                settings.enter_context(dispatch.sparse_union_lanes(args.union if variant.startswith("sala-union") else 0))
                 if variant == "sala-lightning-chained":
                     dispatch.LIGHTNING_KERNEL = "chained"
                 if args.device == "cuda":
@@ -245,8 +243,7 @@ def main() -> None:
             except torch.OutOfMemoryError as e:
                 out[variant] = dict(ms=None, peak=None, prof=None, error=str(e)[:200])
             finally:
-                fused.__exit__(None, None, None)
-                attn_kernels.UNION_LANES = union_before
+                settings.close()
                 dispatch.LIGHTNING_KERNEL = lightning_before
             del step
             if args.device == "cuda":
