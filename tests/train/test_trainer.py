@@ -313,3 +313,49 @@ def test_retrieval_documents_ask_about_every_fact_with_its_own_answer():
         assert min(p for _, p in asks.values()) > max(p for _, p in facts.values())  # questions come last
         n_questions.append(len(asks))
     assert max(n_questions) > 1 and len(docs[0]) <= 3000
+
+def test_selection_weight_adds_the_alignment_loss_without_changing_the_forward(recipe_factory, tmp_path, monkeypatch):
+    """selection_weight > 0: each step's objective gains weight x the selection alignment loss of every
+    sequence in every sparse layer (logged as selection_kl); the lm loss of the first step, which the forward
+    alone decides, is the same as without it, and the trained weights differ."""
+    import sala.layers.sparse as sparse_mod
+
+    calls = []
+    real = sparse_mod.selection_alignment_loss
+
+    def spy(q, k, params, scale, rows):
+        calls.append((q.shape[0], rows))
+        return real(q, k, params, scale, rows)
+
+    monkeypatch.setattr(sparse_mod, "selection_alignment_loss", spy)
+    stage = {"name": "long", "kind": "lm", "steps": 2, "seq_len": 96, "batch_size": 2, "lr": 1e-2,
+             "sparse": True, "respect_boundaries": False}
+    plain = Trainer(recipe_factory(stages=[stage]), tmp_path / "plain", log=lambda *a: None).run()
+    assert not calls and "selection_kl" not in plain["history"][0]
+    rec = recipe_factory(stages=[dict(stage, selection_weight=1.0, selection_rows=40)])
+    res = Trainer(rec, tmp_path / "sel", log=lambda *a: None).run()
+    assert calls == [(96, 40)] * 4  # one sparse layer, 2 rows a step, 2 steps
+    kls = [r["selection_kl"] for r in res["history"]]
+    assert all(k > 0 and k == k for k in kls)
+    assert res["history"][0]["loss"] == pytest.approx(plain["history"][0]["loss"], rel=1e-6)
+    a, b = _final(tmp_path / "plain"), _final(tmp_path / "sel")
+    q_key = next(n for n in a if "layers.0.self_attn.q_proj" in n)
+    assert not torch.equal(a[q_key], b[q_key])
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"stages": [{"name": "a", "kind": "align", "trainable": "lightning", "steps": 1, "seq_len": 32, "batch_size": 1,
+                  "lr": 1e-3, "selection_weight": 0.5}]}, "align"),
+    ({"stages": [{"name": "l", "kind": "lm", "steps": 1, "seq_len": 32, "batch_size": 1, "lr": 1e-3,
+                  "selection_weight": -1.0}]}, "selection_weight"),
+    ({"stages": [{"name": "l", "kind": "lm", "steps": 1, "seq_len": 32, "batch_size": 1, "lr": 1e-3,
+                  "selection_weight": 0.5, "selection_rows": 0}]}, "selection_rows"),
+    ({"gradient_checkpointing": True, "stages": [{"name": "l", "kind": "lm", "steps": 1, "seq_len": 32,
+                                                  "batch_size": 1, "lr": 1e-3, "selection_weight": 0.5}]},
+     "gradient_checkpointing"),
+])
+def test_selection_settings_are_checked(recipe_factory, over, match):
+    from sala.train.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=match):
+        recipe_factory(**over)

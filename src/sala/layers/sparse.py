@@ -7,6 +7,8 @@ a single unpadded sequence takes no gather at all.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -14,6 +16,7 @@ from .. import ops
 from ..cache import SparseLayerCache
 from ..config import SALAConfig
 from ..ops.infllmv2_reference import SparseParams
+from ..ops.selection_loss import selection_alignment_loss
 from .common import apply_rope, max_position, rope_cos_sin
 
 DENSE_ALWAYS = 1 << 62  # a dense_len no context reaches: the layer attends densely at any length
@@ -43,6 +46,8 @@ class SparseAttention(nn.Module):
         self.o_proj = nn.Linear(inner, hidden, bias=False)
         self.o_gate = nn.Linear(hidden, inner, bias=False) if config.attn_use_output_gate else None
         self.capture: dict | None = None  # tests set a dict here to receive the sparse internals
+        self.selection_rows = 0  # > 0 inside ``selection_alignment``: collect that loss's terms
+        self.selection_terms: list | None = None
 
     def forward(
         self,
@@ -53,12 +58,11 @@ class SparseAttention(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k = self._qk(x, position_ids)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        if self.use_rope:
-            cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.selection_terms is not None and torch.is_grad_enabled():
+            # from a detached input: the loss trains this layer's q and k projections, not the layers below
+            self._selection_terms(*self._qk(x.detach(), position_ids), token_mask, cu_seqlens)
         # The release switches on the longest total length in the batch: position_ids.max() + 1.
         sparse = max_position(position_ids) + 1 >= self.dense_len
         if cu_seqlens is not None:  # packed documents (batch 1): each attends only within itself
@@ -85,6 +89,26 @@ class SparseAttention(nn.Module):
             o = o * torch.sigmoid(self.o_gate(x))
         return self.o_proj(o)
 
+    def _qk(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.use_rope:
+            cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k
+
+    def _selection_terms(self, q, k, token_mask, cu_seqlens) -> None:
+        """Append each sequence's (weighted KL sum, weight sum) of the selection alignment loss."""
+        if cu_seqlens is not None:
+            bounds = cu_seqlens.tolist()
+            seqs = [(0, slice(s, e)) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+        else:
+            seqs = [(b, slice(None) if token_mask is None else token_mask[b]) for b in range(q.shape[0])]
+        for b, rows in seqs:
+            self.selection_terms.append(
+                selection_alignment_loss(q[b, rows], k[b, rows], self.params, self.scale, self.selection_rows))
+
     def _attend(self, q, k, v, sparse, cache_ref, decode):
         if not sparse:
             return ops.dense_attention(q, k, v, self.scale)
@@ -92,3 +116,22 @@ class SparseAttention(nn.Module):
         if cache_ref is not None and cache_ref[0] is not None:
             k1, k2 = cache_ref[0].compressed(cache_ref[1])
         return ops.sparse_attention(q, k, v, self.params, self.scale, k1=k1, k2=k2, decode=decode, internals=self.capture)
+
+
+@contextmanager
+def selection_alignment(model: nn.Module, rows: int):
+    """Inside: every sparse layer of ``model`` appends, per sequence of a forward with gradient, the terms of
+    the selection alignment loss over its last ``rows`` queries (``sala.ops.selection_loss``) to the list
+    yielded, as (weighted KL sum, weight sum) pairs. The forward's outputs are unchanged; the terms are
+    computed from the layer's detached input, so their gradient reaches only its q and k projections."""
+    if rows <= 0:
+        raise ValueError(f"rows must be positive, got {rows}")
+    layers = [m for m in model.modules() if isinstance(m, SparseAttention)]
+    terms: list = []
+    for m in layers:
+        m.selection_rows, m.selection_terms = rows, terms
+    try:
+        yield terms
+    finally:
+        for m in layers:
+            m.selection_rows, m.selection_terms = 0, None

@@ -50,6 +50,8 @@ class Stage:
     retrieval_fraction: float = 0.0  # share of each batch's rows that are synthetic retrieval documents
     answer_weight: float = 1.0  # lm loss weight of the answer tokens of those documents (1: plain next-token loss)
     time_budget_s: float = 0.0  # > 0: after a few steps, cut ``steps`` to what fits in this many seconds
+    selection_weight: float = 0.0  # > 0: add that times the selection alignment loss (sala.ops.selection_loss)
+    selection_rows: int = 128  # queries per sequence (the last ones) that loss looks at
 
 
 @dataclass
@@ -124,6 +126,12 @@ def parse_recipe(raw: dict) -> Recipe:
         if st.answer_weight != 1.0 and not (st.answer_weight > 0 and st.kind == "lm" and st.retrieval_fraction > 0):
             raise RecipeError(f"stages[{i}].answer_weight={st.answer_weight}: needs a positive weight, kind 'lm' and "
                               f"retrieval_fraction > 0 (it weights the answers of the retrieval rows)")
+        if st.selection_weight < 0 or st.selection_rows <= 0:
+            raise RecipeError(f"stages[{i}]: selection_weight={st.selection_weight} must be >= 0 and "
+                              f"selection_rows={st.selection_rows} positive")
+        if st.selection_weight > 0 and st.kind == "align":
+            raise RecipeError(f"stages[{i}].selection_weight: an align stage trains only the lightning layers; "
+                              f"the selection alignment loss trains the sparse layers' q and k (kind 'lm' or 'distill')")
         if st.time_budget_s < 0:
             raise RecipeError(f"stages[{i}].time_budget_s={st.time_budget_s} must be >= 0")
         for key in ("steps", "seq_len", "batch_size"):
@@ -136,6 +144,9 @@ def parse_recipe(raw: dict) -> Recipe:
         raise RecipeError(f"sparse_union_lanes={rec.sparse_union_lanes!r} must be an integer >= 0 (0: off)")
     if not rec.stages:
         raise RecipeError("recipe has no [[stages]]")
+    if rec.gradient_checkpointing and any(s.selection_weight > 0 for s in rec.stages):
+        raise RecipeError("selection_weight with gradient_checkpointing: the loss's terms are collected during the "
+                          "forward, which checkpointing runs twice; turn one of them off")
     if len({s.name for s in rec.stages}) != len(rec.stages):
         raise RecipeError("stage names must be unique")
     return rec

@@ -32,7 +32,7 @@ from ..convert.transfer import ConvertOptions, convert_model, save_converted
 from ..data.packing import IGNORE, Packed, concat_packed, unpack_segments
 from ..data.retrieval import retrieval_documents, retrieval_documents_with_answers
 from ..layers.fusion import fusion
-from ..layers.sparse import DENSE_ALWAYS, SparseAttention
+from ..layers.sparse import DENSE_ALWAYS, SparseAttention, selection_alignment
 from ..ops.dispatch import sparse_union_lanes
 from . import distributed as D
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
@@ -252,6 +252,21 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
+    def _selection(self, stage: Stage):
+        """Collect the selection alignment loss's terms from the student's sparse layers (weight > 0)."""
+        if stage.selection_weight <= 0:
+            return nullcontext(None)
+        return selection_alignment(self.student, stage.selection_rows)
+
+    @staticmethod
+    def _selection_kl(terms: list | None) -> torch.Tensor | None:
+        """This process's weighted mean KL over its sequences and sparse layers (None: nothing collected;
+        zero when no sequence had blocks to choose among)."""
+        if not terms:
+            return None
+        kl = torch.stack([t[0] for t in terms]).sum()
+        return kl / torch.stack([t[1] for t in terms]).sum().clamp_min(1e-6)
+
     def _loss(self, stage: Stage, module: nn.Module, batch: Packed):
         ids, am, labels, weights = self._inputs(batch, stage)
         real = am.bool() if am is not None else None
@@ -388,10 +403,14 @@ class Trainer:
                 batch = concat_packed(parts + ([aux.next_batch(n_aux)] if aux is not None else []))
                 opt.zero_grad(set_to_none=True)
                 with sparse_union_lanes(self.recipe.sparse_union_lanes):  # read by the backward too
-                    with self._fusion():
+                    with self._fusion(), self._selection(stage) as sel_terms:
                         loss_sum, count = self._loss(stage, module, batch)
                     total = D.all_sum(count).clamp_min(1.0)
-                    (loss_sum * (self.world / total)).backward()  # DDP: world * sum / total = global mean
+                    objective = loss_sum * (self.world / total)  # DDP: world * sum / total = global mean
+                    sel_kl = self._selection_kl(sel_terms)
+                    if sel_kl is not None:
+                        objective = objective + stage.selection_weight * sel_kl
+                    objective.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in params], stage.grad_clip) \
                     if stage.grad_clip > 0 else torch.tensor(0.0)
                 if hasattr(gnorm, "full_tensor"):  # DTensor under FSDP2
@@ -405,6 +424,8 @@ class Trainer:
                 rec = {"stage": stage.name, "kind": stage.kind, "step": step, "global_step": state["global_step"],
                        "loss": loss, "lr": lr, "grad_norm": float(gnorm), "targets": float(total),
                        "seconds": time.perf_counter() - t0}
+                if sel_kl is not None:
+                    rec["selection_kl"] = float(D.all_sum(sel_kl.detach().float()) / self.world)
                 step_times.append(rec["seconds"])
                 if (stage.time_budget_s and str(si) not in state["steps_override"]
                         and state["stage_step"] >= CALIBRATION_STEPS and len(step_times) >= 3):
