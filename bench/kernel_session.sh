@@ -10,7 +10,7 @@
 #   1. the chained lightning kernel's tests at GPU shapes (a smoke test: it must not hang; it did on 2026-11-29
 #      before each sequence had its own ring slots)
 #   2. bench/lightning.py: default vs chained vs fla, forward bf16 128K and 1M, fwd+bwd bf16 128K, fwd fp32 128K
-#   3. bench/train_step.py on the profile's trained student: union rest pass and chained lightning, 4K and 32K
+#   3. bench/train_step.py on the profile's trained student: union rest pass, selection loss, chained lightning, 4K and 32K
 #   4. if time is left: bench/model.py on the release shape, decode eager vs CUDA graphs (never measured yet)
 #   5. if time is left: the InfLLM-V2 selection tests cut by the time limit on 2026-11-29 (streamed to $OUT)
 #   6. if time is left: bench/infllmv2.py forward at 128K and 256K against cuDNN (measured on 2026-11-29)
@@ -67,8 +67,9 @@ else
   CHAINED=
 fi
 if [ -d "$STUDENT" ]; then
-  step train_step 200 python bench/train_step.py --cases lm4k long32k --student "$STUDENT" --no-profile --steps 4 \
-    --union 16 $CHAINED
+  # TRAIN_PROFILE=1: a torch.profiler pass per variant too (kernel families of the step)
+  step train_step 200 python bench/train_step.py --cases lm4k long32k --student "$STUDENT" \
+    $([ "${TRAIN_PROFILE:-0}" = 1 ] || echo --no-profile) --steps 4 --union 16 --selection 1.0 $CHAINED
 else
   echo "== train_step: skipped (no trained student at $STUDENT)" | tee -a "$OUT/session.log"
 fi

@@ -41,7 +41,7 @@ from common import Results  # noqa: E402
 from sala.convert.teacher import random_llama_teacher  # noqa: E402
 from sala.convert.transfer import ConvertOptions, convert_model  # noqa: E402
 from sala.layers.fusion import fusion  # noqa: E402
-from sala.layers.sparse import DENSE_ALWAYS, SparseAttention  # noqa: E402
+from sala.layers.sparse import DENSE_ALWAYS, SparseAttention, selection_alignment  # noqa: E402
 from sala.ops import dispatch  # noqa: E402
 from sala.modeling import SALAForCausalLM  # noqa: E402
 from sala.train.losses import kl_sum, lm_sum  # noqa: E402
@@ -91,9 +91,12 @@ def text_ids(tok, text: str, batch: int, seq: int, device: str) -> torch.Tensor:
     return torch.tensor(ids, device=device).view(batch, seq)
 
 
-def make_step(model, teacher, kind: str, ids: torch.Tensor, distill_from=None, full_logits: bool = False):
+def make_step(model, teacher, kind: str, ids: torch.Tensor, distill_from=None, full_logits: bool = False,
+              selection: float = 0.0):
     """One training step of ``model`` (AdamW, clip 1.0) as the trainer runs it. ``full_logits``: the SALA
-    student's loss from its full logits (the path before the chunked losses) instead of its chunked loss."""
+    student's loss from its full logits (the path before the chunked losses) instead of its chunked loss.
+    ``selection`` > 0: plus that times the selection alignment loss (128 rows), as a stage with
+    ``selection_weight`` adds it."""
     chunked = isinstance(model, SALAForCausalLM) and not full_logits
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     labels = ids.clone()
@@ -101,7 +104,7 @@ def make_step(model, teacher, kind: str, ids: torch.Tensor, distill_from=None, f
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with autocast:
+        with autocast, (selection_alignment(model, 128) if selection else contextlib.nullcontext()) as terms:
             if kind == "distill":
                 with torch.no_grad():
                     t_logits = distill_from(input_ids=ids).logits
@@ -116,7 +119,10 @@ def make_step(model, teacher, kind: str, ids: torch.Tensor, distill_from=None, f
                 s = model(input_ids=ids, use_cache=False, labels=labels, loss_chunk_tokens=LM_LOSS_CHUNK).loss * c
             else:
                 s, c = lm_sum(model(input_ids=ids, use_cache=False).logits, labels)
-        (s / c).backward()
+        objective = s / c
+        if terms:
+            objective = objective + selection * sum(t[0] for t in terms) / sum(t[1] for t in terms).clamp_min(1e-6)
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         return float(s.detach())  # the trainer's one host sync per step
@@ -184,6 +190,9 @@ def main() -> None:
                     help="also time the student with the chained lightning kernels (dispatch.LIGHTNING_KERNEL)")
     ap.add_argument("--union", type=int, default=0, metavar="LANES",
                     help="also time the sparse cases with the union rest pass (infllmv2_triton_attn.UNION_LANES)")
+    ap.add_argument("--selection", type=float, default=0.0, metavar="WEIGHT",
+                    help="also time the sparse cases with the selection alignment loss at this weight (with --union's "
+                         "rest pass when given), as the GPU profile's long stages train")
     ap.add_argument("--student", help="a trained SALA checkpoint folder: the student variants use its weights "
                     "and held-out corpus text instead of random ones (real block selections)")
     ap.add_argument("--text", default="shakespeare,brown,austen", help="--student's text: corpus names or a .txt")
@@ -214,7 +223,9 @@ def main() -> None:
         variants = [("dense_llama", teacher), ("sala", student), ("sala-full-logits", student)] \
             + ([("sala-fused", student)] if args.fuse else []) \
             + ([("sala-lightning-chained", student)] if args.lightning_chained else []) \
-            + ([(f"sala-union{args.union}", student)] if args.union and sparse else [])
+            + ([(f"sala-union{args.union}", student)] if args.union and sparse else []) \
+            + ([(f"sala{f'-union{args.union}' if args.union else ''}-selection", student)]
+               if args.selection and sparse else [])
         for variant, model in variants:
             model.train().requires_grad_(True)
             if kind == "distill":
@@ -224,13 +235,14 @@ def main() -> None:
                     teacher_copy = copy.deepcopy(teacher).eval().requires_grad_(False)
             else:
                 teacher_copy = None
-            step = make_step(model, teacher, kind, ids, teacher_copy, full_logits=variant == "sala-full-logits")
+            step = make_step(model, teacher, kind, ids, teacher_copy, full_logits=variant == "sala-full-logits",
+                             selection=args.selection if variant.endswith("-selection") else 0.0)
             if variant != "dense_llama" and kind == "distill":
                 teacher.eval().requires_grad_(False)
             lightning_before, settings = dispatch.LIGHTNING_KERNEL, contextlib.ExitStack()
             try:
                 settings.enter_context(fusion(variant == "sala-fused", devices=(args.device,)))
-                settings.enter_context(dispatch.sparse_union_lanes(args.union if variant.startswith("sala-union") else 0))
+                settings.enter_context(dispatch.sparse_union_lanes(args.union if "-union" in variant else 0))
                 if variant == "sala-lightning-chained":
                     dispatch.LIGHTNING_KERNEL = "chained"
                 if args.device == "cuda":
