@@ -40,6 +40,17 @@ def time_ms(fn, warmup: int = 25, rep: int = 100, grad_to_none=None) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
 
 
+def measure_copy_bandwidth(nbytes: int = 2**31) -> float:
+    """Bytes per second of a device-to-device copy of ``nbytes`` (read + write counted), median of repeats:
+    the rate the memory floors of a card should use."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), warmup=10, rep=50)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (ms * 1e-3)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64 (inf if a has NaN/inf)."""
     a64, b64 = a.double(), b.double()

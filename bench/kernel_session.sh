@@ -1,19 +1,18 @@
 #!/usr/bin/env bash
 # One device call for the kernel checks that follow a GPU profile run on the same machine, each step under its
-# own time limit so that a hang (the chained lightning kernel's programs wait on each other) costs one step,
-# not the call. Every step writes into a work folder (logs, lightning.json, train_step.json, gpu test logs),
-# packed after each step into $OUT/kernel_session.tgz beside $OUT/session.log: a call brings back at most 8
+# own time limit so that a hang costs one step, not the call. Every step writes into a work folder (logs,
+# lightning.json, train_step.json, gpu test logs), packed after each step into $OUT/kernel_session.tgz beside $OUT/session.log: a call brings back at most 8
 # files, and on 2026-11-29 the steps wrote 14 (train_step.json was left behind).
 #   bash bench/kernel_session.sh [seconds for the whole call, default 540]
-#   ONLY='chained_smoke|lightning' LIGHTNING_LIMIT=300 bash bench/kernel_session.sh 420   # only these steps
-# Steps (skipped when less than their limit is left), most wanted first:
-#   1. the chained lightning kernel's tests at GPU shapes (a smoke test: it must not hang; it did on 2026-11-29
-#      before each sequence had its own ring slots)
-#   2. bench/lightning.py: default vs chained vs fla, forward bf16 128K and 1M, fwd+bwd bf16 128K, fwd fp32 128K
-#   3. bench/train_step.py on the profile's trained student: union rest pass, selection loss, chained lightning, 4K and 32K
-#   4. if time is left: bench/model.py on the release shape, decode eager vs CUDA graphs (never measured yet)
-#   5. if time is left: the InfLLM-V2 selection tests cut by the time limit on 2026-11-29 (streamed to $OUT)
-#   6. if time is left: bench/infllmv2.py forward at 128K and 256K against cuDNN (measured on 2026-11-29)
+#   ONLY='lightning|train_step' LIGHTNING_LIMIT=200 bash bench/kernel_session.sh 420   # only these steps
+# Steps (skipped when less than their limit is left), most wanted first (the chained lightning kernels were
+# timed on 2026-11-29 and lost everywhere: bench/results/lightning.md):
+#   1. bench/lightning.py: the default forward vs fla at bf16 128K and 1M, fp32 128K, with its passes timed apart
+#      and the card's copy bandwidth
+#   2. bench/train_step.py on the profile's trained student: union rest pass, selection loss, 4K and 32K
+#   3. if time is left: bench/model.py on the release shape, decode eager vs CUDA graphs
+#   4. if time is left: the InfLLM-V2 selection tests cut by the time limit on 2026-11-29 (streamed to $OUT)
+#   5. if time is left: bench/infllmv2.py forward at 128K and 256K against cuDNN (measured on 2026-11-29)
 cd "$(dirname "$0")/.." || exit 2
 TOTAL=${1:-540}
 START=$(date +%s)
@@ -48,28 +47,14 @@ step() {  # step NAME LIMIT COMMAND...: run under `timeout LIMIT` if that much t
 }
 
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee -a "$OUT/session.log"
-MARK=/root/chained_smoke_ok  # the smoke test passed in an earlier call on this machine
-# the chained tests that matter on a GPU: many programs in flight (sequences at different speeds, varlen with
-# empty sequences), the backward's three launches; the bench below checks every timed variant's output too
-step chained_smoke 200 python -m pytest -q -x -p no:cacheprovider -p pytest_stream \
-    tests/ops/test_lightning_triton.py -k "different_speeds or (backward_matches_reference_autograd and chained) \
-    or (chained_forward_matches_float64 and True-False-dtype1) or several_v_blocks"
-rc=$?
-[ $rc -eq 0 ] && touch "$MARK"
-if [ $rc -eq 0 ] || { [ $rc -eq 3 ] && [ -f "$MARK" ]; }; then
-  LIMIT=${LIGHTNING_LIMIT:-300}
-  step lightning "$LIMIT" python bench/lightning.py --no-sweep --variants chained --budget-s $((LIMIT - 70)) \
-    --cases '^(fwd_bf16_131072|fwd_bf16_1048576|fwdbwd_bf16_131072|fwd_fp32_131072)$'
-  CHAINED=--lightning-chained
-else
-  echo "== chained kernel failed, hung or not tested: lightning bench and chained training step skipped" \
-    | tee -a "$OUT/session.log"
-  CHAINED=
-fi
+LIMIT=${LIGHTNING_LIMIT:-200}
+# the default forward against fla, its passes timed apart, and this card's copy rate (the floors' H200 question)
+step lightning "$LIMIT" python bench/lightning.py --no-sweep --no-variants --budget-s $((LIMIT - 70)) \
+  --cases '^(fwd_bf16_131072|fwd_fp32_131072|fwd_bf16_1048576)$'
 if [ -d "$STUDENT" ]; then
   # TRAIN_PROFILE=1: a torch.profiler pass per variant too (kernel families of the step)
   step train_step 200 python bench/train_step.py --cases lm4k long32k --student "$STUDENT" \
-    $([ "${TRAIN_PROFILE:-0}" = 1 ] || echo --no-profile) --steps 4 --union 16 --selection 1.0 $CHAINED
+    $([ "${TRAIN_PROFILE:-0}" = 1 ] || echo --no-profile) --steps 4 --union 16 --selection 1.0
 else
   echo "== train_step: skipped (no trained student at $STUDENT)" | tee -a "$OUT/session.log"
 fi

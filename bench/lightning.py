@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import COPY_BANDWIDTH, Results, rel_err, time_ms  # noqa: E402
+from common import COPY_BANDWIDTH, Results, measure_copy_bandwidth, rel_err, time_ms  # noqa: E402
 
 COMMITTED = Path(__file__).resolve().parent / "results" / "lightning.json"
 
@@ -309,6 +309,23 @@ def bind(fn, env, **kw):
 
 
 # ---------------------------------------------------------------------------------------------- cases
+def pass_times(q, k, v, g, scale, rep: int) -> dict:
+    """The default forward's launches timed apart: passes 1-2 (segment states from k and v) and pass 3
+    (outputs from q, k, v and the states), each with its share of the memory floor's bytes."""
+    from sala.ops import lightning_triton as lt
+
+    g32 = g.to(device=q.device, dtype=torch.float32).contiguous()
+    plan = lt._plan(q, None, None)
+    factored = lt.factored_decay_ok(g32)
+    states, _ = lt.segment_states(k, v, g32, plan)
+    states_ms = time_ms(lambda: lt.segment_states(k, v, g32, plan), rep=rep)
+    out_ms = time_ms(lambda: lt.segment_outputs(q, k, v, g32, states, plan, scale, out_dtype=q.dtype,
+                                                factored_decay=factored), rep=rep)
+    tensor = q.numel() * q.element_size()
+    return {"segment": plan.seg, "states_ms": states_ms, "outputs_ms": out_ms,
+            "states_floor_ms": floor_ms(2 * tensor), "outputs_floor_ms": floor_ms(4 * tensor)}
+
+
 def run_forward(res, ops, dtype, T, g, scale, time_reference):
     ours, reference, fla, _ = ops
     case = f"fwd_{DT_NAME[dtype]}_T{T}"
@@ -347,6 +364,8 @@ def run_forward(res, ops, dtype, T, g, scale, time_reference):
             row.update(correct=err < TOL[dtype], max_rel_err=err, window_errs=errs, floor_frac=row["floor_ms"] / row["ms"])
             if ref_ms is not None and name == "sala":
                 row["reference_ms"] = ref_ms
+            if name == "sala" and T >= 131072:
+                row["pass_ms"] = pass_times(q, k, v, g, scale, rep)
             row["note"] = "; ".join(notes)
             rows.append(res.add(**row))
         except Exception as exc:
@@ -595,6 +614,10 @@ def _extras(r) -> str:
         extra.append(", ".join(f"{k}={v}" for k, v in r["settings"].items()))
     if r.get("reference_ms"):
         extra.append(f"reference {r['reference_ms']:.2f} ms")
+    if r.get("pass_ms"):
+        p = r["pass_ms"]
+        extra.append(f"passes 1-2 {p['states_ms']:.3f} ms (floor {p['states_floor_ms']:.3f}), pass 3 "
+                     f"{p['outputs_ms']:.3f} ms (floor {p['outputs_floor_ms']:.3f}), segments of {p['segment']}")
     if r.get("graph_ms"):
         extra.append(f"CUDA graph {r['graph_ms']:.3f} ms")
     if r.get("fla_fused_recurrent_ms"):
@@ -631,7 +654,10 @@ def write_report(json_path: Path, md_path: Path) -> None:
              "B=1, H=32, D=128, chunk 64; medians of `triton.testing.do_bench` (L2 flushed before each rep). "
              "speedup = baseline_ms / ms (same run, same card). floor = bytes that must move (fwd: read q, k, v "
              "and write o once; fwd+bwd: also read do and write dq, dk, dv; decode: read + write the states) at "
-             f"{COPY_BANDWIDTH / 1e12:.1f} TB/s measured copy bandwidth; floor % = floor / ms. bf16 rows write "
+             f"{COPY_BANDWIDTH / 1e12:.1f} TB/s measured copy bandwidth (the H100's"
+             + (f"; this run's card copies at {data['card_copy_bandwidth_tbps']:.2f} TB/s"
+                if data.get("card_copy_bandwidth_tbps") else "")
+             + "); floor % = floor / ms. bf16 rows write "
              "o in bf16 (as fla does); fp32 rows use TF32 products (as fla does) unless the variant says "
              "otherwise (bf16x3: three bf16 products per float32 product, finer than TF32). Variant `sala` is "
              "the library default; other variants are candidates timed in the same job. Headline rows in bold.",
@@ -709,6 +735,9 @@ def main():
     t_start = time.monotonic()
     torch.manual_seed(0)
     res = MergedResults("lightning")
+    res.data["card_copy_bandwidth_tbps"] = round(measure_copy_bandwidth() / 1e12, 3)
+    print(f"device-to-device copy: {res.data['card_copy_bandwidth_tbps']} TB/s (floors use "
+          f"{COPY_BANDWIDTH / 1e12:.1f})", flush=True)
     ops = make_ops()
     if args.fla_tune != "full" and ops[2] is not None:
         try:
