@@ -27,6 +27,13 @@ def test_init_info_generate(tmp_path):
     res = runner.invoke(app, ["generate", "--model", str(out), "--prompt", "Hello", "-n", "5",
                               "--temperature", "0.8", "--top-p", "0.9"])
     assert res.exit_code == 0, res.output
+    # decode graphs: 'on' needs a CUDA model (this one is on the CPU), a wrong word is named
+    res = runner.invoke(app, ["generate", "--model", str(out), "--prompt", "Hello", "-n", "2", "--device", "cpu",
+                              "--decode-graphs", "on"])
+    assert res.exit_code != 0 and "on a CUDA device; it is on cpu" in " ".join(res.output.replace("│", " ").split())
+    res = runner.invoke(app, ["generate", "--model", str(out), "--prompt", "Hello", "-n", "2",
+                              "--decode-graphs", "maybe"])
+    assert res.exit_code != 0 and "--decode-graphs" in res.output
 
 
 def test_info_release_sizes(tmp_path):

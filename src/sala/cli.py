@@ -104,16 +104,25 @@ def generate(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     dtype: str = typer.Option("auto", help="auto, float32 or bfloat16"),
+    decode_graphs: str = typer.Option("auto", "--decode-graphs",
+                                      help="auto (on a GPU), on or off: the lightning layers' decode steps as CUDA graphs"),
 ):
     """Generate from a prompt, streaming tokens as they come."""
     import torch
     from transformers import TextStreamer
 
+    from .engine.graphs import GRAPH_MODES, apply_decode_graphs
     from .engine.loading import load_model
 
     if is_random_init(model):
         console.print(f"[bold red]{RANDOM_LABEL}[/]: expect gibberish.", highlight=False)
+    if decode_graphs not in GRAPH_MODES:
+        raise typer.BadParameter(f"expected one of {GRAPH_MODES}, got {decode_graphs!r}", param_hint="--decode-graphs")
     lm, tok = load_model(model, device, dtype)
+    try:
+        apply_decode_graphs(lm, decode_graphs)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--decode-graphs") from None
     torch.manual_seed(seed)
     enc = tok(prompt, return_tensors="pt").to(lm.device)
     streamer = TextStreamer(tok, skip_prompt=True)

@@ -84,3 +84,20 @@ def test_steps_that_do_not_qualify_take_the_plain_loop():
         model(ids, use_cache=True)  # prefill: T > 1
         model(ids[:, :1], use_cache=True)  # one token, but a fresh cache (no states): the runner declines
     assert runner.graphs == {}
+
+
+def test_apply_decode_graphs_modes_on_a_cpu_model():
+    """auto: graphs only on a CUDA model (here none, and an earlier runner is removed); on: refused off CUDA
+    with a message naming the device; off: none; anything else: refused."""
+    import pytest
+
+    from sala.engine.graphs import apply_decode_graphs
+
+    model = _model()
+    enable_decode_graphs(model, EagerBackend())
+    assert apply_decode_graphs(model, "auto") is None and model.model.decode_runner is None
+    assert apply_decode_graphs(model, "off") is None
+    with pytest.raises(ValueError, match="CUDA device; it is on cpu"):
+        apply_decode_graphs(model, "on")
+    with pytest.raises(ValueError, match="one of"):
+        apply_decode_graphs(model, "yes")

@@ -291,5 +291,8 @@ def test_sala_serve_warns_on_a_random_checkpoint(model_dir, tmp_path, monkeypatc
                                    "--device", "cpu", "--chunk-size", "64"])
     assert res.exit_code == 0, res.output
     assert RANDOM_LABEL in res.output and seen == {"name": "demo-model", "port": 8123}
+    assert "decode graphs off" in " ".join(res.output.split())  # auto on a CPU model
+    res = CliRunner().invoke(app, ["serve", "--model", str(d), "--device", "cpu", "--decode-graphs", "on"])
+    assert res.exit_code != 0 and "on a CUDA device; it is on cpu" in " ".join(res.output.replace("│", " ").split())
     res = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "missing")])
     assert res.exit_code != 0 and "config.json" in res.output

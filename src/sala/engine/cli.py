@@ -16,6 +16,8 @@ def serve_command(
     name: str = typer.Option(None, "--name", help="Served model name (default: the folder's name)."),
     chunk_size: int = typer.Option(8192, "--chunk-size", min=1, help="Prefill chunk in tokens."),
     max_tokens: int = typer.Option(256, "--default-max-tokens", min=1, help="max_tokens when a request omits it."),
+    decode_graphs: str = typer.Option("auto", "--decode-graphs",
+                                      help="auto (on a GPU), on or off: the lightning layers' decode steps as CUDA graphs"),
 ):
     """Serve a checkpoint over HTTP: OpenAI-compatible /v1/completions and /v1/chat/completions."""
     from rich.console import Console
@@ -32,10 +34,16 @@ def serve_command(
         raise typer.BadParameter(f"{e.name} is missing: pip install 'sala[serve]'") from None
     if is_random_init(model):
         console.print(f"[bold red]{RANDOM_LABEL}[/]: it will answer with gibberish.", highlight=False)
-    engine = Engine.load(model, device=device, dtype=dtype, name=name, chunk_size=chunk_size,
-                         default_max_tokens=max_tokens)
+    try:
+        engine = Engine.load(model, device=device, dtype=dtype, name=name, chunk_size=chunk_size,
+                             default_max_tokens=max_tokens, decode_graphs=decode_graphs)
+    except ValueError as e:
+        if "decode" not in str(e):
+            raise
+        raise typer.BadParameter(str(e), param_hint="--decode-graphs") from None
+    graphs = "on" if getattr(engine.model.model, "decode_runner", None) is not None else "off"
     console.print(f"serving {engine.name!r} on http://{host}:{port} (device {engine.model.device}, "
-                  f"context {engine.max_context}, one request at a time)", highlight=False)
+                  f"context {engine.max_context}, decode graphs {graphs}, one request at a time)", highlight=False)
     serve(engine, host=host, port=port)
 
 
