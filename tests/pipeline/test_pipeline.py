@@ -43,7 +43,7 @@ def tiny_profile(teacher: Path, **over) -> dict:
                    {"name": "lm", "kind": "lm", "steps": 1, "seq_len": 512, "batch_size": 2, "lr": 1e-3,
                     "retrieval_fraction": 0.5},
                    {"name": "long", "kind": "lm", "steps": 1, "seq_len": 256, "batch_size": 1, "lr": 1e-3,
-                    "sparse": True, "sparse_dense_len": 128}],
+                    "sparse": True, "sparse_dense_len": 128, "selection_weight": 0.5}],
         "eval": {"tasks": ["passkey"], "lengths": [320], "samples": 1, "max_new_tokens": 4, "ppl_lengths": [128],
                  "ppl_windows": 1, "ppl_score_tokens": 32, "speed_lengths": [128], "speed_decode_tokens": 2,
                  "chunk_size": 0},
@@ -87,6 +87,10 @@ def test_pipeline_runs_every_phase_resumes_and_reports(teacher_dir, tmp_path):
         assert (out / "report" / name).is_file(), name
     md = (out / "report" / "summary.md").read_text()
     assert "passkey at 320" in md and "| uniform |" in md
+    # the long stage's selection alignment loss: logged per step and summed up in the report
+    assert all("selection_kl" in r for r in map(json.loads, (out / "student" / "log.jsonl").read_text().splitlines())
+               if r["stage"] == "long")
+    assert re.search(r"Selection alignment KL.*: student long \d+\.\d+ -> \d+\.\d+\.", md)
     # each passkey rate with its 95% Wilson interval over the profile's sample count
     assert re.search(r"\| passkey at 320 \| \d+% \[\d+-\d+\] \| \d+% \[\d+-\d+\] \|", md)
     assert json.loads((out / "report" / "summary.json").read_text())["passkey_samples"] == prof.eval.samples

@@ -42,6 +42,9 @@ def stage_rows(run: Path, recipe_stages: list[dict]) -> list[dict]:
         r["tokens"] += b * t
         r["seconds"] += rec["seconds"]
         r["last_loss"] = rec["loss"]
+        if "selection_kl" in rec:  # stages with the selection alignment loss (sala.ops.selection_loss)
+            r.setdefault("first_selection_kl", rec["selection_kl"])
+            r["last_selection_kl"] = rec["selection_kl"]
     return list(rows.values())
 
 
@@ -51,14 +54,17 @@ def plot_training(runs: dict[str, Path], path: Path) -> Path | None:
     kinds = [k for k in LOSS_NAMES if any(r["kind"] == k for log in logs.values() for r in log)]
     if not kinds:
         return None
+    panels = [(LOSS_NAMES[k], "loss", k) for k in kinds]
+    if any("selection_kl" in r for log in logs.values() for r in log):
+        panels.append(("selection alignment KL (sparse layers)", "selection_kl", None))
     plt = _plt()
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.8), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (title, key, kind) in zip(axes[0], panels):
         for name, log in logs.items():
-            for stage in dict.fromkeys(r["stage"] for r in log if r["kind"] == kind):
-                pts = [(r["global_step"], r["loss"]) for r in log if r["stage"] == stage]
+            for stage in dict.fromkeys(r["stage"] for r in log if (r["kind"] == kind if kind else key in r)):
+                pts = [(r["global_step"], r[key]) for r in log if r["stage"] == stage and key in r]
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{name}: {stage}", linewidth=1)
-        ax.set_title(LOSS_NAMES[kind], fontsize=10)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
@@ -224,6 +230,11 @@ def _markdown(s: dict, images: dict[str, Path | None]) -> str:
         for r in rows:
             lines.append(f"| {run} | {r['stage']} | {r['kind']} | {r['steps']} | {r['batch_size']} x {r['seq_len']} | "
                          f"{r['tokens']:,} | {r['seconds']:.0f} | {r['first_loss']:.4f} | {r['last_loss']:.4f} |")
+    sel = [f"{run} {r['stage']} {r['first_selection_kl']:.3f} -> {r['last_selection_kl']:.3f}"
+           for run, rows in s["stages"].items() for r in rows if "first_selection_kl" in r]
+    if sel:
+        lines += ["", "Selection alignment KL, first -> last step (the sparse layers' stage-1 block scores against "
+                  "the dense attention's block mass, `selection_weight`): " + "; ".join(sel) + "."]
     if images.get("training"):
         lines += ["", f"![training]({images['training'].name})"]
     lines += ["", "Phase wall times (s): " + ", ".join(f"{k} {v}" for k, v in s["phase_seconds"].items()), ""]
