@@ -8,7 +8,7 @@
 # Steps (skipped when less than their limit is left), most wanted first (the chained lightning kernels were
 # timed on 2026-11-29 and lost everywhere: bench/results/lightning.md):
 #   1. bench/lightning.py: the default forward vs fla at bf16 128K and 1M, fp32 128K, with its passes timed apart
-#      and the card's copy bandwidth
+#      and the card's copy bandwidth; pass-1 launch candidates at bf16 128K
 #   2. bench/train_step.py on the profile's trained student: union rest pass, selection loss, 4K and 32K
 #   3. if time is left: bench/model.py on the release shape, decode eager vs CUDA graphs
 #   4. if time is left: the InfLLM-V2 selection tests cut by the time limit on 2026-11-29 (streamed to $OUT)
@@ -48,8 +48,9 @@ step() {  # step NAME LIMIT COMMAND...: run under `timeout LIMIT` if that much t
 
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee -a "$OUT/session.log"
 LIMIT=${LIGHTNING_LIMIT:-200}
-# the default forward against fla, its passes timed apart, and this card's copy rate (the floors' H200 question)
-step lightning "$LIMIT" python bench/lightning.py --no-sweep --no-variants --budget-s $((LIMIT - 70)) \
+# the default forward against fla, its passes timed apart, and this card's copy rate (the floors' H200 question);
+# pass-1 launch candidates (V block 128, 8 warps) at bf16 128K
+step lightning "$LIMIT" python bench/lightning.py --no-sweep --variants delta --budget-s $((LIMIT - 70)) \
   --cases '^(fwd_bf16_131072|fwd_fp32_131072|fwd_bf16_1048576)$'
 if [ -d "$STUDENT" ]; then
   # TRAIN_PROFILE=1: a torch.profiler pass per variant too (kernel families of the step)

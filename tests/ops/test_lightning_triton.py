@@ -189,6 +189,40 @@ def test_chunk_32_matches_reference(monkeypatch):
         assert rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("delta_bv,delta_warps", [("16", None), ("128", "8"), (None, "8")])
+def test_pass_one_launch_overrides_match_float64(delta_bv, delta_warps, monkeypatch):
+    """SALA_LIGHTNING_DELTA_BV / _DELTA_WARPS change only pass 1's launch (its V blocks need not be the output
+    pass's): forward, final state and gradients (the backward's reverse pass 1 too) still equal float64."""
+    from sala.ops.lightning_triton import _common, _delta_cfg, _plan
+
+    for var in LAUNCH_ENV:
+        monkeypatch.delenv(var, raising=False)
+    for var, val in (("SALA_LIGHTNING_DELTA_BV", delta_bv), ("SALA_LIGHTNING_DELTA_WARPS", delta_warps)):
+        if val is None:
+            monkeypatch.delenv(var, raising=False)
+        else:
+            monkeypatch.setenv(var, val)
+    H, D = (2, 32) if not CUDA else (9, 128)
+    T, seg = (200, 64) if not CUDA else (5000, 1024)
+    q, k, v = (x.requires_grad_(True) for x in inputs(1, T, H, D, torch.float32, seed=31))
+    plan = _plan(q, None, seg)
+    base = _common(plan, H, D, D, q.dtype, "ieee", False)
+    cfg = _delta_cfg(base, D)
+    assert cfg["BV"] == (min(int(delta_bv), D) if delta_bv else base["BV"])
+    assert cfg["num_warps"] == (int(delta_warps) if delta_warps else base["num_warps"])
+    g = lightning_decay(H).to(DEV)
+    do, dht = rand(1, T, H, D, seed=32), rand(1, H, D, D, seed=33)
+    run = lambda a, b, c: lightning_attn_triton(a, b, c, g, segment_len=seg, precision="ieee")  # noqa: E731
+    o, s = run(q, k, v)
+    ours = grads_of(lambda a, b, c: run(a, b, c), [q, k, v], do, dht)
+    leaves64 = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
+    ro, rs = lightning_attn_chunked(*leaves64, g)
+    assert rel(o, ro) < 1e-5 and rel(s, rs) < 1e-5
+    ref = grads_of(lambda a, b, c: lightning_attn_chunked(a, b, c, g), leaves64, do.double(), dht.double())
+    for a, b in zip(ours, ref):
+        assert rel(a, b) < 1e-5
+
+
 def test_strong_and_zero_decay_take_the_exact_path():
     """|g| C / 2 past float32's exp range disables the factored intra-chunk decay; g = 0 is no decay."""
     from sala.ops.lightning_triton import factored_decay_ok

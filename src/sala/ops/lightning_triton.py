@@ -212,6 +212,22 @@ def _common(plan: _Plan, H: int, KD: int, VD: int, q_dtype: torch.dtype, precisi
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
+def _delta_cfg(common: dict, vd: int) -> dict:
+    """Pass 1's own V block and warps (SALA_LIGHTNING_DELTA_BV / _DELTA_WARPS; the benchmark's candidates): it
+    reads k once per V block, so a wider block reads k fewer times, at more registers per program."""
+    bv = os.environ.get("SALA_LIGHTNING_DELTA_BV")
+    warps = os.environ.get("SALA_LIGHTNING_DELTA_WARPS")
+    if bv is None and warps is None:
+        return common
+    out = dict(common)
+    if bv is not None:
+        out["BV"] = min(int(bv), _pad_dim(vd))
+        out["MASK_COLS"] = out["KP"] != out["KD"] or vd % out["BV"] != 0
+    if warps is not None:
+        out["num_warps"] = int(warps)
+    return out
+
+
 def segment_states(
     k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, plan: _Plan, initial_state: torch.Tensor | None = None,
     *, reverse: bool = False, output_final_state: bool = True, precision: str = "tf32", kernel: str = "default",
@@ -227,7 +243,7 @@ def segment_states(
     if initial_state is not None:
         initial_state = initial_state.to(torch.float32).contiguous()
     if nseg:
-        common = _common(plan, H, KD, VD, k.dtype, precision, reverse)
+        common = _delta_cfg(_common(plan, H, KD, VD, k.dtype, precision, reverse), VD)
         delta_kernel = _kn._segment_delta_kmajor_kernel if kernel == "kmajor" else _kn._segment_delta_kernel
         delta_kernel[(nseg * H * triton.cdiv(VD, common["BV"]),)](
             k, v, g, states, seg_seq, seg_tau0, seq_bos, seq_len, **common)
