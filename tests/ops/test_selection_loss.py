@@ -11,7 +11,8 @@ P = ref.SparseParams(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=
 
 def _naive(q, k, params, scale, rows):
     """Row by row in float64: dense attention mass per block (group mean) and the reference's stage-1
-    block scores, both renormalised over the blocks top-k chooses among."""
+    block scores, both renormalised over the blocks top-k chooses among; each term weighted by the largest
+    candidate block's mass."""
     T, Hq, D = q.shape
     Hk = k.shape[1]
     G = Hq // Hk
@@ -37,10 +38,11 @@ def _naive(q, k, params, scale, rows):
                 for j in range(t + 1):
                     mass[j // bs] += p[j] / G
             far = sum(float(mass[b]) for b in cand)
+            peak = max(float(mass[b]) for b in cand)
             tgt = torch.tensor([float(mass[b]) / far for b in cand], dtype=torch.float64)
             pred = bscore[g, cand] / bscore[g, cand].sum()
-            total += far * float((tgt * (tgt.log() - pred.log())).sum())
-            weight += far
+            total += peak * float((tgt * (tgt.log() - pred.log())).sum())
+            weight += peak
     return total, weight
 
 

@@ -11,8 +11,10 @@ last ``rows`` queries of a sequence, the KL divergence from the dense attention'
 averaged over the group's heads, no gradient) to the block scores stage 1 would rank them by (a distribution
 over the same blocks, with gradient into q and k through the pooled keys). Only the blocks the top-k really
 chooses among take part: the forced init and local blocks are left out and both sides renormalised over the
-rest. Each (row, group) term is weighted by the attention mass that lies in those blocks, so rows that attend
-far (an answer looking up its needle) count and rows that attend locally barely do.
+rest. Each (row, group) term is weighted by the largest attention mass one of those blocks holds, so rows that
+look something up far away (an answer reading its needle) count, and rows that attend locally or diffusely
+(most text: much mass far away, but spread thin) barely do; weighting by the far mass as a whole let the
+diffuse rows teach the scores to be flat (a toy needle task: the needle's block selected no more often).
 
 Not part of the release's semantics: the model's forward is unchanged; this is an extra training term
 (``selection_weight`` in a recipe stage). Memory: the target is built in row chunks, never Tq x Tk at once.
@@ -92,8 +94,8 @@ def selection_alignment_loss(
     chunk_elems: int = 1 << 26,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum of w * KL, sum of w)`` over the (query row, KV group) pairs of the last ``rows`` positions of
-    one sequence (q ``[T, Hq, D]``, k ``[T, Hk, D]``, a prefill), w = the row's attention mass in the
-    candidate blocks. KL(target || predicted) over the candidate blocks: target = dense attention mass per
+    one sequence (q ``[T, Hq, D]``, k ``[T, Hk, D]``, a prefill), w = the largest attention mass of one
+    candidate block. KL(target || predicted) over the candidate blocks: target = dense attention mass per
     block, predicted = the normalised stage-1 block scores. Both zero (a tensor with gradient) when no row
     has candidate blocks (sequences shorter than the init blocks, the local window and one block more)."""
     T = q.shape[0]
@@ -122,8 +124,9 @@ def _weighted_kl(q, k, pos, cand, params, scale, n_blocks, chunk_elems):
         mass = mass.masked_fill(~cand[None], 0.0)
         far = mass.sum(dim=-1)  # [Hk, R]
         target = mass / far.clamp_min(1e-30)[..., None]
+        weight = mass.amax(dim=-1)  # the peak: a lookup, not a spread
     log_score = _log_block_scores(qr, k, pos, scale, params, n_blocks).masked_fill(~cand[None], NEG_INF)
     log_pred = log_score - torch.logsumexp(log_score, dim=-1, keepdim=True)
     log_target = torch.log(target.clamp_min(1e-30))
     kl = torch.where(target > 0, target * (log_target - log_pred), torch.zeros_like(target)).sum(dim=-1)
-    return (far * kl).sum(), far.sum()
+    return (weight * kl).sum(), weight.sum()
