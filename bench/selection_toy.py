@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from sala.layers.sparse import SparseAttention, selection_alignment  # noqa: E402
+from sala.layers.sparse import SparseAttention, selection_alignment, selection_kl  # noqa: E402
 from sala.modeling import SALAForCausalLM  # noqa: E402
 from sala.testing import small_config  # noqa: E402
 
@@ -77,7 +77,7 @@ def train(weight: float, seed: int, steps: int, rows: int = 8, batch: int = 16, 
             loss = model(input_ids=ids, labels=labels).loss
         objective = loss
         if weight and terms:
-            kl = sum(t[0] for t in terms) / sum(t[1] for t in terms).clamp_min(1e-6)
+            kl = selection_kl(terms)
             objective = objective + weight * kl
             kls.append(float(kl.detach()))
         opt.zero_grad()

@@ -41,7 +41,7 @@ from common import Results  # noqa: E402
 from sala.convert.teacher import random_llama_teacher  # noqa: E402
 from sala.convert.transfer import ConvertOptions, convert_model  # noqa: E402
 from sala.layers.fusion import fusion  # noqa: E402
-from sala.layers.sparse import DENSE_ALWAYS, SparseAttention, selection_alignment  # noqa: E402
+from sala.layers.sparse import DENSE_ALWAYS, SparseAttention, selection_alignment, selection_kl  # noqa: E402
 from sala.ops import dispatch  # noqa: E402
 from sala.modeling import SALAForCausalLM  # noqa: E402
 from sala.train.losses import kl_sum, lm_sum  # noqa: E402
@@ -121,7 +121,7 @@ def make_step(model, teacher, kind: str, ids: torch.Tensor, distill_from=None, f
                 s, c = lm_sum(model(input_ids=ids, use_cache=False).logits, labels)
         objective = s / c
         if terms:
-            objective = objective + selection * sum(t[0] for t in terms) / sum(t[1] for t in terms).clamp_min(1e-6)
+            objective = objective + selection * selection_kl(terms)
         objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

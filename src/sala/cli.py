@@ -111,17 +111,16 @@ def generate(
     import torch
     from transformers import TextStreamer
 
-    from .engine.graphs import GRAPH_MODES, apply_decode_graphs
+    from .engine.graphs import DecodeGraphsError, apply_decode_graphs, check_decode_graphs_mode
     from .engine.loading import load_model
 
     if is_random_init(model):
         console.print(f"[bold red]{RANDOM_LABEL}[/]: expect gibberish.", highlight=False)
-    if decode_graphs not in GRAPH_MODES:
-        raise typer.BadParameter(f"expected one of {GRAPH_MODES}, got {decode_graphs!r}", param_hint="--decode-graphs")
-    lm, tok = load_model(model, device, dtype)
     try:
+        check_decode_graphs_mode(decode_graphs)  # before the model loads
+        lm, tok = load_model(model, device, dtype)
         apply_decode_graphs(lm, decode_graphs)
-    except ValueError as e:
+    except DecodeGraphsError as e:
         raise typer.BadParameter(str(e), param_hint="--decode-graphs") from None
     torch.manual_seed(seed)
     enc = tok(prompt, return_tensors="pt").to(lm.device)

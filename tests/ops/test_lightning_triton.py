@@ -193,7 +193,7 @@ def test_chunk_32_matches_reference(monkeypatch):
 def test_pass_one_launch_overrides_match_float64(delta_bv, delta_warps, monkeypatch):
     """SALA_LIGHTNING_DELTA_BV / _DELTA_WARPS change only pass 1's launch (its V blocks need not be the output
     pass's): forward, final state and gradients (the backward's reverse pass 1 too) still equal float64."""
-    from sala.ops.lightning_triton import _common, _delta_cfg, _plan
+    from sala.ops.lightning_triton import _common, _plan
 
     for var in LAUNCH_ENV:
         monkeypatch.delenv(var, raising=False)
@@ -207,7 +207,7 @@ def test_pass_one_launch_overrides_match_float64(delta_bv, delta_warps, monkeypa
     q, k, v = (x.requires_grad_(True) for x in inputs(1, T, H, D, torch.float32, seed=31))
     plan = _plan(q, None, seg)
     base = _common(plan, H, D, D, q.dtype, "ieee", False)
-    cfg = _delta_cfg(base, D)
+    cfg = _common(plan, H, D, D, q.dtype, "ieee", False, pass_one=True)
     assert cfg["BV"] == (min(int(delta_bv), D) if delta_bv else base["BV"])
     assert cfg["num_warps"] == (int(delta_warps) if delta_warps else base["num_warps"])
     g = lightning_decay(H).to(DEV)

@@ -34,12 +34,12 @@ def serve_command(
         raise typer.BadParameter(f"{e.name} is missing: pip install 'sala[serve]'") from None
     if is_random_init(model):
         console.print(f"[bold red]{RANDOM_LABEL}[/]: it will answer with gibberish.", highlight=False)
+    from .graphs import DecodeGraphsError
+
     try:
         engine = Engine.load(model, device=device, dtype=dtype, name=name, chunk_size=chunk_size,
                              default_max_tokens=max_tokens, decode_graphs=decode_graphs)
-    except ValueError as e:
-        if "decode" not in str(e):
-            raise
+    except DecodeGraphsError as e:
         raise typer.BadParameter(str(e), param_hint="--decode-graphs") from None
     graphs = "on" if getattr(engine.model.model, "decode_runner", None) is not None else "off"
     console.print(f"serving {engine.name!r} on http://{host}:{port} (device {engine.model.device}, "

@@ -190,15 +190,26 @@ def disable_decode_graphs(model) -> None:
 GRAPH_MODES = ("auto", "on", "off")
 
 
+class DecodeGraphsError(ValueError):
+    """A decode graphs mode that is unknown, or 'on' for a model off CUDA; the message says which."""
+
+
+def check_decode_graphs_mode(mode: str) -> str:
+    """``mode`` if it is one of GRAPH_MODES (callers check before loading a model)."""
+    if mode not in GRAPH_MODES:
+        raise DecodeGraphsError(f"decode graphs mode must be one of {GRAPH_MODES}, got {mode!r}")
+    return mode
+
+
 def apply_decode_graphs(model, mode: str = "auto") -> LightningDecodeGraphs | None:
     """The CLI and server switch: ``auto`` replays graphs when the model is on a CUDA device, ``on`` requires
     one, ``off`` keeps the plain eager decode. Returns the runner, or None when graphs are off."""
-    if mode not in GRAPH_MODES:
-        raise ValueError(f"decode graphs mode must be one of {GRAPH_MODES}, got {mode!r}")
+    check_decode_graphs_mode(mode)
     device = next(model.parameters()).device
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         disable_decode_graphs(model)
         return None
     if device.type != "cuda":
-        raise ValueError(f"decode graphs need the model on a CUDA device; it is on {device} (use 'auto' or 'off')")
+        raise DecodeGraphsError(f"decode graphs need the model on a CUDA device; it is on {device} "
+                                "(use 'auto' or 'off')")
     return enable_decode_graphs(model)

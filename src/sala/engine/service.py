@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .generation import eos_ids
-from .graphs import GRAPH_MODES, apply_decode_graphs
+from .graphs import apply_decode_graphs, check_decode_graphs_mode
 from .loading import is_random_init, load_model
 from .decoding import SamplingParams, Summary, generate_text
 from .protocol import RequestError
@@ -40,8 +40,7 @@ class Engine:
              chunk_size: int | None = 8192, decode_graphs: str = "auto", **kw) -> "Engine":
         """Model and tokenizer from a checkpoint folder; the served name defaults to the folder's name.
         ``decode_graphs``: see ``sala.engine.graphs.apply_decode_graphs``."""
-        if decode_graphs not in GRAPH_MODES:
-            raise ValueError(f"decode_graphs must be one of {GRAPH_MODES}, got {decode_graphs!r}")
+        check_decode_graphs_mode(decode_graphs)  # before the model loads
         path = Path(path)
         model, tok = load_model(path, device, dtype)
         apply_decode_graphs(model, decode_graphs)

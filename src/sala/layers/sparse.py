@@ -135,3 +135,11 @@ def selection_alignment(model: nn.Module, rows: int):
     finally:
         for m in layers:
             m.selection_rows, m.selection_terms = 0, None
+
+
+def selection_kl(terms: list | None) -> torch.Tensor | None:
+    """The weighted mean KL of the terms ``selection_alignment`` collected (None: none were; zero when no
+    sequence had blocks to choose among): what a step adds, times its weight, to its objective."""
+    if not terms:
+        return None
+    return torch.stack([t[0] for t in terms]).sum() / torch.stack([t[1] for t in terms]).sum().clamp_min(1e-6)

@@ -80,18 +80,26 @@ def _default_cfg(dtype: torch.dtype, precision: str) -> tuple[int, int, int, int
     return _DEFAULT_CFG.get((torch.bfloat16 if dtype == torch.float32 else dtype, None), (CHUNK, 32, 8, 2))
 
 
-def _launch_cfg(vd: int, dtype: torch.dtype, precision: str = "tf32") -> dict:
+def _launch_cfg(vd: int, dtype: torch.dtype, precision: str = "tf32", pass_one: bool = False) -> dict:
     """Chunk, block and warp choices (measured: see bench/results/lightning.md); the environment
-    variables SALA_LIGHTNING_CHUNK / _BV / _WARPS / _STAGES override them (used by the benchmark)."""
+    variables SALA_LIGHTNING_CHUNK / _BV / _WARPS / _STAGES override them (used by the benchmark).
+    ``pass_one``: the segment-delta launch, whose V block and warps SALA_LIGHTNING_DELTA_BV / _DELTA_WARPS
+    may set apart (benchmark candidates: it reads k once per V block, so a wider block reads k fewer times,
+    at more registers per program)."""
     chunk, bv, warps, stages = _default_cfg(dtype, precision)
     chunk = int(os.environ.get("SALA_LIGHTNING_CHUNK", chunk))
     if chunk not in (16, 32, 64):
         raise ValueError(f"SALA_LIGHTNING_CHUNK must be 16, 32 or 64, got {chunk}")
+    bv = int(os.environ.get("SALA_LIGHTNING_BV", bv))
+    warps = int(os.environ.get("SALA_LIGHTNING_WARPS", warps))
+    if pass_one:
+        bv = int(os.environ.get("SALA_LIGHTNING_DELTA_BV", bv))
+        warps = int(os.environ.get("SALA_LIGHTNING_DELTA_WARPS", warps))
     return {
         # tokens per chunk (intra-chunk [C, C] tile); always divides the segment (a multiple of CHUNK)
         "C": chunk,
-        "BV": min(int(os.environ.get("SALA_LIGHTNING_BV", bv)), _pad_dim(vd)),
-        "num_warps": int(os.environ.get("SALA_LIGHTNING_WARPS", warps)),
+        "BV": min(bv, _pad_dim(vd)),
+        "num_warps": warps,
         "num_stages": int(os.environ.get("SALA_LIGHTNING_STAGES", stages)),
     }
 
@@ -201,8 +209,9 @@ def _plan(q: torch.Tensor, cu_seqlens: torch.Tensor | None, segment_len: int | N
                  min(sum(n > seg for n in lens), CHAIN_LANES))
 
 
-def _common(plan: _Plan, H: int, KD: int, VD: int, q_dtype: torch.dtype, precision: str, reverse: bool) -> dict:
-    cfg = _launch_cfg(VD, q_dtype, precision)
+def _common(plan: _Plan, H: int, KD: int, VD: int, q_dtype: torch.dtype, precision: str, reverse: bool,
+            pass_one: bool = False) -> dict:
+    cfg = _launch_cfg(VD, q_dtype, precision, pass_one)
     KP = _pad_dim(KD)
     return dict(H=H, KD=KD, VD=VD, KP=KP, SEG=plan.seg, C=cfg["C"], BV=cfg["BV"], REVERSE=reverse,
                 DOT_PRECISION="tf32" if precision == "bf16x3" else precision,
@@ -210,22 +219,6 @@ def _common(plan: _Plan, H: int, KD: int, VD: int, q_dtype: torch.dtype, precisi
                 MASK_COLS=KP != KD or VD % cfg["BV"] != 0,
                 SPLIT_BF16=precision == "bf16x3" and q_dtype == torch.float32,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-
-
-def _delta_cfg(common: dict, vd: int) -> dict:
-    """Pass 1's own V block and warps (SALA_LIGHTNING_DELTA_BV / _DELTA_WARPS; the benchmark's candidates): it
-    reads k once per V block, so a wider block reads k fewer times, at more registers per program."""
-    bv = os.environ.get("SALA_LIGHTNING_DELTA_BV")
-    warps = os.environ.get("SALA_LIGHTNING_DELTA_WARPS")
-    if bv is None and warps is None:
-        return common
-    out = dict(common)
-    if bv is not None:
-        out["BV"] = min(int(bv), _pad_dim(vd))
-        out["MASK_COLS"] = out["KP"] != out["KD"] or vd % out["BV"] != 0
-    if warps is not None:
-        out["num_warps"] = int(warps)
-    return out
 
 
 def segment_states(
@@ -243,7 +236,7 @@ def segment_states(
     if initial_state is not None:
         initial_state = initial_state.to(torch.float32).contiguous()
     if nseg:
-        common = _delta_cfg(_common(plan, H, KD, VD, k.dtype, precision, reverse), VD)
+        common = _common(plan, H, KD, VD, k.dtype, precision, reverse, pass_one=True)
         delta_kernel = _kn._segment_delta_kmajor_kernel if kernel == "kmajor" else _kn._segment_delta_kernel
         delta_kernel[(nseg * H * triton.cdiv(VD, common["BV"]),)](
             k, v, g, states, seg_seq, seg_tau0, seq_bos, seq_len, **common)

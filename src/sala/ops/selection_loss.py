@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .infllmv2_reference import NEG_INF, SparseParams, compress_keys, visible_counts
+from .infllmv2_reference import NEG_INF, SparseParams, block_scores, compress_keys, visible_counts
 
 __all__ = ["selection_alignment_loss", "candidate_mask"]
 
@@ -65,7 +65,7 @@ def _log_block_scores(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scal
                       n_blocks: int) -> torch.Tensor:
     """log of the stage-1 block scores ``[Hk, R, n_blocks]`` (the release's ranking: per chunk, the group sum
     of exp(q.K1 - LSE over the visible K2); per block, the max over its overlapping chunks), in float32 with
-    gradient into q and k. Invisible chunks are -inf."""
+    gradient into q and k. Invisible chunks are -inf; the forced blocks +inf, as ``block_scores`` makes them."""
     R, Hq, D = q.shape
     T, Hk = k.shape[0], k.shape[1]
     G = Hq // Hk
@@ -81,10 +81,9 @@ def _log_block_scores(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scal
     log_p = s1 - torch.logsumexp(s2, dim=-1, keepdim=True)
     log_p = log_p.masked_fill(torch.arange(n1, device=q.device)[None, :] >= vis1[:, None], NEG_INF)
     log_chunk = torch.logsumexp(log_p, dim=1)  # group sum over the G heads -> [Hk, R, n1]
-    r = params.pool_stride
-    need = r * n_blocks + 1  # block b pools padded chunks [r b, r b + r + 1), as block_scores does
-    padded = F.pad(log_chunk, (1, max(0, need - (n1 + 1))), value=NEG_INF)
-    return padded.unfold(-1, r + 1, r)[..., :n_blocks, :].amax(dim=-1)
+    # the release's max-pooling over each block's chunks, on logs (log is monotone, its pad -inf is log 0);
+    # the init and local blocks it forces to +inf are not candidates, so the caller masks them out anyway
+    return block_scores(log_chunk, rows // params.block_size, n_blocks, params)
 
 
 def selection_alignment_loss(

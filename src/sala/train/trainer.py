@@ -32,7 +32,7 @@ from ..convert.transfer import ConvertOptions, convert_model, save_converted
 from ..data.packing import IGNORE, Packed, concat_packed, unpack_segments
 from ..data.retrieval import retrieval_documents, retrieval_documents_with_answers
 from ..layers.fusion import fusion
-from ..layers.sparse import DENSE_ALWAYS, SparseAttention, selection_alignment
+from ..layers.sparse import DENSE_ALWAYS, SparseAttention, selection_alignment, selection_kl
 from ..ops.dispatch import sparse_union_lanes
 from . import distributed as D
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
@@ -258,15 +258,6 @@ class Trainer:
             return nullcontext(None)
         return selection_alignment(self.student, stage.selection_rows)
 
-    @staticmethod
-    def _selection_kl(terms: list | None) -> torch.Tensor | None:
-        """This process's weighted mean KL over its sequences and sparse layers (None: nothing collected;
-        zero when no sequence had blocks to choose among)."""
-        if not terms:
-            return None
-        kl = torch.stack([t[0] for t in terms]).sum()
-        return kl / torch.stack([t[1] for t in terms]).sum().clamp_min(1e-6)
-
     def _loss(self, stage: Stage, module: nn.Module, batch: Packed):
         ids, am, labels, weights = self._inputs(batch, stage)
         real = am.bool() if am is not None else None
@@ -407,7 +398,7 @@ class Trainer:
                         loss_sum, count = self._loss(stage, module, batch)
                     total = D.all_sum(count).clamp_min(1.0)
                     objective = loss_sum * (self.world / total)  # DDP: world * sum / total = global mean
-                    sel_kl = self._selection_kl(sel_terms)
+                    sel_kl = selection_kl(sel_terms)  # this process's sequences and sparse layers
                     if sel_kl is not None:
                         objective = objective + stage.selection_weight * sel_kl
                     objective.backward()
