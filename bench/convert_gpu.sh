@@ -2,7 +2,7 @@
 # The GPU profile of the conversion pipeline on a machine without internet, in time-limited commands.
 #
 # Inputs travel in the git-ignored .carry/ folder (bench/make_carry.sh, on a machine with internet):
-#   gguf.xz.part0, gguf.xz.part1  the default teacher's GGUF (xz, split to fit 64 MiB per transfer)
+#   gguf.xz.part0, .part1, ...    the default teacher's GGUF (xz, split so each fits one transfer beside the tree)
 #   heldout.tar.xz, train.tar.xz  the corpora caches (sala.data.corpora) of shakespeare, brown, austen
 #   gguf-*.whl                    the gguf package (transformers reads GGUF files with it)
 #   reuse_run.tgz (optional)      an earlier run's run.tgz: its teacher evaluation and equal-budget comparison
@@ -28,12 +28,13 @@ mkdir -p "$STASH" "$SALA_CACHE/gguf" "$(dirname "$RUN")"
 for f in .carry/*; do [ -f "$f" ] && [ ! -e "$STASH/$(basename "$f")" ] && cp "$f" "$STASH/"; done
 source bench/gpu_site.sh  # the carried wheels (gguf) -> /tmp/site, on PYTHONPATH with src/
 GGUF="$SALA_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
-if [ ! -f "$GGUF" ] && [ -f "$STASH/gguf.xz.part0" ] && [ -f "$STASH/gguf.xz.part1" ]; then
-  cat "$STASH/gguf.xz.part0" "$STASH/gguf.xz.part1" | xz -d > "$GGUF.tmp" && mv "$GGUF.tmp" "$GGUF"
+if [ ! -f "$GGUF" ] && ls "$STASH"/gguf.xz.part* >/dev/null 2>&1; then
+  # the parts in name order; xz -d fails (and nothing is kept) while one is missing
+  cat $(ls "$STASH"/gguf.xz.part* | sort) | xz -d > "$GGUF.tmp" && mv "$GGUF.tmp" "$GGUF" || rm -f "$GGUF.tmp"
 fi
 if [ ! -f "$GGUF" ]; then  # a fresh machine (the last one was released): the parts must come again
-  echo "convert_gpu.sh: the teacher GGUF is not on this machine and $STASH lacks gguf.xz.part0/part1;" \
-       "carry both parts again (one per call), then rerun" >&2
+  echo "convert_gpu.sh: the teacher GGUF is not on this machine and $STASH lacks some of gguf.xz.part*;" \
+       "carry all parts again (one per call), then rerun" >&2
   exit 3
 fi
 for t in heldout train; do

@@ -48,10 +48,11 @@ step() {  # step NAME LIMIT COMMAND...: run under `timeout LIMIT` if that much t
 
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee -a "$OUT/session.log"
 LIMIT=${LIGHTNING_LIMIT:-200}
-# the default forward against fla, its passes timed apart, and this card's copy rate (the floors' H200 question);
-# pass-1 launch candidates (V block 128, 8 warps) at bf16 128K
-step lightning "$LIMIT" python bench/lightning.py --no-sweep --variants delta --budget-s $((LIMIT - 70)) \
-  --cases '^(fwd_bf16_131072|fwd_fp32_131072|fwd_bf16_1048576)$'
+# the default forward against fla, its passes timed apart, and this card's copy rate; pass 1's old V block 64
+# as the same-run reference and the output pass's launch candidates (LIGHTNING_VARIANTS / _CASES: regexes)
+step lightning "$LIMIT" python bench/lightning.py --no-sweep --variants "${LIGHTNING_VARIANTS:-delta-bv64|out-|stages3}" \
+  --budget-s $((LIMIT - 70)) \
+  --cases "${LIGHTNING_CASES:-^(fwd_bf16_131072|fwd_bf16_1048576|fwdbwd_bf16_131072|varlen_bf16_.*|fwd_fp32_131072)\$}"
 if [ -d "$STUDENT" ]; then
   # TRAIN_PROFILE=1: a torch.profiler pass per variant too (kernel families of the step)
   step train_step 200 python bench/train_step.py --cases lm4k long32k --student "$STUDENT" \

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sala.ops import infllmv2_reference as ref
-from sala.ops.selection_loss import candidate_mask, selection_alignment_loss
+from sala.ops.selection_loss import candidate_mask, first_candidate_row, selection_alignment_loss
 
 P = ref.SparseParams(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, window_size=32, topk=3)
 
@@ -65,6 +65,17 @@ def test_candidates_are_what_topk_chooses_among():
     forced = ref.block_scores(torch.zeros(1, nb, 4 * nb), q_blocks, nb, P)[0].isinf()
     after = torch.arange(nb)[None, :] > q_blocks[:, None]
     assert torch.equal(candidate_mask(q_blocks, nb, P), ~forced & ~after)
+
+
+@pytest.mark.parametrize("init,window,block", [(1, 32, 16), (0, 16, 16), (2, 128, 32), (1, 0, 16)])
+def test_first_candidate_row_is_where_candidates_start(init, window, block):
+    """The host-side start of the rows (no device test per sequence) is the first non-empty candidate row."""
+    params = ref.SparseParams(kernel_size=8, kernel_stride=4, block_size=block, init_blocks=init,
+                              window_size=window, topk=3)
+    T = 12 * block
+    has = candidate_mask(torch.arange(T) // block, 12, params).any(dim=-1)
+    assert int(has.float().argmax()) == first_candidate_row(params)
+    assert bool(has[first_candidate_row(params):].all()) and not bool(has[:first_candidate_row(params)].any())
 
 
 def test_short_sequence_gives_zero_with_gradient():

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .infllmv2_reference import NEG_INF, SparseParams, block_scores, compress_keys, visible_counts
 
-__all__ = ["selection_alignment_loss", "candidate_mask"]
+__all__ = ["selection_alignment_loss", "candidate_mask", "first_candidate_row"]
 
 
 def candidate_mask(q_blocks: torch.Tensor, n_blocks: int, params: SparseParams) -> torch.Tensor:
@@ -37,6 +37,12 @@ def candidate_mask(q_blocks: torch.Tensor, n_blocks: int, params: SparseParams) 
     after the query's block); the complement of the blocks ``block_scores`` forces or cannot select."""
     b = torch.arange(n_blocks, device=q_blocks.device)[None, :]
     return (b >= params.init_blocks) & (b < q_blocks[:, None] - params.local_blocks)
+
+
+def first_candidate_row(params: SparseParams) -> int:
+    """The first query position whose row of ``candidate_mask`` is not empty: its block must lie past the
+    init blocks, the local window and one block more."""
+    return (params.init_blocks + params.local_blocks + 1) * params.block_size
 
 
 def _attention_mass(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, scale: float, block: int,
@@ -106,13 +112,14 @@ def selection_alignment_loss(
         raise ValueError(f"rows must be positive, got {rows}")
     bs = params.block_size
     n_blocks = -(-T // bs)
-    pos = torch.arange(max(0, T - rows), T, device=q.device)
-    cand = candidate_mask(pos // bs, n_blocks, params)
-    has = cand.any(dim=-1)
-    zero = q.sum() * 0.0
-    if not bool(has.any()):
+    # a query has a block to choose among once its block is past the init and local blocks: rows from here on
+    # (decided on the host: a device-side test would stop the step's queue once per sequence and layer)
+    first = max(0, T - rows, first_candidate_row(params))
+    if first >= T:
+        zero = q.sum() * 0.0
         return zero, zero.detach()
-    pos, cand = pos[has], cand[has]
+    pos = torch.arange(first, T, device=q.device)
+    cand = candidate_mask(pos // bs, n_blocks, params)
     with torch.autocast(device_type=q.device.type, enabled=False):  # float32 math even inside a bf16 step
         return _weighted_kl(q, k, pos, cand, params, scale, n_blocks, chunk_elems)
 
