@@ -269,7 +269,11 @@ VARIANTS = {
     + [("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"}),
        ("sala-out-bv128", {}, {"SALA_LIGHTNING_BV": "128"}),
        ("sala-out-w8", {}, {"SALA_LIGHTNING_WARPS": "8", "SALA_LIGHTNING_DELTA_WARPS": "4"}),
-       ("sala-stages3", {}, {"SALA_LIGHTNING_STAGES": "3"})],
+       ("sala-stages3", {}, {"SALA_LIGHTNING_STAGES": "3"}),
+       # 32-token chunks (half the [C, C] work per token), one pipeline stage, the output pass on 32-wide V blocks
+       ("sala-c32", {}, {"SALA_LIGHTNING_CHUNK": "32"}),
+       ("sala-stages1", {}, {"SALA_LIGHTNING_STAGES": "1"}),
+       ("sala-out-bv32", {}, {"SALA_LIGHTNING_BV": "32"})],
     ("fwd", torch.bfloat16, 1048576): [(f"sala-chained-seg{n}", {"kernel": "chained"}, {"SALA_LIGHTNING_CHAIN_SEG": str(n)})
                                        for n in (512, 1024)]
     + [("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"})],
