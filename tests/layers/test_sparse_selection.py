@@ -42,6 +42,28 @@ def test_terms_per_sequence_and_layer_and_the_forward_unchanged():
     assert all(m.selection_terms is None for m in model.modules() if isinstance(m, SparseAttention))
 
 
+def test_equal_length_batch_gives_one_term_per_layer_equal_to_the_rows_sum():
+    """Unpadded rows go through the loss in one call per layer (the batch folded into the heads)."""
+    cfg, model = _model()
+    ids = random_ids(cfg, 3, 96)
+    with selection_alignment(model, rows=24) as terms:
+        model(input_ids=ids)
+    assert len(terms) == 2  # 2 sparse layers, all 3 rows at once
+    layer = model.model.layers[1].self_attn
+    seen = {}
+    h = layer.k_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("k", o))
+    hq = layer.q_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o))
+    with torch.no_grad():
+        model(input_ids=ids)
+    h.remove(), hq.remove()
+    per_row = [selection_alignment_loss(seen["q"][b].view(96, layer.num_heads, layer.head_dim),
+                                        seen["k"][b].view(96, layer.num_kv_heads, layer.head_dim),
+                                        layer.params, layer.scale, 24) for b in range(3)]
+    assert float(per_row[0][1]) > 0
+    assert torch.allclose(terms[0][0], sum(t[0] for t in per_row), rtol=1e-5)
+    assert torch.allclose(terms[0][1], sum(t[1] for t in per_row), rtol=1e-5)
+
+
 def test_no_terms_without_gradient_and_rows_checked():
     cfg, model = _model()
     with selection_alignment(model, rows=8) as terms, torch.no_grad():

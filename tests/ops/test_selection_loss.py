@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sala.ops import infllmv2_reference as ref
-from sala.ops.selection_loss import candidate_mask, first_candidate_row, selection_alignment_loss
+from sala.ops.selection_loss import (candidate_mask, first_candidate_row, selection_alignment_loss,
+                                    selection_alignment_loss_batch)
 
 P = ref.SparseParams(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, window_size=32, topk=3)
 
@@ -136,3 +137,16 @@ def test_training_on_it_lifts_the_block_attention_wants():
         opt.step()
     after = needle_rank()
     assert before > 1 and after == 1, (before, after)
+
+
+def test_batch_fold_equals_the_sum_over_sequences():
+    """Folding the batch into the heads keeps sequences and KV groups apart (sequence-major fold)."""
+    torch.manual_seed(3)
+    q, k = torch.randn(3, 130, 6, 16), torch.randn(3, 130, 2, 16)
+    got = selection_alignment_loss_batch(q, k, P, 0.25, rows=50)
+    want = [selection_alignment_loss(q[b], k[b], P, 0.25, rows=50) for b in range(3)]
+    assert float(want[1][1]) > 0
+    assert torch.allclose(got[0], sum(w[0] for w in want), rtol=1e-5)
+    assert torch.allclose(got[1], sum(w[1] for w in want), rtol=1e-5)
+    with pytest.raises(ValueError, match="expected q"):
+        selection_alignment_loss_batch(q[0], k[0], P, 0.25)

@@ -321,20 +321,20 @@ def test_selection_weight_adds_the_alignment_loss_without_changing_the_forward(r
     import sala.layers.sparse as sparse_mod
 
     calls = []
-    real = sparse_mod.selection_alignment_loss
+    real = sparse_mod.selection_alignment_loss_batch
 
     def spy(q, k, params, scale, rows):
-        calls.append((q.shape[0], rows))
+        calls.append((tuple(q.shape[:2]), rows))
         return real(q, k, params, scale, rows)
 
-    monkeypatch.setattr(sparse_mod, "selection_alignment_loss", spy)
+    monkeypatch.setattr(sparse_mod, "selection_alignment_loss_batch", spy)
     stage = {"name": "long", "kind": "lm", "steps": 2, "seq_len": 96, "batch_size": 2, "lr": 1e-2,
              "sparse": True, "respect_boundaries": False}
     plain = Trainer(recipe_factory(stages=[stage]), tmp_path / "plain", log=lambda *a: None).run()
     assert not calls and "selection_kl" not in plain["history"][0]
     rec = recipe_factory(stages=[dict(stage, selection_weight=1.0, selection_rows=40)])
     res = Trainer(rec, tmp_path / "sel", log=lambda *a: None).run()
-    assert calls == [(96, 40)] * 4  # one sparse layer, 2 rows a step, 2 steps
+    assert calls == [((2, 96), 40)] * 2  # one sparse layer, its 2 rows in one call a step, 2 steps
     kls = [r["selection_kl"] for r in res["history"]]
     assert all(k > 0 and k == k for k in kls)
     assert res["history"][0]["loss"] == pytest.approx(plain["history"][0]["loss"], rel=1e-6)

@@ -16,7 +16,7 @@ from .. import ops
 from ..cache import SparseLayerCache
 from ..config import SALAConfig
 from ..ops.infllmv2_reference import SparseParams
-from ..ops.selection_loss import selection_alignment_loss
+from ..ops.selection_loss import selection_alignment_loss, selection_alignment_loss_batch
 from .common import apply_rope, max_position, rope_cos_sin
 
 DENSE_ALWAYS = 1 << 62  # a dense_len no context reaches: the layer attends densely at any length
@@ -100,6 +100,10 @@ class SparseAttention(nn.Module):
 
     def _selection_terms(self, q, k, token_mask, cu_seqlens) -> None:
         """Append each sequence's (weighted KL sum, weight sum) of the selection alignment loss."""
+        if cu_seqlens is None and token_mask is None:  # equal-length rows: the whole batch in one call
+            self.selection_terms.append(
+                selection_alignment_loss_batch(q, k, self.params, self.scale, self.selection_rows))
+            return
         if cu_seqlens is not None:
             bounds = cu_seqlens.tolist()
             seqs = [(0, slice(s, e)) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .infllmv2_reference import NEG_INF, SparseParams, block_scores, compress_keys, visible_counts
 
-__all__ = ["selection_alignment_loss", "candidate_mask", "first_candidate_row"]
+__all__ = ["selection_alignment_loss", "selection_alignment_loss_batch", "candidate_mask", "first_candidate_row"]
 
 
 def candidate_mask(q_blocks: torch.Tensor, n_blocks: int, params: SparseParams) -> torch.Tensor:
@@ -122,6 +122,19 @@ def selection_alignment_loss(
     cand = candidate_mask(pos // bs, n_blocks, params)
     with torch.autocast(device_type=q.device.type, enabled=False):  # float32 math even inside a bf16 step
         return _weighted_kl(q, k, pos, cand, params, scale, n_blocks, chunk_elems)
+
+
+def selection_alignment_loss_batch(q: torch.Tensor, k: torch.Tensor, params: SparseParams, scale: float,
+                                   rows: int = 128, chunk_elems: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor]:
+    """The terms of ``selection_alignment_loss`` summed over a batch of equal-length sequences (q ``[B, T, Hq,
+    D]``, k ``[B, T, Hk, D]``) in one call: the batch is folded into the heads (sequence-major, so head h of
+    the fold still reads KV head h // group), which every step of the loss keeps apart. A training step with B
+    sequences then launches one set of small kernels per layer instead of B."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2]:
+        raise ValueError(f"expected q [B, T, Hq, D] and k [B, T, Hk, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, T = q.shape[:2]
+    fold = lambda x: x.transpose(0, 1).reshape(T, B * x.shape[2], x.shape[3])  # noqa: E731
+    return selection_alignment_loss(fold(q), fold(k), params, scale, rows, chunk_elems)
 
 
 def _weighted_kl(q, k, pos, cand, params, scale, n_blocks, chunk_elems):
