@@ -12,15 +12,17 @@ def _log(run, rows):
 
 def test_stage_rows_and_plot_carry_selection_kl(tmp_path):
     run = tmp_path / "student"
-    recs = [{"stage": "lm4k", "kind": "lm", "global_step": 1, "loss": 3.0, "seconds": 0.2},
-            {"stage": "long32k", "kind": "lm", "global_step": 2, "loss": 2.9, "seconds": 0.6, "selection_kl": 2.5},
-            {"stage": "long32k", "kind": "lm", "global_step": 3, "loss": 2.8, "seconds": 0.6, "selection_kl": 1.25}]
+    kls = [2.5, 2.0, 1.0, 4.0, 3.0, 3.0, 2.0, 1.0, 1.0, 1.5, 1.25, 0.75, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 2.0, 0.25]
+    recs = [{"stage": "lm4k", "kind": "lm", "global_step": 1, "loss": 3.0, "seconds": 0.2}]
+    recs += [{"stage": "long32k", "kind": "lm", "global_step": 2 + i, "loss": 2.9, "seconds": 0.6, "selection_kl": kl}
+             for i, kl in enumerate(kls)]
     _log(run, recs)
     stages = [{"name": "lm4k", "batch_size": 4, "seq_len": 4096, "kind": "lm"},
               {"name": "long32k", "batch_size": 1, "seq_len": 32768, "kind": "lm"}]
     rows = {r["stage"]: r for r in stage_rows(run, stages)}
-    assert "first_selection_kl" not in rows["lm4k"]
-    assert rows["long32k"]["first_selection_kl"] == 2.5 and rows["long32k"]["last_selection_kl"] == 1.25
-    assert rows["long32k"]["steps"] == 2 and rows["long32k"]["tokens"] == 2 * 32768
+    assert "selection_kl_first_tenth" not in rows["lm4k"]
+    # 20 steps: the first and last 2 averaged (one step alone is noisy)
+    assert rows["long32k"]["selection_kl_first_tenth"] == 2.25 and rows["long32k"]["selection_kl_last_tenth"] == 1.125
+    assert rows["long32k"]["steps"] == 20 and rows["long32k"]["tokens"] == 20 * 32768
     out = plot_training({"student": run}, tmp_path / "training.png")
     assert out is not None and out.stat().st_size > 0

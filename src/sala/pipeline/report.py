@@ -34,6 +34,7 @@ def stage_rows(run: Path, recipe_stages: list[dict]) -> list[dict]:
     """Per stage of a training run: steps, tokens, seconds, first and last loss (from its log)."""
     shape = {s["name"]: (s["batch_size"], s["seq_len"], s["kind"]) for s in recipe_stages}
     rows: dict[str, dict] = {}
+    kls: dict[str, list[float]] = {}
     for rec in read_log(run):
         b, t, kind = shape.get(rec["stage"], (0, 0, rec["kind"]))
         r = rows.setdefault(rec["stage"], {"stage": rec["stage"], "kind": kind, "steps": 0, "tokens": 0, "seconds": 0.0,
@@ -43,8 +44,11 @@ def stage_rows(run: Path, recipe_stages: list[dict]) -> list[dict]:
         r["seconds"] += rec["seconds"]
         r["last_loss"] = rec["loss"]
         if "selection_kl" in rec:  # stages with the selection alignment loss (sala.ops.selection_loss)
-            r.setdefault("first_selection_kl", rec["selection_kl"])
-            r["last_selection_kl"] = rec["selection_kl"]
+            kls.setdefault(rec["stage"], []).append(rec["selection_kl"])
+    for stage, values in kls.items():  # one step's KL is noisy: the means of the first and last tenth of steps
+        n = max(1, len(values) // 10)
+        rows[stage]["selection_kl_first_tenth"] = sum(values[:n]) / n
+        rows[stage]["selection_kl_last_tenth"] = sum(values[-n:]) / n
     return list(rows.values())
 
 
@@ -230,11 +234,12 @@ def _markdown(s: dict, images: dict[str, Path | None]) -> str:
         for r in rows:
             lines.append(f"| {run} | {r['stage']} | {r['kind']} | {r['steps']} | {r['batch_size']} x {r['seq_len']} | "
                          f"{r['tokens']:,} | {r['seconds']:.0f} | {r['first_loss']:.4f} | {r['last_loss']:.4f} |")
-    sel = [f"{run} {r['stage']} {r['first_selection_kl']:.3f} -> {r['last_selection_kl']:.3f}"
-           for run, rows in s["stages"].items() for r in rows if "first_selection_kl" in r]
+    sel = [f"{run} {r['stage']} {r['selection_kl_first_tenth']:.3f} -> {r['selection_kl_last_tenth']:.3f}"
+           for run, rows in s["stages"].items() for r in rows if "selection_kl_first_tenth" in r]
     if sel:
-        lines += ["", "Selection alignment KL, first -> last step (the sparse layers' stage-1 block scores against "
-                  "the dense attention's block mass, `selection_weight`): " + "; ".join(sel) + "."]
+        lines += ["", "Selection alignment KL, mean of the first -> last tenth of each stage's steps (the sparse "
+                  "layers' stage-1 block scores against the dense attention's block mass, `selection_weight`): "
+                  + "; ".join(sel) + "."]
     if images.get("training"):
         lines += ["", f"![training]({images['training'].name})"]
     lines += ["", "Phase wall times (s): " + ", ".join(f"{k} {v}" for k, v in s["phase_seconds"].items()), ""]
