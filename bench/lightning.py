@@ -273,7 +273,11 @@ VARIANTS = {
        # 32-token chunks (half the [C, C] work per token), one pipeline stage, the output pass on 32-wide V blocks
        ("sala-c32", {}, {"SALA_LIGHTNING_CHUNK": "32"}),
        ("sala-stages1", {}, {"SALA_LIGHTNING_STAGES": "1"}),
-       ("sala-out-bv32", {}, {"SALA_LIGHTNING_BV": "32"})],
+       ("sala-out-bv32", {}, {"SALA_LIGHTNING_BV": "32"}),
+       # three output programs per SM instead of two (bench/sm90_offline.py: 250 registers and 90 KB of shared
+       # memory each by default; one stage and 168 registers: 57 KB, 196 B spilled; 160: 272 B)
+       ("sala-out-s1-r168", {}, {"SALA_LIGHTNING_STAGES": "1", "SALA_LIGHTNING_MAXNREG": "168"}),
+       ("sala-out-s1-r160", {}, {"SALA_LIGHTNING_STAGES": "1", "SALA_LIGHTNING_MAXNREG": "160"})],
     ("fwd", torch.bfloat16, 1048576): [(f"sala-chained-seg{n}", {"kernel": "chained"}, {"SALA_LIGHTNING_CHAIN_SEG": str(n)})
                                        for n in (512, 1024)]
     + [("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"})],

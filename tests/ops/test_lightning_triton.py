@@ -110,7 +110,7 @@ def test_bf16x3_backward_matches_reference_autograd():
 
 
 LAUNCH_ENV = ("SALA_LIGHTNING_CHUNK", "SALA_LIGHTNING_BV", "SALA_LIGHTNING_WARPS", "SALA_LIGHTNING_STAGES",
-              "SALA_LIGHTNING_SEG")
+              "SALA_LIGHTNING_SEG", "SALA_LIGHTNING_DELTA_BV", "SALA_LIGHTNING_DELTA_WARPS", "SALA_LIGHTNING_MAXNREG")
 
 
 def test_launch_defaults_are_the_measured_winners(monkeypatch):
@@ -137,6 +137,20 @@ def test_launch_defaults_are_the_measured_winners(monkeypatch):
     assert choose_segment_len(200, 3, torch.bfloat16) == 64
     monkeypatch.setenv("SALA_LIGHTNING_CHUNK", "16")
     assert cfg(torch.float32, "ieee")[0] == 16
+
+
+def test_register_cap_reaches_the_gpu_launches_only(monkeypatch):
+    """SALA_LIGHTNING_MAXNREG: a launch option of the output (and chained) passes on the GPU backend; pass 1 and
+    the interpreter never see it."""
+    from sala.ops import lightning_triton as lt
+    from sala.ops.lightning_triton import _launch_cfg
+
+    monkeypatch.setenv("SALA_LIGHTNING_MAXNREG", "168")
+    monkeypatch.setattr(lt, "_INTERPRET", False)
+    assert _launch_cfg(128, torch.bfloat16)["maxnreg"] == 168
+    assert "maxnreg" not in _launch_cfg(128, torch.bfloat16, pass_one=True)
+    monkeypatch.setattr(lt, "_INTERPRET", True)
+    assert "maxnreg" not in _launch_cfg(128, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

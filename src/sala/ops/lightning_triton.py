@@ -91,7 +91,8 @@ def _launch_cfg(vd: int, dtype: torch.dtype, precision: str = "tf32", pass_one: 
     variables SALA_LIGHTNING_CHUNK / _BV / _WARPS / _STAGES override them (used by the benchmark).
     ``pass_one``: the segment-delta launch, whose V block and warps SALA_LIGHTNING_DELTA_BV / _DELTA_WARPS
     may set apart (benchmark candidates: it reads k once per V block, so a wider block reads k fewer times,
-    at more registers per program)."""
+    at more registers per program). SALA_LIGHTNING_MAXNREG caps the other passes' registers per thread (a
+    benchmark candidate: more programs per SM at the price of spills; ``bench/sm90_offline.py`` counts both)."""
     chunk, bv, warps, stages = _default_cfg(dtype, precision)
     chunk = int(os.environ.get("SALA_LIGHTNING_CHUNK", chunk))
     if chunk not in (16, 32, 64):
@@ -101,13 +102,17 @@ def _launch_cfg(vd: int, dtype: torch.dtype, precision: str = "tf32", pass_one: 
     if pass_one:
         bv = int(os.environ.get("SALA_LIGHTNING_DELTA_BV", _DELTA_BV.get(dtype, bv)))
         warps = int(os.environ.get("SALA_LIGHTNING_DELTA_WARPS", warps))
-    return {
+    cfg = {
         # tokens per chunk (intra-chunk [C, C] tile); always divides the segment (a multiple of CHUNK)
         "C": chunk,
         "BV": min(bv, _pad_dim(vd)),
         "num_warps": warps,
         "num_stages": int(os.environ.get("SALA_LIGHTNING_STAGES", stages)),
     }
+    maxnreg = os.environ.get("SALA_LIGHTNING_MAXNREG")
+    if maxnreg and not pass_one and not _INTERPRET:  # a compile option of the GPU backend only
+        cfg["maxnreg"] = int(maxnreg)
+    return cfg
 
 
 # Segment rule per input width: (least (segment, head) pairs of parallel work, longest segment).
@@ -224,7 +229,8 @@ def _common(plan: _Plan, H: int, KD: int, VD: int, q_dtype: torch.dtype, precisi
                 DYN_LOOP=not _INTERPRET, SEG_CHUNKS=plan.seg // cfg["C"], UPCAST=_INTERPRET,
                 MASK_COLS=KP != KD or VD % cfg["BV"] != 0,
                 SPLIT_BF16=precision == "bf16x3" and q_dtype == torch.float32,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}))
 
 
 def segment_states(

@@ -1,0 +1,139 @@
+"""What a lightning kernel costs an sm_90 GPU, found without one: registers, spills, shared memory.
+
+Triton compiles for a target given by name (no device needed) and ships NVIDIA's ``ptxas``, whose ``-v``
+report names each kernel's registers per thread and spilled bytes. With those and the shared memory, the
+programs one SM can hold follow (65,536 registers and 228 KB per SM on an H100/H200), and whether the loads
+were software-pipelined (asynchronous copies in the TTGIR) and the products run on wgmma.
+
+    python bench/sm90_offline.py                                   # the forward's two passes at bf16, H 32, D 128
+    python bench/sm90_offline.py --kernel output --bv 128 --warps 8 --dtype bf16
+    python bench/sm90_offline.py --kernel output --maxnreg 168
+
+Launch parameters come from the library (``sala.ops.lightning_triton._common``), with the options given here
+applied on top, as the SALA_LIGHTNING_* variables would at run time. Pointer arguments are declared 16-byte
+aligned, as Triton specializes them at launch: without that the loads are not pipelined and the counts are
+those of a kernel that never runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from sala.ops import lightning_triton as lt  # noqa: E402
+from sala.ops import lightning_triton_kernels as kn  # noqa: E402
+
+REGISTERS_PER_SM = 65536
+SHARED_PER_SM = 228 * 1024
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+KERNELS = {"output": kn._segment_output_kernel, "delta": kn._segment_delta_kernel}
+TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+FP32_POINTERS = ("g_ptr", "state_ptr", "delta_ptr")
+INDEX_POINTERS = ("seg_seq_ptr", "seg_tau0_ptr", "seq_bos_ptr", "seq_len_ptr")
+
+
+def _signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in FP32_POINTERS:
+            sig[name] = "*fp32"
+        elif name in INDEX_POINTERS:
+            sig[name] = "*i64"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + TRITON_TYPE[dtype]
+        else:
+            sig[name] = "fp32"  # scale
+    return sig
+
+
+def ptxas_report(ptx: str) -> tuple[int, int]:
+    """(registers per thread, spill-store bytes) from ``ptxas -v`` on sm_90a."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        out = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(src), "-o", str(Path(d) / "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    regs = re.search(r"Used (\d+) registers", out.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", out.stderr)
+    return int(regs.group(1)), int(spill.group(1)) if spill else 0
+
+
+def kernel_resources(kernel: str = "output", dtype: str = "bf16", H: int = 32, D: int = 128, seg: int = 8192,
+                     precision: str = "tf32", chunk: int | None = None, bv: int | None = None,
+                     warps: int | None = None, stages: int | None = None, maxnreg: int | None = None) -> dict:
+    """Compile one lightning kernel for sm_90 with the library's launch parameters (options override them)
+    and report its resources and what an SM holds of it."""
+    tdtype = DTYPES[dtype]
+    env = {"SALA_LIGHTNING_CHUNK": chunk, "SALA_LIGHTNING_STAGES": stages, "SALA_LIGHTNING_MAXNREG": maxnreg,
+           "SALA_LIGHTNING_DELTA_BV" if kernel == "delta" else "SALA_LIGHTNING_BV": bv,
+           "SALA_LIGHTNING_DELTA_WARPS" if kernel == "delta" else "SALA_LIGHTNING_WARPS": warps}
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        for k, v in env.items():
+            if v is not None:
+                os.environ[k] = str(v)
+        interpret, lt._INTERPRET = lt._INTERPRET, False  # the GPU's launch options, whatever this process runs
+        try:
+            common = lt._common(SimpleNamespace(seg=seg), H, D, D, tdtype, precision, False, pass_one=kernel == "delta")
+        finally:
+            lt._INTERPRET = interpret
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    options = {k: common.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in common}
+    constexprs = dict(common, DYN_LOOP=True, UPCAST=False)  # the GPU's settings, whatever this process runs
+    if kernel == "output":
+        constexprs["FACTORED_DECAY"] = True
+    fn = KERNELS[kernel]
+    src = ASTSource(fn=fn, signature=_signature(fn, tdtype, constexprs),
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                    attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    regs, spill = ptxas_report(compiled.asm["ptx"])
+    ttgir = compiled.asm["ttgir"]
+    shared = compiled.metadata.shared
+    threads = 32 * options["num_warps"]
+    per_sm = min(REGISTERS_PER_SM // (regs * threads), SHARED_PER_SM // shared if shared else 32)
+    return {"kernel": kernel, "dtype": dtype, "C": common["C"], "BV": common["BV"], **options,
+            "registers": regs, "spill_bytes": spill, "shared_bytes": shared, "programs_per_sm": per_sm,
+            "wgmma": ttgir.count("ttng.warp_group_dot "), "async_copies": ttgir.count("async_copy_global_to_local")}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kernel", choices=[*KERNELS, "both"], default="both")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--chunk", type=int)
+    ap.add_argument("--bv", type=int)
+    ap.add_argument("--warps", type=int)
+    ap.add_argument("--stages", type=int)
+    ap.add_argument("--maxnreg", type=int)
+    args = ap.parse_args()
+    for name in (KERNELS if args.kernel == "both" else [args.kernel]):
+        print(json.dumps(kernel_resources(name, args.dtype, args.heads, args.dim, chunk=args.chunk, bv=args.bv,
+                                          warps=args.warps, stages=args.stages, maxnreg=args.maxnreg)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""bench/sm90_offline.py compiles the lightning forward's kernels for sm_90 without a GPU and reports what
+an SM holds of them: the defaults must stay on wgmma with pipelined loads and no spills."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "sm90_offline.py"), *args], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_default_bf16_passes_use_wgmma_pipelined_loads_and_do_not_spill():
+    rows = {r["kernel"]: r for r in _run("--dtype", "bf16")}
+    out, delta = rows["output"], rows["delta"]
+    assert (out["C"], out["BV"], out["num_warps"]) == (64, 64, 4)
+    assert delta["BV"] == 128  # pass 1 on one 128-wide V block for 16-bit inputs
+    for r in (out, delta):
+        assert r["wgmma"] >= 1 and r["async_copies"] > 0, r
+        assert r["spill_bytes"] == 0 and r["registers"] <= 255, r
+        assert r["programs_per_sm"] >= 2, r
+    assert out["wgmma"] == 4  # all four products of the output pass
+
+
+def test_register_cap_is_applied_and_costs_spills():
+    (r,) = _run("--kernel", "output", "--maxnreg", "168", "--stages", "1")
+    assert r["maxnreg"] == 168 and r["registers"] <= 168 and r["num_stages"] == 1
+    assert r["programs_per_sm"] == 3 and r["spill_bytes"] > 0
