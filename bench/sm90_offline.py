@@ -40,6 +40,7 @@ REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 228 * 1024
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KERNELS = {"output": kn._segment_output_kernel, "delta": kn._segment_delta_kernel}
+INFLLMV2_KERNELS = ("rest", "forced", "union", "dq", "dkdv")
 TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 FP32_POINTERS = ("g_ptr", "state_ptr", "delta_ptr")
 INDEX_POINTERS = ("seg_seq_ptr", "seg_tau0_ptr", "seq_bos_ptr", "seq_len_ptr")
@@ -74,6 +75,30 @@ def ptxas_report(ptx: str) -> tuple[int, int]:
     return int(regs.group(1)), int(spill.group(1)) if spill else 0
 
 
+def compile_resources(fn, constexprs: dict, options: dict, pointer_type, int_args_aligned=()) -> dict:
+    """Compile ``fn`` for sm_90 (pointers 16-byte aligned, as at launch; ``int_args_aligned``: integer
+    arguments declared divisible by 16, as the launcher specializes strides) and report its resources."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = pointer_type(name)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if sig[n].startswith("*") or n in int_args_aligned}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    regs, spill = ptxas_report(compiled.asm["ptx"])
+    ttgir = compiled.asm["ttgir"]
+    shared = compiled.metadata.shared
+    threads = 32 * options["num_warps"]
+    per_sm = min(REGISTERS_PER_SM // (regs * threads), SHARED_PER_SM // shared if shared else 32)
+    return {**options, "registers": regs, "spill_bytes": spill, "shared_bytes": shared, "programs_per_sm": per_sm,
+            "wgmma": ttgir.count("ttng.warp_group_dot "), "mma_sync": len(re.findall(r"= tt\.dot ", ttgir)),
+            "async_copies": ttgir.count("async_copy_global_to_local")}
+
+
 def kernel_resources(kernel: str = "output", dtype: str = "bf16", H: int = 32, D: int = 128, seg: int = 8192,
                      precision: str = "tf32", chunk: int | None = None, bv: int | None = None,
                      warps: int | None = None, stages: int | None = None, maxnreg: int | None = None) -> dict:
@@ -104,23 +129,63 @@ def kernel_resources(kernel: str = "output", dtype: str = "bf16", H: int = 32, D
     if kernel == "output":
         constexprs["FACTORED_DECAY"] = True
     fn = KERNELS[kernel]
-    src = ASTSource(fn=fn, signature=_signature(fn, tdtype, constexprs),
-                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
-                    attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    regs, spill = ptxas_report(compiled.asm["ptx"])
-    ttgir = compiled.asm["ttgir"]
-    shared = compiled.metadata.shared
-    threads = 32 * options["num_warps"]
-    per_sm = min(REGISTERS_PER_SM // (regs * threads), SHARED_PER_SM // shared if shared else 32)
-    return {"kernel": kernel, "dtype": dtype, "C": common["C"], "BV": common["BV"], **options,
-            "registers": regs, "spill_bytes": spill, "shared_bytes": shared, "programs_per_sm": per_sm,
-            "wgmma": ttgir.count("ttng.warp_group_dot "), "async_copies": ttgir.count("async_copy_global_to_local")}
+    sig = _signature(fn, tdtype, constexprs)
+    return {"kernel": kernel, "dtype": dtype, "C": common["C"], "BV": common["BV"],
+            **compile_resources(fn, constexprs, options, sig.__getitem__)}
+
+
+def infllmv2_resources(kernel: str = "rest", G: int = 16, D: int = 128, BS: int = 64, union_lanes: int = 16,
+                       warps: int | None = None, stages: int | None = None) -> dict:
+    """The same for InfLLM-V2's stage-2 kernels at the launch parameters ``sala.ops.infllmv2_triton_attn``
+    uses (bf16, the release's group of 16 heads, d 128, 64-token blocks by default): ``rest`` (one query row
+    per program over its selected blocks), ``forced`` (init and local blocks of several rows), ``union``
+    (the rest pass over neighbouring rows' union), ``dq`` and ``dkdv`` (backward)."""
+    from sala.ops import infllmv2_triton_attn as at
+
+    GP, BD = at._cfg(G, D)
+    base = dict(G=G, D=D, BD=BD, BS=BS, PREC="tf32")
+    if kernel == "rest":
+        fn, ce, opts = at._fwd_kernel, dict(base, GP=GP, SPLIT=False, REST=True, SP2=128), dict(at.PER_ROW_CFG)
+    elif kernel == "forced":
+        gp, rb = at._multi_row(G, 128)
+        fn, ce, opts = at._fwd_forced_kernel, dict(base, GP=gp, RB=rb), {"num_warps": 8, "num_stages": 2}
+    elif kernel == "union":
+        gp, rb = at._multi_row(G, union_lanes)
+        fn, ce, opts = at._fwd_union_kernel, dict(base, GP=gp, RB=rb, SP2=128), dict(at.PER_ROW_CFG)
+    elif kernel == "dq":
+        fn, ce, opts = at._bwd_dq_kernel, dict(base, GP=GP, REST=True, SP2=128), dict(at.PER_ROW_CFG)
+    elif kernel == "dkdv":
+        gp, rb = at._multi_row(G, 64)
+        fn, ce, opts = at._bwd_dkdv_kernel, dict(base, GP=gp, RB=rb), {"num_warps": 4 if BD <= 64 else 8,
+                                                                       "num_stages": 2}
+    else:
+        raise ValueError(f"unknown InfLLM-V2 kernel {kernel!r}")
+    if warps:
+        opts["num_warps"] = warps
+    if stages:
+        opts["num_stages"] = stages
+    fp32 = {"LSE", "OP", "LP", "DELTA", "DQP"}
+    idx = {"IDX", "ROWS", "OFFS"}
+
+    def arg_type(name):
+        if name in fp32:
+            return "*fp32"
+        if name in idx:
+            return "*i32"
+        if name.isupper():
+            return "*bf16"
+        return "fp32" if name in ("qk_scale2", "scale") else "i32"
+
+    specialized = [n for n in fn.arg_names if n.startswith("s_") and n not in at.LENGTH_ARGS.get(fn.__name__, ())]
+    return {"kernel": f"infllmv2_{kernel}", "G": G, "D": D, "BS": BS,
+            **{k: v for k, v in ce.items() if k in ("GP", "RB")},
+            **compile_resources(fn, ce, opts, arg_type, int_args_aligned=specialized)}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernel", choices=[*KERNELS, "both"], default="both")
+    ap.add_argument("--kernel", choices=[*KERNELS, "both", *(f"infllmv2_{k}" for k in INFLLMV2_KERNELS)],
+                    default="both")
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--dim", type=int, default=128)
@@ -130,6 +195,10 @@ def main():
     ap.add_argument("--stages", type=int)
     ap.add_argument("--maxnreg", type=int)
     args = ap.parse_args()
+    if args.kernel.startswith("infllmv2_"):
+        print(json.dumps(infllmv2_resources(args.kernel.removeprefix("infllmv2_"), warps=args.warps,
+                                            stages=args.stages)))
+        return
     for name in (KERNELS if args.kernel == "both" else [args.kernel]):
         print(json.dumps(kernel_resources(name, args.dtype, args.heads, args.dim, chunk=args.chunk, bv=args.bv,
                                           warps=args.warps, stages=args.stages, maxnreg=args.maxnreg)))

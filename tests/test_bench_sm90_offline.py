@@ -36,3 +36,13 @@ def test_register_cap_is_applied_and_costs_spills():
     (r,) = _run("--kernel", "output", "--maxnreg", "168", "--stages", "1")
     assert r["maxnreg"] == 168 and r["registers"] <= 168 and r["num_stages"] == 1
     assert r["programs_per_sm"] == 3 and r["spill_bytes"] > 0
+
+
+def test_infllmv2_stage2_kernels_compile_and_report():
+    """InfLLM-V2's per-row rest pass (the forward's main cost at long context) at the release shape: 16 heads
+    of a group are the 16 rows of its products (mma.sync, below wgmma's 64), loads pipelined, no spills."""
+    (rest,) = _run("--kernel", "infllmv2_rest")
+    assert rest["GP"] == 16 and rest["mma_sync"] == 2 and rest["wgmma"] == 0
+    assert rest["async_copies"] > 0 and rest["spill_bytes"] == 0 and rest["programs_per_sm"] >= 4
+    (forced,) = _run("--kernel", "infllmv2_forced")
+    assert forced["RB"] * forced["GP"] == 128 and forced["wgmma"] == 2  # 8 rows x 16 heads: on wgmma
