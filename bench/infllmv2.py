@@ -333,23 +333,26 @@ def bench_fwd(res, T, ok, dense=True, check=True):
             log(f"{name} variant failed:", repr(e)[:300])
         finally:
             tsel.ROW_TOPK = default
-        # variant: the union rest pass (tattn.UNION_LANES); random inputs pick unrelated blocks for
-        # neighbouring rows, so this measures its cost where it can save nothing
+        # variants: the union rest pass (tattn.UNION_LANES: dot rows, so with 16 heads 16 lanes are one query
+        # row per program and 64 lanes four, whose products then run on wgmma); random inputs pick unrelated
+        # blocks for neighbouring rows, so this measures its cost where it can share nothing
         lanes_before = tattn.UNION_LANES
-        try:
-            tattn.UNION_LANES = 16
-            o_u, _ = sparse_attn_forward(q, k, v, idx, 0, PARAMS.block_size, SCALE, forced=forced)
-            same_o = bool(torch.allclose(o_u.float(), o.float(), atol=2e-2, rtol=2e-2))
-            t_s2_u = timeit(lambda: sparse_attn_forward(q, k, v, idx, 0, PARAMS.block_size, SCALE, forced=forced))
-            ms_u = timeit(lambda: infllmv2_attention_triton(q, k, v, PARAMS, SCALE))
-            res.add(**dict(row, variant="sala.infllmv2_triton.union16", ms=round(ms_u, 3),
-                           speedup=round(valid[bname] / ms_u, 2) if bname else None, correct=bool(good and same_o),
-                           stages_ms=dict(row["stages_ms"], stage2_fwd=round(t_s2_u, 3)), tflops={},
-                           note="rest pass over the union of 16 lanes' selections (UNION_LANES=16, not the default)"))
-        except Exception as e:  # noqa: BLE001
-            log("union variant failed:", repr(e)[:300])
-        finally:
-            tattn.UNION_LANES = lanes_before
+        for lanes in (16, 64):
+            try:
+                tattn.UNION_LANES = lanes
+                o_u, _ = sparse_attn_forward(q, k, v, idx, 0, PARAMS.block_size, SCALE, forced=forced)
+                same_o = bool(torch.allclose(o_u.float(), o.float(), atol=2e-2, rtol=2e-2))
+                t_s2_u = timeit(lambda: sparse_attn_forward(q, k, v, idx, 0, PARAMS.block_size, SCALE, forced=forced))
+                ms_u = timeit(lambda: infllmv2_attention_triton(q, k, v, PARAMS, SCALE))
+                res.add(**dict(row, variant=f"sala.infllmv2_triton.union{lanes}", ms=round(ms_u, 3),
+                               speedup=round(valid[bname] / ms_u, 2) if bname else None, correct=bool(good and same_o),
+                               stages_ms=dict(row["stages_ms"], stage2_fwd=round(t_s2_u, 3)), tflops={},
+                               note=f"rest pass over the union of {lanes} lanes' selections (UNION_LANES={lanes}, "
+                                    "not the default)"))
+            except Exception as e:  # noqa: BLE001
+                log(f"union{lanes} variant failed:", repr(e)[:300])
+            finally:
+                tattn.UNION_LANES = lanes_before
     del q, k, v, o, idx
     torch.cuda.empty_cache()
 
