@@ -5,10 +5,9 @@
 # files, and on 2026-11-29 the steps wrote 14 (train_step.json was left behind).
 #   bash bench/kernel_session.sh [seconds for the whole call, default 540]
 #   ONLY='lightning|train_step' LIGHTNING_LIMIT=200 bash bench/kernel_session.sh 420   # only these steps
-# Steps (skipped when less than their limit is left), most wanted first (the chained lightning kernels were
-# timed on 2026-11-29 and lost everywhere: bench/results/lightning.md):
-#   1. bench/lightning.py: the default forward vs fla at bf16 128K and 1M, fp32 128K, with its passes timed apart
-#      and the card's copy bandwidth; pass-1 launch candidates at bf16 128K
+# Steps (skipped when less than their limit is left), most wanted first:
+#   1. bench/lightning.py: the default forward vs fla at bf16 128K and 1M, fp32 128K, fwd+bwd and varlen, with
+#      its passes timed apart and the card's copy bandwidth; the output pass's launch candidates at bf16 128K
 #   2. bench/train_step.py on the profile's trained student: union rest pass, selection loss, 4K and 32K
 #   3. if time is left: bench/model.py on the release shape, decode eager vs CUDA graphs
 #   4. if time is left: the InfLLM-V2 selection tests cut by the time limit on 2026-11-29 (streamed to $OUT)

@@ -251,48 +251,26 @@ def make_ops():
 # Candidate settings timed beside the library default (variant "sala") in the same job; the default only
 # changes after a measurement. kw go to lightning_attn_triton, env overrides the launch config.
 VARIANTS = {
-    # bf16: 4096-token segments and BV128/8 warps lost to the default (8192-token segments, BV64, 4 warps) at
-    # 128K on the H200, ae88ccb: 2.509 and 2.742 against 2.402 ms (removed).
-    # kernel="chained": the three passes in one launch over short segments, each state handed to the next
-    # segment's program through a ring (offline sm_90, seg 512: 88 KB smem, all dots on wgmma); the output
-    # pass should find the segment's k and v in L2, which the segment length decides
-    ("fwd", torch.bfloat16, 131072): [(f"sala-chained-seg{n}", {"kernel": "chained"}, {"SALA_LIGHTNING_CHAIN_SEG": str(n)})
-                                      for n in (256, 512, 1024, 2048)]
-    # one program per (segment, head): q k^T computed once, not once per V half (more registers per program);
-    # and 8 warps at BV 64 (offline sm_90: 211 registers, no spill, against 255 and 52 B spilled at 4 warps)
-    + [("sala-chained-seg512-bv128-w8", {"kernel": "chained"},
-        {"SALA_LIGHTNING_CHAIN_SEG": "512", "SALA_LIGHTNING_BV": "128", "SALA_LIGHTNING_WARPS": "8"}),
-       ("sala-chained-seg512-w8", {"kernel": "chained"}, {"SALA_LIGHTNING_CHAIN_SEG": "512", "SALA_LIGHTNING_WARPS": "8"})]
-    # pass 1 on one 128-wide V block won on the H200 (b031d6c: 2.143 ms against 2.416 for BV 64, 2.211 on 8
-    # warps at BV 128, 2.501 on 8 warps at BV 64) and is the default since; its old setting stays as the
-    # same-run reference. The output pass (pass 3, now the larger part) on a wider V block, 8 warps, 3 stages:
-    + [("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"}),
-       ("sala-out-bv128", {}, {"SALA_LIGHTNING_BV": "128"}),
-       ("sala-out-w8", {}, {"SALA_LIGHTNING_WARPS": "8", "SALA_LIGHTNING_DELTA_WARPS": "4"}),
-       ("sala-stages3", {}, {"SALA_LIGHTNING_STAGES": "3"}),
-       # 32-token chunks (half the [C, C] work per token), one pipeline stage, the output pass on 32-wide V blocks
-       ("sala-c32", {}, {"SALA_LIGHTNING_CHUNK": "32"}),
-       ("sala-stages1", {}, {"SALA_LIGHTNING_STAGES": "1"}),
-       ("sala-out-bv32", {}, {"SALA_LIGHTNING_BV": "32"}),
-       # three output programs per SM instead of two (bench/sm90_offline.py: 250 registers and 90 KB of shared
-       # memory each by default; one stage and 168 registers: 57 KB, 196 B spilled; 160: 272 B)
-       ("sala-out-s1-r168", {}, {"SALA_LIGHTNING_STAGES": "1", "SALA_LIGHTNING_MAXNREG": "168"}),
-       ("sala-out-s1-r160", {}, {"SALA_LIGHTNING_STAGES": "1", "SALA_LIGHTNING_MAXNREG": "160"})],
-    ("fwd", torch.bfloat16, 1048576): [(f"sala-chained-seg{n}", {"kernel": "chained"}, {"SALA_LIGHTNING_CHAIN_SEG": str(n)})
-                                       for n in (512, 1024)]
-    + [("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"})],
-    # float32 at 128K, measured on the H200 (ae88ccb) against the default's 9.00 ms (TF32, 32-token chunks, 4
-    # warps): bf16x3 4w 15.52 / 8w 11.84, TF32 C64 8w 12.71, C64 8w 1 stage 10.58, kmajor C64 BV32 18.64,
-    # kmajor C64 8w 1 stage 13.17 ms (all slower; removed). The chained kernel on the default's settings:
-    ("fwd", torch.float32, 131072): [
-        ("sala-chained-seg512", {"kernel": "chained"}, {"SALA_LIGHTNING_CHAIN_SEG": "512"}),
-        ("sala-chained-seg1024", {"kernel": "chained"}, {"SALA_LIGHTNING_CHAIN_SEG": "1024"}),
+    # bf16 at 128K on the H200, all slower than the default then and removed: 4096-token segments, BV 128 and 8
+    # warps in both passes (ae88ccb: 2.509 / 2.742 against 2.402 ms); the output pass on V block 128 / 8 warps /
+    # 3 stages / 1 stage / V block 32, 32-token chunks (b031d6c: 2.37 / 3.84 / 2.47 / 2.56 / 3.08 / 3.11 against
+    # 2.14-2.23 ms); the three passes chained in one launch, segments 256-2048 (7342d29: 2.58 ms at best
+    # against 2.38). Pass 1 on one 128-wide V block won (2.14 against 2.42 ms) and is the default since; its old
+    # setting stays as the same-run reference.
+    ("fwd", torch.bfloat16, 131072): [
+        ("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"}),
+        # three output programs per SM instead of two (bench/sm90_offline.py: 250 registers and 90 KB of shared
+        # memory each by default; one stage and 168 registers: 57 KB, 196 B spilled; 160: 272 B)
+        ("sala-out-s1-r168", {}, {"SALA_LIGHTNING_STAGES": "1", "SALA_LIGHTNING_MAXNREG": "168"}),
+        ("sala-out-s1-r160", {}, {"SALA_LIGHTNING_STAGES": "1", "SALA_LIGHTNING_MAXNREG": "160"}),
     ],
+    ("fwd", torch.bfloat16, 1048576): [("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"})],
+    # float32 at 128K, measured on the H200 (ae88ccb) against the default's 9.00 ms (TF32, 32-token chunks, 4
+    # warps): bf16x3 4w 15.52 / 8w 11.84, TF32 C64 8w 12.71, C64 8w 1 stage 10.58, k-major tiles C64 BV32 18.64,
+    # k-major C64 8w 1 stage 13.17, chained segments 512 / 1024 9.50 / 9.30 ms (all slower; removed)
     # the backward recomputing dq's segment states (one state pass more) instead of reusing the forward's
     ("fwdbwd", torch.bfloat16, 131072): [("sala-states-recomputed", {}, {"SALA_LIGHTNING_SAVED_STATES_SHARE": "0"}),
-                                         ("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"})]
-    # chained: one launch forward, three in the backward (dq, dv, dk each as a chained forward)
-    + [(f"sala-chained-seg{n}", {"kernel": "chained"}, {"SALA_LIGHTNING_CHAIN_SEG": str(n)}) for n in (512, 1024)],
+                                         ("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"})],
     # other fwd+bwd variants cost ~6 more compiles each: add entries once a forward variant wins
 }
 

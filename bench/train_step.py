@@ -7,13 +7,12 @@ the same shapes in the same run, so the ratio says what the SALA layers cost ove
 For each case a ``torch.profiler`` pass splits the device time by kernel (top rows and a per-family sum)
 and compares it with the step's wall time (the gap is host time the GPU waits for). ``--fuse`` adds the
 student with ``sala.layers.fusion`` on (the elementwise chains compiled; the recipes' ``fuse = true``);
-``--lightning-chained`` the student with the chained lightning kernels (``sala.ops.dispatch.LIGHTNING_KERNEL``);
 ``--union LANES`` the sparse cases with InfLLM-V2's union rest pass (random weights select unrelated blocks, so
 this bounds its cost where rows share nothing);
 ``sala-full-logits`` rows take the student's loss from its full logits, the path before the chunked losses
 (``sala.ops.linear_ce``), for their time and peak memory side by side.
 
-    python bench/train_step.py [--cases lm4k long32k] [--steps 6] [--fuse] [--lightning-chained] [--union 16]
+    python bench/train_step.py [--cases lm4k long32k] [--steps 6] [--fuse] [--union 16]
                                [--student DIR]
                                [--tiny --device cpu]
 
@@ -186,8 +185,6 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--fuse", action="store_true", help="also time the student with sala.layers.fusion on")
-    ap.add_argument("--lightning-chained", action="store_true",
-                    help="also time the student with the chained lightning kernels (dispatch.LIGHTNING_KERNEL)")
     ap.add_argument("--union", type=int, default=0, metavar="LANES",
                     help="also time the sparse cases with the union rest pass (infllmv2_triton_attn.UNION_LANES)")
     ap.add_argument("--selection", type=float, default=0.0, metavar="WEIGHT",
@@ -222,7 +219,6 @@ def main() -> None:
         out = {}
         variants = [("dense_llama", teacher), ("sala", student), ("sala-full-logits", student)] \
             + ([("sala-fused", student)] if args.fuse else []) \
-            + ([("sala-lightning-chained", student)] if args.lightning_chained else []) \
             + ([(f"sala-union{args.union}", student)] if args.union and sparse else []) \
             + ([(f"sala{f'-union{args.union}' if args.union else ''}-selection", student)]
                if args.selection and sparse else [])
@@ -239,12 +235,10 @@ def main() -> None:
                              selection=args.selection if variant.endswith("-selection") else 0.0)
             if variant != "dense_llama" and kind == "distill":
                 teacher.eval().requires_grad_(False)
-            lightning_before, settings = dispatch.LIGHTNING_KERNEL, contextlib.ExitStack()
+            settings = contextlib.ExitStack()
             try:
                 settings.enter_context(fusion(variant == "sala-fused", devices=(args.device,)))
                 settings.enter_context(dispatch.sparse_union_lanes(args.union if "-union" in variant else 0))
-                if variant == "sala-lightning-chained":
-                    dispatch.LIGHTNING_KERNEL = "chained"
                 if args.device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 time_step(step, args.device, 2)
@@ -256,7 +250,6 @@ def main() -> None:
                 out[variant] = dict(ms=None, peak=None, prof=None, error=str(e)[:200])
             finally:
                 settings.close()
-                dispatch.LIGHTNING_KERNEL = lightning_before
             del step
             if args.device == "cuda":
                 torch.cuda.empty_cache()

@@ -9,7 +9,6 @@ hence the GPU tolerance; ``precision="ieee"`` is checked tightly.
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 import torch
@@ -140,8 +139,8 @@ def test_launch_defaults_are_the_measured_winners(monkeypatch):
 
 
 def test_register_cap_reaches_the_gpu_launches_only(monkeypatch):
-    """SALA_LIGHTNING_MAXNREG: a launch option of the output (and chained) passes on the GPU backend; pass 1 and
-    the interpreter never see it."""
+    """SALA_LIGHTNING_MAXNREG: a launch option of the output passes on the GPU backend; pass 1 and the
+    interpreter never see it."""
     from sala.ops import lightning_triton as lt
     from sala.ops.lightning_triton import _launch_cfg
 
@@ -265,13 +264,10 @@ def test_bf16_output_dtype_and_segment_lengths_agree():
 VARLEN = [70, 0, 1, 129, 64] if not CUDA else [1500, 0, 1, 2049, 64, 777]
 
 
-@pytest.mark.parametrize("kernel", ["default", "kmajor"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_varlen_matches_reference(dtype, kernel, monkeypatch):
+def test_varlen_matches_reference(dtype, monkeypatch):
     for var in LAUNCH_ENV:
         monkeypatch.delenv(var, raising=False)
-    if kernel == "kmajor":
-        monkeypatch.setenv("SALA_LIGHTNING_BV", "32")  # its C64/BV32 launch
     lens = VARLEN
     H, D = (3, 32) if not CUDA else (9, 128)
     T = sum(lens)
@@ -279,8 +275,7 @@ def test_varlen_matches_reference(dtype, kernel, monkeypatch):
     q, k, v = inputs(1, T, H, D, dtype, seed=4)
     g = lightning_decay(H).to(DEV)
     h0 = rand(len(lens), H, D, D, seed=10)
-    o, s = lightning_attn_triton(q, k, v, g, initial_state=h0, cu_seqlens=cu, segment_len=64 if not CUDA else 512,
-                                 kernel=kernel)
+    o, s = lightning_attn_triton(q, k, v, g, initial_state=h0, cu_seqlens=cu, segment_len=64 if not CUDA else 512)
     ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g, initial_state=h0.double(), cu_seqlens=cu)
     assert rel(o, ro) < TOL[dtype] and rel(s, rs) < TOL[dtype]
     assert torch.equal(s[1], h0[1])  # the empty sequence passes its state through
@@ -386,24 +381,6 @@ def test_dispatch_routes_and_force_reference():
     assert rel(o, ro) < 1e-5 and rel(state, ref_state) < 1e-6
 
 
-def test_dispatch_runs_the_chosen_lightning_kernel(monkeypatch):
-    """dispatch.LIGHTNING_KERNEL (SALA_LIGHTNING_KERNEL) picks the Triton kernel set the model runs: here the
-    Triton path is taken on CPU tensors too (the interpreter) and the chained kernel's launch is counted."""
-    from sala.ops import lightning_triton as lt
-
-    H, D = 2, 16
-    q, k, v = inputs(1, 150, H, D, torch.float32, seed=8)
-    g = lightning_decay(H).to(DEV)
-    launches = []
-    real = lt.segment_chained
-    monkeypatch.setattr(lt, "segment_chained", lambda *a, **kw: launches.append(1) or real(*a, **kw))
-    monkeypatch.setattr(dispatch, "use_triton", lambda *t: True)
-    monkeypatch.setattr(dispatch, "LIGHTNING_KERNEL", "chained")
-    o, s = dispatch.lightning_prefill(q, k, v, g, D**-0.5)
-    ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g)
-    assert launches == [1] and rel(o, ro) < TOL[torch.float32] and rel(s, rs) < TOL[torch.float32]
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs 2^31+ elements on a GPU")
 def test_offsets_past_int32_are_exact():
@@ -418,230 +395,3 @@ def test_offsets_past_int32_are_exact():
     w0 = T - 12288
     ro, rs = lightning_attn_chunked(*(x[:, w0:].float() for x in (q, k, v)), g)
     assert rel(o[:, -4096:], ro[:, -4096:]) < 2e-2 and rel(s, rs) < 2e-2
-
-
-# "kmajor" kernel pair (tiles loaded in the order their products reduce over; the float32 candidate):
-# the same semantics as the default pair, checked under its candidate launch settings
-KMAJOR_LAUNCH = [{"SALA_LIGHTNING_CHUNK": "64", "SALA_LIGHTNING_BV": "32"}, {"SALA_LIGHTNING_CHUNK": "32"}]
-
-
-@pytest.mark.parametrize("launch", KMAJOR_LAUNCH)
-@pytest.mark.parametrize("shape", SHAPES + ([(70, 2, 24, 64)] if not CUDA else [(1000, 4, 96, 256)]))
-@pytest.mark.parametrize("with_h0", [False, True])
-def test_kmajor_forward_matches_float64(shape, with_h0, launch, monkeypatch):
-    """Several segments, partial last chunks, padded head dims (24 -> 32 / 96 -> 128 masks columns)."""
-    for var in LAUNCH_ENV:
-        monkeypatch.delenv(var, raising=False)
-    for var, val in launch.items():
-        monkeypatch.setenv(var, val)
-    T, H, D, seg = shape
-    q, k, v = inputs(2, T, H, D, torch.float32, seed=31)
-    g = lightning_decay(H).to(DEV)
-    h0 = rand(2, H, D, D, seed=32) if with_h0 else None
-    o, s = lightning_attn_triton(q, k, v, g, initial_state=h0, segment_len=seg, kernel="kmajor")
-    ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g,
-                                    initial_state=None if h0 is None else h0.double())
-    assert rel(o, ro) < TOL[torch.float32] and rel(s, rs) < TOL[torch.float32]
-    od, sd = lightning_attn_triton(q, k, v, g, initial_state=h0, segment_len=seg)
-    assert rel(o, od) < TOL[torch.float32] and rel(s, sd) < TOL[torch.float32]
-
-
-@pytest.mark.parametrize("kernel", ["kmajor", "chained"])
-@pytest.mark.parametrize("varlen", [False, True])
-def test_kernel_set_backward_matches_reference_autograd(varlen, kernel, monkeypatch):
-    """kmajor: the backward runs the reversed passes (REVERSE) through the kmajor kernels too. chained: the
-    forward in one launch, dq / dv / dk as three chained launches (the reversed recurrences run as forwards,
-    each with its own states), dh0 from dv's final state."""
-    for var in LAUNCH_ENV:
-        monkeypatch.delenv(var, raising=False)
-    if kernel == "kmajor":
-        monkeypatch.setenv("SALA_LIGHTNING_CHUNK", "64")
-    H, D = (3, 32) if not CUDA else (9, 64)
-    if varlen:
-        cu = torch.tensor([0] + VARLEN, device=DEV).cumsum(0)
-        B, T, N = 1, sum(VARLEN), len(VARLEN)
-    else:
-        cu, B, T, N = None, 2, (150 if not CUDA else 2500), 2
-    q, k, v = (x.requires_grad_(True) for x in inputs(B, T, H, D, torch.float32, seed=35))
-    g = lightning_decay(H).to(DEV)
-    h0 = rand(N, H, D, D, seed=36).requires_grad_(True)
-    do, dht = rand(B, T, H, D, seed=37), rand(N, H, D, D, seed=38)
-    seg = 64 if not CUDA else 512
-    ours = grads_of(lambda a, b, c, h: lightning_attn_triton(a, b, c, g, initial_state=h, cu_seqlens=cu,
-                                                             segment_len=seg, kernel=kernel), [q, k, v, h0], do, dht)
-    leaves64 = [x.detach().double().requires_grad_(True) for x in (q, k, v, h0)]
-    ref = grads_of(lambda a, b, c, h: lightning_attn_chunked(a, b, c, g, initial_state=h, cu_seqlens=cu),
-                   leaves64, do.double(), dht.double())
-    for a, b in zip(ours, ref):
-        assert rel(a, b) < TOL[torch.float32]
-
-
-def test_kmajor_strong_decay_takes_the_exact_path():
-    """|g| C / 2 past float32's exp range: the kmajor output kernel's unfactored [C, C] decay table."""
-    g = torch.tensor([-3.0, -0.01, 0.0], device=DEV)
-    T, _, D, seg = SHAPES[0]
-    q, k, v = inputs(1, T, 3, D, torch.float32, seed=39)
-    o, s = lightning_attn_triton(q, k, v, g, precision="ieee", segment_len=seg, kernel="kmajor")
-    ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g)
-    assert rel(o, ro) < 1e-5 and rel(s, rs) < 1e-5
-
-
-def test_unknown_kernel_is_rejected():
-    q, k, v = inputs(1, 8, 2, 16, torch.float32, seed=40)
-    with pytest.raises(ValueError, match="kernel"):
-        lightning_attn_triton(q, k, v, lightning_decay(2).to(DEV), kernel="fast")
-
-
-# "chained" forward (the three passes in one launch, segment states handed on through a 2-slot ring):
-# several segments per sequence (the ring's slots are reused), sequences that start and end mid-chain
-# (varlen), partial last segments and chunks, an initial state, and the reversed direction
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_h0", [False, True])
-@pytest.mark.parametrize("varlen", [False, True])
-@pytest.mark.parametrize("reverse", [False, True])
-def test_chained_forward_matches_float64_and_default(dtype, with_h0, varlen, reverse):
-    from sala.ops.lightning_triton import lightning_forward
-
-    H, D = (3, 16) if not CUDA else (9, 64)
-    if varlen:
-        lens = VARLEN if not CUDA else [1000, 3000, 1, 2500]
-        cu = torch.tensor([0] + lens, device=DEV).cumsum(0)
-        B, T, N = 1, sum(lens), len(lens)
-    else:
-        cu, B, T, N = None, 2, (330 if not CUDA else 5000), 2
-    seg = 64 if not CUDA else 512
-    q, k, v = inputs(B, T, H, D, dtype, seed=41)
-    g = lightning_decay(H).to(DEV)
-    h0 = rand(N, H, D, D, seed=42) if with_h0 else None
-    scale = D ** -0.5
-    o, s = lightning_forward(q, k, v, g, scale, h0, cu, reverse=reverse, segment_len=seg, kernel="chained")
-    od, sd = lightning_forward(q, k, v, g, scale, h0, cu, reverse=reverse, segment_len=seg)
-    flip = (lambda x: x) if not reverse else (lambda x: x.flip(1))
-    if varlen and reverse:  # each sequence reversed on its own
-        idx = torch.cat([torch.arange(int(b) - 1, int(a) - 1, -1) for a, b in zip(cu[:-1], cu[1:])]).to(DEV)
-        flip = lambda x: x[:, idx]  # noqa: E731
-    ro, rs = lightning_attn_chunked(*(flip(x).double() for x in (q, k, v)), g,
-                                    initial_state=None if h0 is None else h0.double(), cu_seqlens=cu)
-    assert rel(o, flip(ro)) < TOL[dtype] and rel(s, rs) < TOL[dtype]
-    assert rel(o, od) < 1e-6 and rel(s, sd) < 1e-6  # the same products in the same order as the three passes
-
-
-def test_chained_kernel_with_several_v_blocks(monkeypatch):
-    """V split over several programs per (segment, head) (BV < V): each V block is its own chain with its own
-    ring slots and flags."""
-    from sala.ops.lightning_triton import lightning_forward
-
-    for var in LAUNCH_ENV:
-        monkeypatch.delenv(var, raising=False)
-    H, D, bv = (2, 32, 16) if not CUDA else (4, 128, 32)
-    monkeypatch.setenv("SALA_LIGHTNING_BV", str(bv))
-    T, seg = (300, 64) if not CUDA else (5000, 512)
-    q, k, v = inputs(2, T, H, D, torch.float32, seed=49)
-    g = lightning_decay(H).to(DEV)
-    h0 = rand(2, H, D, D, seed=50)
-    o, s = lightning_forward(q, k, v, g, D ** -0.5, h0, segment_len=seg, kernel="chained")
-    ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g, initial_state=h0.double())
-    assert rel(o, ro) < TOL[torch.float32] and rel(s, rs) < TOL[torch.float32]
-
-
-def _chain_waits(plan, H: int, nv: int) -> dict[int, int]:
-    """What each work item of the chained kernel waits for (the kernel's protocol, from the plan's tables):
-    the same chain's previous segment, and for a sequence's first segment that takes over a lane, the last
-    segment of the lane's previous sequence (same head and V block)."""
-    seg0, prev_last = plan.tables[4].tolist(), plan.tables[6].tolist()
-    waits = {}
-    for n in range(len(plan.lens)):
-        for s in range(seg0[n], seg0[n + 1]):
-            for c in range(H * nv):
-                item = s * H * nv + c
-                if s > seg0[n]:
-                    waits[item] = item - H * nv
-                elif prev_last[n] >= 0 and seg0[n + 1] - seg0[n] > 1:
-                    waits[item] = prev_last[n] * H * nv + c
-    return waits
-
-
-def _schedule(plan, H: int, nv: int, how: str, seed: int = 0) -> list[int]:
-    """A run order the GPU may take: each item after the one it waits for, the sequences interleaved
-    ("round_robin": the ready item of the lowest segment index within its sequence first; "random")."""
-    waits = _chain_waits(plan, H, nv)
-    seg0, seg_seq = plan.tables[4].tolist(), plan.tables[0].tolist()
-    n_items = plan.nseg * H * nv
-    order, rng = [], random.Random(seed)
-    ready = [i for i in range(n_items) if i not in waits]
-    blocked = {}
-    for item, dep in waits.items():
-        blocked.setdefault(dep, []).append(item)
-    while ready:
-        if how == "round_robin":
-            local = [i // (H * nv) - seg0[seg_seq[i // (H * nv)]] for i in ready]
-            pick = ready.pop(local.index(min(local)))
-        else:
-            pick = ready.pop(rng.randrange(len(ready)))
-        order.append(pick)
-        ready += blocked.get(pick, [])
-    assert len(order) == n_items
-    return order
-
-
-@pytest.mark.parametrize("lanes", [1, 2, 32])
-@pytest.mark.parametrize("how,reverse,nv", [("round_robin", False, 1), ("random", False, 1), ("random", True, 2)])
-def test_chained_kernel_when_sequences_progress_at_different_speeds(how, reverse, nv, lanes, monkeypatch):
-    """Packed sequences run side by side: a sequence's first segment publishes its state while other
-    sequences' segments have not read theirs yet. With ring slots shared across sequences (indexed by the
-    global segment) it overwrote one, and on the H200 the reader waited forever. Sequences now take lanes of
-    slots in turn (1 and 2 lanes: every sequence waits for the lane's previous one), replayed in the
-    interpreter by handing programs the work items in such orders; the interpreter poisons a state read
-    from a slot, or written into a lane, that its flag does not say is ready."""
-    from sala.ops import lightning_triton as lt
-
-    monkeypatch.setattr(lt, "CHAIN_LANES", lanes)
-    H, D, seg = (2, 16, 64) if not CUDA else (4, 64, 512)
-    if nv > 1:
-        monkeypatch.setenv("SALA_LIGHTNING_BV", str(D // nv))
-    lens = [150, 70, 200, 1, 130, 0, 300] if not CUDA else [1500, 700, 2000, 1, 1300, 0, 3000]
-    cu = torch.tensor([0] + lens, device=DEV).cumsum(0)
-    q, k, v = inputs(1, sum(lens), H, D, torch.float32, seed=51)
-    g = lightning_decay(H).to(DEV)
-    h0 = rand(len(lens), H, D, D, seed=52)
-    plan = lt._plan(q, cu, seg, chained=True)
-    assert plan.lanes == min(lanes, 5)
-    assert -(-D // lt._launch_cfg(D, q.dtype, "tf32")["BV"]) == nv
-    order = torch.tensor(_schedule(plan, H, nv, how), device=DEV)
-    o, s = lt.segment_chained(q, k, v, g, plan, D ** -0.5, h0, reverse=reverse, work_order=order)
-    idx = torch.arange(sum(lens), device=DEV)
-    if reverse:  # each sequence reversed on its own
-        idx = torch.cat([torch.arange(int(b) - 1, int(a) - 1, -1) for a, b in zip(cu[:-1], cu[1:])]).to(DEV)
-    ro, rs = lightning_attn_chunked(*(x[:, idx].double() for x in (q, k, v)), g, initial_state=h0.double(),
-                                    cu_seqlens=cu)
-    assert rel(o, ro[:, torch.argsort(idx)]) < TOL[torch.float32] and rel(s, rs) < TOL[torch.float32]
-
-
-def test_chained_kernel_rejects_a_work_order_that_is_not_a_permutation():
-    from sala.ops import lightning_triton as lt
-
-    q, k, v = inputs(1, 200, 2, 16, torch.float32, seed=53)
-    plan = lt._plan(q, None, 64, chained=True)
-    n_items = plan.nseg * 2
-    for bad in (torch.arange(3), torch.zeros(n_items, dtype=torch.int64), torch.arange(1, n_items + 1)):
-        with pytest.raises(ValueError, match="work_order"):
-            lt.segment_chained(q, k, v, lightning_decay(2).to(DEV), plan, 0.25, work_order=bad.to(DEV))
-
-
-@pytest.mark.parametrize("with_h0", [False, True])
-def test_chained_kernel_with_a_loss_on_o_only(with_h0):
-    """A loss on o only (dht None), with and without an initial state that needs its gradient: the chained
-    backward's optional inputs (dh0 then comes from dv's pass started from a zero state)."""
-    T, H, D, seg = SHAPES[0]
-    q, k, v = (x.requires_grad_(True) for x in inputs(1, T, H, D, torch.float32, seed=43))
-    g = lightning_decay(H).to(DEV)
-    h0 = rand(1, H, D, D, seed=48).requires_grad_(True) if with_h0 else None
-    leaves = [q, k, v] + ([h0] if with_h0 else [])
-    o, s = lightning_attn_triton(q, k, v, g, initial_state=h0, kernel="chained", segment_len=seg)
-    grads = torch.autograd.grad(o.sum(), leaves)
-    leaves64 = [x.detach().double().requires_grad_(True) for x in leaves]
-    ro, rs = lightning_attn_chunked(*leaves64[:3], g, initial_state=leaves64[3] if with_h0 else None)
-    ref = torch.autograd.grad(ro.sum(), leaves64)
-    assert rel(o, ro) < TOL[torch.float32] and rel(s, rs) < TOL[torch.float32]
-    for a, b in zip(grads, ref):
-        assert rel(a, b) < TOL[torch.float32]

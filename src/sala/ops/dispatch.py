@@ -16,9 +16,6 @@ from . import infllmv2_reference as _sparse_ref
 from . import lightning_reference as _lightning_ref
 
 _FORCE_REFERENCE = os.environ.get("SALA_FORCE_REFERENCE", "0") not in ("", "0", "false", "False")
-# the Triton lightning kernel set the model runs (sala.ops.lightning_triton.KERNELS); SALA_LIGHTNING_KERNEL
-# overrides it, e.g. "chained" (one launch per forward, three per backward) until it is measured the default
-LIGHTNING_KERNEL = os.environ.get("SALA_LIGHTNING_KERNEL", "default")
 
 
 def force_reference(flag: bool = True) -> None:
@@ -75,8 +72,7 @@ def lightning_prefill(q, k, v, g_gamma, scale, initial_state=None, cu_seqlens=No
         from .lightning_triton import lightning_attn_triton
 
         precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-        return lightning_attn_triton(q, k, v, g_gamma, scale, initial_state, cu_seqlens, precision=precision,
-                                     kernel=LIGHTNING_KERNEL)
+        return lightning_attn_triton(q, k, v, g_gamma, scale, initial_state, cu_seqlens, precision=precision)
     return _lightning_ref.lightning_attn_chunked(q, k, v, g_gamma, scale, initial_state, cu_seqlens)
 
 

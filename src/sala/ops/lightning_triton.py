@@ -41,21 +41,6 @@ CHUNK = 64
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 PRECISIONS = ("tf32", "ieee", "bf16x3")  # float32 products (bf16/fp16 inputs ignore it)
-# forward kernel pair: "default", or "kmajor" (every tile loaded in the order its product reduces over,
-# k^T and v^T by swapped strides: the float32/TF32 candidate, see lightning_triton_kernels), or "chained"
-# (the default kernels' three passes in one launch over short segments, so that the output pass reads k
-# and v from L2; the backward is three such launches). Same math.
-KERNELS = ("default", "kmajor", "chained")
-# tokens per segment of the chained kernel: short, so that the k and v of every running program fit in L2
-# (SALA_LIGHTNING_CHAIN_SEG overrides it)
-CHAIN_SEG = 512
-# ring lanes of the chained kernel (a lane: 2 state slots of [H, K, V] float32): sequences of 2+ segments take
-# them in turn, a sequence's first segment waiting until the lane's previous sequence has read its last state.
-# Only the sequences in flight need one (a few at a time: programs take work in segment order), so 32 lanes
-# bound the ring (256 MiB at 32 heads x 128 x 128) however many documents a batch packs
-CHAIN_LANES = 32
-
-
 def _pad_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -138,9 +123,9 @@ _TABLES: dict = {}
 
 
 def _segment_table(lens: list[int], seg: int, device) -> tuple[torch.Tensor, ...]:
-    """int64 tables: per segment (sequence, start); per sequence (bos, length, first segment, chain lane, the
-    lane's previous sequence's last segment). Cached per (lengths, segment length, device, lanes)."""
-    key = (tuple(lens), seg, str(device), CHAIN_LANES)
+    """int64 tables: per segment (sequence, start); per sequence (bos, length, first segment). Cached per
+    (lengths, segment length, device)."""
+    key = (tuple(lens), seg, str(device))
     if key not in _TABLES:
         if len(_TABLES) >= 64:
             _TABLES.clear()
@@ -159,16 +144,7 @@ def _build_segment_table(lens: list[int], seg: int, device) -> tuple[torch.Tenso
     total = int(seg0[-1])
     seg_seq = torch.repeat_interleave(torch.arange(len(lens), dtype=torch.int64), nseg)
     seg_tau0 = (torch.arange(total, dtype=torch.int64) - seg0[seg_seq]) * seg
-    # the chained kernel's lanes (CHAIN_LANES, in turn) for the sequences of 2+ segments, -1 for the others;
-    # and for each, the last segment of the sequence that had its lane before it (-1: none)
-    chained = nseg > 1
-    rank = torch.cumsum(chained.to(torch.int64), 0) - 1  # index among the sequences of 2+ segments
-    lane = torch.where(chained, rank % CHAIN_LANES, -1)
-    last_of_chained = (seg0[1:] - 1)[chained]
-    lane_prev = torch.full_like(rank, -1)
-    takes_over = chained & (rank >= CHAIN_LANES)
-    lane_prev[takes_over] = last_of_chained[rank[takes_over] - CHAIN_LANES]
-    return tuple(t.to(device) for t in (seg_seq, seg_tau0, bos, lens_t, seg0, lane, lane_prev))
+    return tuple(t.to(device) for t in (seg_seq, seg_tau0, bos, lens_t, seg0))
 
 
 def _sequence_lengths(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[int]:
@@ -199,25 +175,21 @@ class _Plan:
 
     lens: list[int]
     seg: int
-    tables: tuple[torch.Tensor, ...]  # seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0, seq_lane, seq_lane_prev
+    tables: tuple[torch.Tensor, ...]  # seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0
     max_segs: int
-    lanes: int  # lanes of the chained kernel's ring in use: min(sequences of 2+ segments, CHAIN_LANES)
 
     @property
     def nseg(self) -> int:
         return self.tables[0].numel()
 
 
-def _plan(q: torch.Tensor, cu_seqlens: torch.Tensor | None, segment_len: int | None, chained: bool = False) -> _Plan:
+def _plan(q: torch.Tensor, cu_seqlens: torch.Tensor | None, segment_len: int | None) -> _Plan:
     B, T, H, _ = q.shape
     lens = _sequence_lengths(B, T, cu_seqlens)
-    if chained and not segment_len:
-        segment_len = int(os.environ.get("SALA_LIGHTNING_CHAIN_SEG", CHAIN_SEG))
     seg = segment_len or choose_segment_len(B * T, H, q.dtype)
     if seg % CHUNK:
         raise ValueError(f"segment_len must be a multiple of {CHUNK}, got {seg}")
-    return _Plan(lens, seg, _segment_table(lens, seg, q.device), max([-(-n // seg) for n in lens] + [1]),
-                 min(sum(n > seg for n in lens), CHAIN_LANES))
+    return _Plan(lens, seg, _segment_table(lens, seg, q.device), max([-(-n // seg) for n in lens] + [1]))
 
 
 def _common(plan: _Plan, H: int, KD: int, VD: int, q_dtype: torch.dtype, precision: str, reverse: bool,
@@ -235,7 +207,7 @@ def _common(plan: _Plan, H: int, KD: int, VD: int, q_dtype: torch.dtype, precisi
 
 def segment_states(
     k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, plan: _Plan, initial_state: torch.Tensor | None = None,
-    *, reverse: bool = False, output_final_state: bool = True, precision: str = "tf32", kernel: str = "default",
+    *, reverse: bool = False, output_final_state: bool = True, precision: str = "tf32",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Passes 1-2: the float32 state entering every segment ``[nseg, H, K, V]`` (from k and v only) and
     each sequence's final state ``[N, H, K, V]`` (None unless asked)."""
@@ -249,8 +221,7 @@ def segment_states(
         initial_state = initial_state.to(torch.float32).contiguous()
     if nseg:
         common = _common(plan, H, KD, VD, k.dtype, precision, reverse, pass_one=True)
-        delta_kernel = _kn._segment_delta_kmajor_kernel if kernel == "kmajor" else _kn._segment_delta_kernel
-        delta_kernel[(nseg * H * triton.cdiv(VD, common["BV"]),)](
+        _kn._segment_delta_kernel[(nseg * H * triton.cdiv(VD, common["BV"]),)](
             k, v, g, states, seg_seq, seg_tau0, seq_bos, seq_len, **common)
     BK = 16 if KD <= 64 else 32
     if nseg or output_final_state:
@@ -266,7 +237,7 @@ def segment_states(
 def segment_outputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, states: torch.Tensor, plan: _Plan,
     scale: float, *, reverse: bool = False, out_dtype: torch.dtype = torch.float32, precision: str = "tf32",
-    factored_decay: bool | None = None, kernel: str = "default",
+    factored_decay: bool | None = None,
 ) -> torch.Tensor:
     """Pass 3: o of every segment from the state entering it (``segment_states``)."""
     B, T, H, KD = q.shape
@@ -276,57 +247,11 @@ def segment_outputs(
         seg_seq, seg_tau0, seq_bos, seq_len = plan.tables[:4]
         common = _common(plan, H, KD, VD, q.dtype, precision, reverse)
         factored = factored_decay_ok(g) if factored_decay is None else factored_decay
-        out_kernel = _kn._segment_output_kmajor_kernel if kernel == "kmajor" else _kn._segment_output_kernel
-        out_kernel[(plan.nseg * H * triton.cdiv(VD, common["BV"]),)](
+        _kn._segment_output_kernel[(plan.nseg * H * triton.cdiv(VD, common["BV"]),)](
             q, k, v, g, states, o, seg_seq, seg_tau0, seq_bos, seq_len, float(scale), **common,
             FACTORED_DECAY=factored,
         )
     return o
-
-
-def segment_chained(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, plan: _Plan, scale: float,
-    initial_state: torch.Tensor | None = None, *, reverse: bool = False, out_dtype: torch.dtype = torch.float32,
-    output_final_state: bool = True, precision: str = "tf32", factored_decay: bool | None = None,
-    work_order: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Passes 1-3 in one launch (``_segment_chained_kernel``): o and each sequence's final state. No
-    per-segment state reaches memory (the chained backward runs three more such launches); the states
-    handed on go through a ring of 2 slots of ``[H, K, V]`` float32 per lane (``CHAIN_LANES`` at most).
-
-    ``work_order`` (tests): the work item each ticket takes, in place of ticket order. The interpreter runs
-    programs one after another, so an order that interleaves the chains (each item after those it waits for)
-    replays a schedule the GPU may run, where sequences progress at different speeds."""
-    B, T, H, KD = q.shape
-    VD = v.shape[-1]
-    N = len(plan.lens)
-    o = torch.empty(B, T, H, VD, dtype=out_dtype, device=q.device)
-    h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
-    ht = None
-    if output_final_state:  # what an empty sequence (no segment, no program) ends with
-        ht = h0.clone() if h0 is not None else torch.zeros(N, H, KD, VD, dtype=torch.float32, device=q.device)
-    if not plan.nseg:
-        return o, ht
-    common = _common(plan, H, KD, VD, q.dtype, precision, reverse)
-    nv = triton.cdiv(VD, common["BV"])
-    lanes = max(plan.lanes, 1)
-    ring = torch.empty(2 * lanes, H, KD, VD, dtype=torch.float32, device=q.device)
-    # ticket counter, then a flag per slot and per lane for every (head, V block)
-    sync = torch.zeros(1 + 3 * lanes * H * nv, dtype=torch.int32, device=q.device)
-    seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0, seq_lane, seq_lane_prev = plan.tables
-    n_items = plan.nseg * H * nv
-    if work_order is not None and not torch.equal(work_order.sort().values.cpu(), torch.arange(n_items)):
-        raise ValueError(f"work_order must list each of the {n_items} work items once, got {work_order.numel()} "
-                         "entries")
-    factored = factored_decay_ok(g) if factored_decay is None else factored_decay
-    _kn._segment_chained_kernel[(n_items,)](
-        q, k, v, g, h0 if h0 is not None else ring, ht if ht is not None else ring, o, ring, sync,
-        seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0, seq_lane, seq_lane_prev,
-        work_order if work_order is not None else seq_lane, float(scale), lanes, **common,
-        FACTORED_DECAY=factored, HAS_H0=h0 is not None, STORE_HT=output_final_state,
-        SPIN=not _INTERPRET, ORDERED=work_order is not None,
-    )
-    return o, ht
 
 
 def lightning_forward(
@@ -344,25 +269,17 @@ def lightning_forward(
     precision: str = "tf32",
     segment_len: int | None = None,
     factored_decay: bool | None = None,
-    kernel: str = "default",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Raw forward (no autograd). q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, all one dtype, contiguous.
 
     ``factored_decay`` (see :func:`factored_decay_ok`) is computed from ``g`` when not given; callers
-    that run several passes with one ``g`` pass it to save a device-to-host sync per pass.
-    ``kernel`` picks the delta/output kernel pair (``KERNELS``)."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    that run several passes with one ``g`` pass it to save a device-to-host sync per pass."""
     g = g.to(device=q.device, dtype=torch.float32).contiguous()
-    plan = _plan(q, cu_seqlens, segment_len, chained=kernel == "chained")
-    if kernel == "chained":
-        return segment_chained(q, k, v, g, plan, scale, initial_state, reverse=reverse, out_dtype=out_dtype,
-                               output_final_state=output_final_state, precision=precision,
-                               factored_decay=factored_decay)
+    plan = _plan(q, cu_seqlens, segment_len)
     states, ht = segment_states(k, v, g, plan, initial_state, reverse=reverse,
-                                output_final_state=output_final_state, precision=precision, kernel=kernel)
+                                output_final_state=output_final_state, precision=precision)
     o = segment_outputs(q, k, v, g, states, plan, scale, reverse=reverse, out_dtype=out_dtype,
-                        precision=precision, factored_decay=factored_decay, kernel=kernel)
+                        precision=precision, factored_decay=factored_decay)
     return o, ht
 
 
@@ -387,23 +304,18 @@ class _LightningAttn(torch.autograd.Function):
     pass serves dk and dv (module docstring: the three backward recurrences)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, scale, initial_state, cu_seqlens, out_dtype, precision, segment_len, kernel):
+    def forward(ctx, q, k, v, g, scale, initial_state, cu_seqlens, out_dtype, precision, segment_len):
         ctx.set_materialize_grads(False)
         qc, kc, vc = _prepare(q, k, v)
         gf = g.to(device=qc.device, dtype=torch.float32).contiguous()
         factored = factored_decay_ok(gf)
-        kw = dict(precision=precision, kernel=kernel)
-        plan = _plan(qc, cu_seqlens, segment_len, chained=kernel == "chained")
-        if kernel == "chained":  # one launch forward, three in the backward (_chained_backward); no states kept
-            o, ht = segment_chained(qc, kc, vc, gf, plan, scale, initial_state, out_dtype=out_dtype,
-                                    precision=precision, factored_decay=factored)
-            states, keep = None, False
-        else:
-            states, ht = segment_states(kc, vc, gf, plan, initial_state, **kw)
-            o = segment_outputs(qc, kc, vc, gf, states, plan, scale, out_dtype=out_dtype, factored_decay=factored, **kw)
-            qkv_bytes = sum(x.numel() * x.element_size() for x in (qc, kc, vc))
-            share = float(os.environ.get("SALA_LIGHTNING_SAVED_STATES_SHARE", SAVED_STATES_MAX_SHARE))
-            keep = plan.nseg > 0 and states.numel() * 4 <= share * qkv_bytes
+        kw = dict(precision=precision)
+        plan = _plan(qc, cu_seqlens, segment_len)
+        states, ht = segment_states(kc, vc, gf, plan, initial_state, **kw)
+        o = segment_outputs(qc, kc, vc, gf, states, plan, scale, out_dtype=out_dtype, factored_decay=factored, **kw)
+        qkv_bytes = sum(x.numel() * x.element_size() for x in (qc, kc, vc))
+        share = float(os.environ.get("SALA_LIGHTNING_SAVED_STATES_SHARE", SAVED_STATES_MAX_SHARE))
+        keep = plan.nseg > 0 and states.numel() * 4 <= share * qkv_bytes
         ctx.save_for_backward(qc, kc, vc, gf, initial_state, states if keep else None)
         ctx.scale, ctx.plan, ctx.factored, ctx.kw = scale, plan, factored, kw
         ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
@@ -417,8 +329,6 @@ class _LightningAttn(torch.autograd.Function):
         if do is None:
             do = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
         do = do.to(q.dtype).contiguous()
-        if kw["kernel"] == "chained":
-            return _chained_backward(ctx, q, k, v, g, h0, do, dht) + (None,) * 5
         # dq = forward(do, v, k; S0^T): its states are the forward's, transposed
         if states is None:
             h0t = h0.float().transpose(-1, -2).contiguous() if h0 is not None else None
@@ -436,26 +346,7 @@ class _LightningAttn(torch.autograd.Function):
         ds_states = ds_states.transpose(-1, -2).contiguous()
         dk = segment_outputs(v, do, q, g, ds_states, plan, scale, reverse=True, out_dtype=ctx.in_dtypes[1], **out)
         dh0 = (dsf * (torch.exp(g) * scale)[None, :, None, None]).to(h0.dtype) if need_dh0 else None
-        return dq, dk, dv, None, None, dh0, None, None, None, None, None
-
-
-def _chained_backward(ctx, q, k, v, g, h0, do, dht):
-    """dq, dk, dv, dh0 by three chained launches, the recurrences of the module docstring run as forwards
-    (each computes its own segment states and keeps none): dq = forward(do, v, k; S0^T),
-    dv = reverse(k, q, do; dS_T), dk = reverse(v, do, q; dS_T^T)."""
-    scale, plan = ctx.scale, ctx.plan
-    kw = dict(precision=ctx.kw["precision"], factored_decay=ctx.factored)
-    h0t = h0.float().transpose(-1, -2).contiguous() if h0 is not None else None
-    dq, _ = segment_chained(do, v, k, g, plan, scale, h0t, out_dtype=ctx.in_dtypes[0], output_final_state=False, **kw)
-    init = (dht.float() * torch.exp(-g)[None, :, None, None] / scale).contiguous() if dht is not None else None
-    need_dh0 = h0 is not None and ctx.needs_input_grad[5]
-    dv, dsf = segment_chained(k, q, do, g, plan, scale, init, reverse=True, out_dtype=ctx.in_dtypes[2],
-                              output_final_state=need_dh0, **kw)
-    init_t = init.transpose(-1, -2).contiguous() if init is not None else None
-    dk, _ = segment_chained(v, do, q, g, plan, scale, init_t, reverse=True, out_dtype=ctx.in_dtypes[1],
-                            output_final_state=False, **kw)
-    dh0 = (dsf * (torch.exp(g) * scale)[None, :, None, None]).to(h0.dtype) if need_dh0 else None
-    return dq, dk, dv, None, None, dh0
+        return dq, dk, dv, None, None, dh0, None, None, None, None
 
 
 def lightning_attn_triton(
@@ -470,11 +361,8 @@ def lightning_attn_triton(
     out_dtype: torch.dtype = torch.float32,
     precision: str = "tf32",
     segment_len: int | None = None,
-    kernel: str = "default",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked lightning attention; differentiable in q, k, v and ``initial_state``. ``kernel="kmajor"``
-    runs the K-major kernel pair (forward and backward passes); launch settings are unchanged.
-    ``kernel="chained"`` runs the forward in one launch (``segment_chained``) and the backward in three.
+    """Chunked lightning attention; differentiable in q, k, v and ``initial_state``.
 
     Returns (o ``[B, T, H, V]`` in ``out_dtype``, final states float32 ``[N, H, K, V]``).
     """
@@ -484,16 +372,13 @@ def lightning_attn_triton(
         raise ValueError(f"g_gamma must have shape [H]=[{q.shape[2]}], got {tuple(g_gamma.shape)}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None and tuple(initial_state.shape) != (N, q.shape[2], q.shape[3], v.shape[3]):
         raise ValueError(f"initial_state must be [N, H, K, V], got {tuple(initial_state.shape)}")
     if g_gamma.requires_grad:
         g_gamma = g_gamma.detach()  # the decay is a fixed function of the head count (SPEC 3)
-    return _LightningAttn.apply(q, k, v, g_gamma, scale, initial_state, cu_seqlens, out_dtype, precision, segment_len,
-                                kernel)
+    return _LightningAttn.apply(q, k, v, g_gamma, scale, initial_state, cu_seqlens, out_dtype, precision, segment_len)
 
 
 def lightning_decode_triton(

@@ -15,8 +15,8 @@ to memory (T/64 * H * K * V elements, as much traffic as q, k and v together) an
    in registers, and writes o (intra-chunk masked product plus the inter-chunk term).
 
 Only one state per segment touches memory. Passes 1 and 3 run one program per (segment, head, V-block).
-``_segment_chained_kernel`` runs the three passes in one launch over short segments (forward only): pass
-1 reads each segment's k and v from memory, pass 3 finds them in L2, so k and v cross the memory bus once.
+(Two other designs were measured slower on an H200 and removed: the three passes chained in one launch over
+short segments, for pass 3 to find k and v in L2, and "k-major" tiles for float32; bench/results/lightning.md.)
 
 All kernels index a packed token axis (varlen ``cu_seqlens`` or a flattened ``[B, T]`` batch) through a
 segment table; every offset is computed in int64 (correct past 2^31 elements, e.g. 1M tokens x 32 heads
@@ -100,7 +100,7 @@ def _segment_program(g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr,
 @triton.jit
 def _segment_coords(pid, g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr,
                     H: tl.constexpr, VD: tl.constexpr, SEG: tl.constexpr, BV: tl.constexpr):
-    """Work item ``pid`` (int64; a program id, or the chained kernel's ticket): its V block, head and
+    """Work item ``pid`` (int64, the program id): its V block, head and
     segment (V block fastest, then head, then segment), the segment's sequence start and length, its first
     token within the sequence, its token count and the head's decay."""
     NV: tl.constexpr = (VD + BV - 1) // BV
@@ -267,107 +267,6 @@ def _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, 
         S = _mm(tl.trans(b_k), vw, S * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST, SPLIT_BF16)
 
 
-# polls of a flag before a chained program gives up (~10 s on an H100: a real wait lasts at most one launch,
-# milliseconds to a second at 1M tokens); its segment and the chain after it come out NaN instead of a hang
-MAX_SPINS = tl.constexpr(1 << 24)
-
-
-@triton.jit
-def _wait_flag(flag, want, SPIN: tl.constexpr):
-    """Poll ``flag`` (acquire) until it holds ``want`` or MAX_SPINS polls have passed; returns whether it does.
-    Without SPIN (the interpreter, which runs programs one after another) one read."""
-    seen = tl.atomic_add(flag, 0, sem="acquire")
-    if SPIN:
-        spins = 0
-        while (seen != want) & (spins < MAX_SPINS):
-            seen = tl.atomic_add(flag, 0, sem="acquire")
-            spins += 1
-    return seen == want
-
-
-@triton.jit(do_not_specialize=["LANES"])
-def _segment_chained_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, ht_ptr, o_ptr, ring_ptr, sync_ptr,
-    seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, seq_seg0_ptr, seq_lane_ptr, seq_lane_prev_ptr, order_ptr,
-    scale, LANES,
-    H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, KP: tl.constexpr,
-    SEG: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
-    MASK_COLS: tl.constexpr, FACTORED_DECAY: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
-    SPIN: tl.constexpr, ORDERED: tl.constexpr = False, SPLIT_BF16: tl.constexpr = False,
-):
-    """The three passes in one launch: each program computes its segment's delta (pass 1), takes the state
-    entering its segment from its predecessor (the previous segment of the same sequence, head and V block)
-    and passes its own on (pass 2, a chain), then writes o (pass 3) while the segment's k and v are likely
-    still in L2: short segments keep the k and v of every running program there.
-
-    Programs take work items by ticket (``sync_ptr[0]``, an atomic counter) rather than by program id, so
-    every program a program waits for got its ticket earlier and is running or done: no wait can deadlock.
-    States go through lanes of 2 ring slots per (head, V block) (``ring_ptr [2 * LANES, H, K, V]``). A
-    sequence of 2+ segments has a lane to itself while it runs: segment j writes slot j % 2, which only its
-    segment j + 2 writes again, after segment j + 1 has read it (j + 2 waits for j + 1's state). Sequences take
-    the lanes in turn; a sequence's first segment writes its lane only once the lane's previous sequence has
-    read its last state (``seq_lane_prev_ptr``: that sequence's last segment, an earlier ticket). Without that
-    wait a first segment, which waits for nothing else, could overwrite a state not yet read (on the H200 the
-    reader then waited forever). Flags hold the writer's work item + 1 (values only that program writes):
-    ``sync_ptr[1 + slot * H * NV + h * NV + iv]`` once it wrote the slot, ``sync_ptr[1 + 2 * LANES * H * NV +
-    lane * H * NV + h * NV + iv]`` once a sequence's last segment has read its lane's last state.
-    ``ORDERED`` (tests): ticket t works on item ``order_ptr[t]``."""
-    NV: tl.constexpr = (VD + BV - 1) // BV
-    ticket = tl.atomic_add(sync_ptr, 1).to(tl.int64)
-    if ORDERED:
-        item = tl.load(order_ptr + ticket)
-    else:
-        item = ticket
-    iv, h, seg, tau0, bos, slen, seg_len, g = _segment_coords(
-        item, g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, H, VD, SEG, BV)
-    acc = _delta_loop(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv, H, KD, VD, KP, C, BV, REVERSE,
-                      DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, SPLIT_BF16)
-    # tile offsets only now: live across the delta loop they cost as many registers as its accumulator
-    offs_k = tl.arange(0, KP)
-    offs_v = iv * BV + tl.arange(0, BV)
-    mask = (offs_k < KD)[:, None] & (offs_v < VD)[None, :]
-    tile = offs_k[:, None] * VD + offs_v[None, :]
-    n = tl.load(seg_seq_ptr + seg)
-    seg0 = tl.load(seq_seg0_ptr + n)
-    first = seg == seg0
-    last = seg + 1 == tl.load(seq_seg0_ptr + n + 1)
-    lane = tl.load(seq_lane_ptr + n)  # -1 for a sequence of one segment (no slot)
-    chain = h * NV + iv
-    lane_flag = sync_ptr + 1 + (2 * LANES + lane) * (H * NV) + chain
-    if first:
-        if HAS_H0:
-            S = tl.load(h0_ptr + (n * H + h) * (KD * VD) + tile, mask=mask, other=0.0)
-        else:
-            S = tl.zeros([KP, BV], dtype=tl.float32)
-    else:
-        slot = 2 * lane + (seg - seg0 - 1) % 2
-        ok = _wait_flag(sync_ptr + 1 + slot * (H * NV) + chain, item - H * NV + 1, SPIN)  # the predecessor's
-        # .cg: past L1, which another program on this SM may have filled from the same slot
-        S = tl.load(ring_ptr + (slot * H + h) * (KD * VD) + tile, mask=mask, other=0.0, cache_modifier=".cg")
-        # a slot read before (or other than) its predecessor published it poisons the output: in the
-        # interpreter a wrong schedule, on the GPU a wait given up (a broken chain ends in NaN, not a hang)
-        S = tl.where(ok, S, float("nan"))
-    out = S * tl.exp(g * seg_len.to(tl.float32)) + acc
-    if last:
-        if STORE_HT:
-            tl.store(ht_ptr + (n * H + h) * (KD * VD) + tile, out, mask=mask)
-        if not first:  # the lane's last state is read: the lane's next sequence may write it
-            tl.debug_barrier()
-            tl.atomic_xchg(lane_flag, (item + 1).to(tl.int32), sem="release")
-    else:
-        prev_last = tl.load(seq_lane_prev_ptr + n)
-        if first & (prev_last >= 0):
-            free = _wait_flag(lane_flag, prev_last * (H * NV) + chain + 1, SPIN)
-            out = tl.where(free, out, float("nan"))
-        slot = 2 * lane + (seg - seg0) % 2
-        tl.store(ring_ptr + (slot * H + h) * (KD * VD) + tile, out, mask=mask)
-        tl.debug_barrier()  # every thread's part of the slot is written before the flag says so
-        tl.atomic_xchg(sync_ptr + 1 + slot * (H * NV) + chain, (item + 1).to(tl.int32), sem="release")
-    _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale, H, KD, VD, KP, C, BV,
-                 REVERSE, DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, FACTORED_DECAY, SPLIT_BF16)
-
-
 @triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, state_ptr, o_ptr, scale,
@@ -394,125 +293,3 @@ def _decode_kernel(
     tl.store(ptr, S, mask=mask)
     o = tl.sum(b_q[:, None] * S, axis=0) * scale
     tl.store(o_ptr + bh * VD + offs_v, o, mask=mask_v)
-
-
-# ------------------------------------------------------------------------------------------------------
-# "kmajor" forward kernels (float32/TF32 candidate): on Hopper, wgmma with 32-bit operands reads both
-# operands from shared memory only in K-major order (the reduction axis contiguous); a transposed view of a
-# tile (tl.trans of a loaded k) is lowered as a second copy through registers, or the dot falls back to
-# mma.sync. Here every tile is loaded from global memory already in the order its product reduces over:
-# q and k as [C, K] rows (reduction over K), k^T and v^T as [K, C] / [BV, C] tiles (reduction over the
-# chunk's tokens) by swapped strides. The only tl.trans left are views of such tiles whose reduction axis
-# stays contiguous. Rows are addressed per token (int64), so REVERSE needs no shifted block pointers.
-# Same math, same products and accumulation order as the default kernels.
-
-
-@triton.jit
-def _chunk_rows(tau0, c0, cl, slen, bos, C: tl.constexpr, REVERSE: tl.constexpr):
-    """Packed token index (int64) of each chunk row in virtual-time order, and whether it is valid.
-    Invalid rows point at the sequence's first token (never outside the tensor); loads mask them."""
-    ar = tl.arange(0, C)
-    valid = ar < cl
-    tau = tau0 + c0 + ar
-    if REVERSE:
-        row = bos + slen - 1 - tau
-    else:
-        row = bos + tau
-    return tl.where(valid, row, bos), valid
-
-
-@triton.jit
-def _segment_delta_kmajor_kernel(
-    k_ptr, v_ptr, g_ptr, delta_ptr,
-    seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr,
-    H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, KP: tl.constexpr,
-    SEG: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
-    MASK_COLS: tl.constexpr, SPLIT_BF16: tl.constexpr = False,
-):
-    """As ``_segment_delta_kernel``: delta = sum_t exp(g (end-1-t)) k_t^T v_t, from k^T [K, C] and
-    v^T [BV, C] tiles (tokens contiguous in shared memory: K-major operands of the [K, C] x [C, BV] dot)."""
-    iv, h, seg, tau0, bos, slen, seg_len, g = _segment_program(
-        g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, H, VD, SEG, BV)
-
-    ar = tl.arange(0, C)
-    offs_k = tl.arange(0, KP)
-    offs_v = iv * BV + tl.arange(0, BV)
-    mask_k = offs_k < KD
-    mask_v = offs_v < VD
-    acc = tl.zeros([KP, BV], dtype=tl.float32)
-    for ci in range(0, tl.cdiv(seg_len, C) if DYN_LOOP else SEG_CHUNKS):
-        c0 = ci * C
-        cl = tl.maximum(tl.minimum(C, seg_len - c0), 0)
-        rows, valid = _chunk_rows(tau0, c0, cl, slen, bos, C, REVERSE)
-        tok = rows * H + h
-        b_kt = tl.load(k_ptr + tok[None, :] * KD + offs_k[:, None], mask=valid[None, :] & mask_k[:, None], other=0.0)
-        b_vt = tl.load(v_ptr + tok[None, :] * VD + offs_v[:, None], mask=valid[None, :] & mask_v[:, None], other=0.0)
-        w = tl.where(valid, tl.exp(g * (cl - 1 - ar).to(tl.float32)), 0.0)
-        vwt = (b_vt.to(tl.float32) * w[None, :]).to(b_vt.dtype)  # weight the [BV, C] tile, not the [K, C] one
-        acc = _mm(b_kt, tl.trans(vwt), acc * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST, SPLIT_BF16)
-    base = (seg * H + h) * (KD * VD)
-    tl.store(delta_ptr + base + offs_k[:, None] * VD + offs_v[None, :], acc, mask=mask_k[:, None] & mask_v[None, :])
-
-
-@triton.jit
-def _segment_output_kmajor_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, state_ptr, o_ptr,
-    seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, scale,
-    H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, KP: tl.constexpr,
-    SEG: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
-    MASK_COLS: tl.constexpr,
-    FACTORED_DECAY: tl.constexpr, SPLIT_BF16: tl.constexpr = False,
-):
-    """As ``_segment_output_kernel``, with every operand K-major as loaded:
-
-    A = q k^T        q [C, K] rows; k [C, K] rows (its transpose is a view: K stays contiguous)
-    o = q S + A v    S stored by the compiler in whatever order it picks (it lives in registers);
-                     v^T [BV, C] (tokens contiguous), used through a view
-    S += k^T (w v)   k^T [K, C] loaded with swapped strides; (w v)^T [BV, C] from registers
-    """
-    iv, h, seg, tau0, bos, slen, seg_len, g = _segment_program(
-        g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr, H, VD, SEG, BV)
-
-    ar = tl.arange(0, C)
-    offs_k = tl.arange(0, KP)
-    offs_v = iv * BV + tl.arange(0, BV)
-    mask_k = offs_k < KD
-    mask_v = offs_v < VD
-    S = tl.load(state_ptr + (seg * H + h) * (KD * VD) + offs_k[:, None] * VD + offs_v[None, :],
-                mask=mask_k[:, None] & mask_v[None, :], other=0.0)
-    if FACTORED_DECAY:
-        row_decay = tl.exp(g * (ar - C // 2).to(tl.float32))
-        col_decay = tl.exp(-g * (ar - C // 2).to(tl.float32))
-    else:
-        intra_decay = tl.exp(tl.where(ar[:, None] >= ar[None, :], g * (ar[:, None] - ar[None, :]).to(tl.float32),
-                                      float("-inf")))
-    q_decay = tl.exp(g * (ar + 1).to(tl.float32))
-    for ci in range(0, tl.cdiv(seg_len, C) if DYN_LOOP else SEG_CHUNKS):
-        c0 = ci * C
-        cl = tl.maximum(tl.minimum(C, seg_len - c0), 0)
-        rows, valid = _chunk_rows(tau0, c0, cl, slen, bos, C, REVERSE)
-        tok = rows * H + h
-        qk_rows = tok[:, None] * KD + offs_k[None, :]
-        mask_rows = valid[:, None] & mask_k[None, :]
-        b_q = tl.load(q_ptr + qk_rows, mask=mask_rows, other=0.0)
-        b_k = tl.load(k_ptr + qk_rows, mask=mask_rows, other=0.0)
-        b_kt = tl.load(k_ptr + tok[None, :] * KD + offs_k[:, None], mask=valid[None, :] & mask_k[:, None], other=0.0)
-        b_vt = tl.load(v_ptr + tok[None, :] * VD + offs_v[:, None], mask=valid[None, :] & mask_v[:, None], other=0.0)
-        dt = b_vt.dtype
-        A = _mm(b_q, tl.trans(b_k), None, DOT_PRECISION, UPCAST, SPLIT_BF16)
-        if FACTORED_DECAY:
-            # the mask also drops columns past cl (zero rows of k): it depends on the chunk, so the
-            # compiler keeps no [C, C] predicate tile live across the loop
-            causal = (ar[:, None] >= ar[None, :]) & (ar[None, :] < cl)
-            A = tl.where(causal, A * row_decay[:, None] * col_decay[None, :], 0.0)
-        else:
-            A = A * intra_decay
-        b_o = _mm(b_q, S.to(dt), None, DOT_PRECISION, UPCAST, SPLIT_BF16) * q_decay[:, None]
-        b_o = _mm(A.to(dt), tl.trans(b_vt), b_o, DOT_PRECISION, UPCAST, SPLIT_BF16)
-        tl.store(o_ptr + tok[:, None] * VD + offs_v[None, :], (b_o * scale).to(o_ptr.dtype.element_ty),
-                 mask=valid[:, None] & mask_v[None, :])
-        w = tl.where(valid, tl.exp(g * (cl - 1 - ar).to(tl.float32)), 0.0)
-        vwt = (b_vt.to(tl.float32) * w[None, :]).to(dt)
-        S = _mm(b_kt, tl.trans(vwt), S * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST, SPLIT_BF16)
