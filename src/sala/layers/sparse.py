@@ -60,13 +60,13 @@ class SparseAttention(nn.Module):
         B, T, _ = x.shape
         q, k = self._qk(x, position_ids)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        bounds = cu_seqlens.tolist() if cu_seqlens is not None else None  # one host read for the layer
         if self.selection_terms is not None and torch.is_grad_enabled():
             # from a detached input: the loss trains this layer's q and k projections, not the layers below
-            self._selection_terms(*self._qk(x.detach(), position_ids), token_mask, cu_seqlens)
+            self._selection_terms(*self._qk(x.detach(), position_ids), token_mask, bounds)
         # The release switches on the longest total length in the batch: position_ids.max() + 1.
         sparse = max_position(position_ids) + 1 >= self.dense_len
-        if cu_seqlens is not None:  # packed documents (batch 1): each attends only within itself
-            bounds = cu_seqlens.tolist()
+        if bounds is not None:  # packed documents (batch 1): each attends only within itself
             o = torch.cat([self._attend(q[0, s:e], k[0, s:e], v[0, s:e], sparse, None, decode=False)
                            for s, e in zip(bounds[:-1], bounds[1:]) if e > s])[None]
         elif token_mask is None and cache is None and B == 1:
@@ -98,14 +98,14 @@ class SparseAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k
 
-    def _selection_terms(self, q, k, token_mask, cu_seqlens) -> None:
-        """Append each sequence's (weighted KL sum, weight sum) of the selection alignment loss."""
-        if cu_seqlens is None and token_mask is None:  # equal-length rows: the whole batch in one call
+    def _selection_terms(self, q, k, token_mask, bounds: list[int] | None) -> None:
+        """Append each sequence's (weighted KL sum, weight sum) of the selection alignment loss (``bounds``: the
+        packed documents' cu_seqlens, read on the host)."""
+        if bounds is None and token_mask is None:  # equal-length rows: the whole batch in one call
             self.selection_terms.append(
                 selection_alignment_loss_batch(q, k, self.params, self.scale, self.selection_rows))
             return
-        if cu_seqlens is not None:
-            bounds = cu_seqlens.tolist()
+        if bounds is not None:
             seqs = [(0, slice(s, e)) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
         else:
             seqs = [(b, slice(None) if token_mask is None else token_mask[b]) for b in range(q.shape[0])]
