@@ -267,7 +267,13 @@ VARIANTS = {
     ("fwd", torch.bfloat16, 1048576): [("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"})],
     # float32 at 128K, measured on the H200 (ae88ccb) against the default's 9.00 ms (TF32, 32-token chunks, 4
     # warps): bf16x3 4w 15.52 / 8w 11.84, TF32 C64 8w 12.71, C64 8w 1 stage 10.58, k-major tiles C64 BV32 18.64,
-    # k-major C64 8w 1 stage 13.17, chained segments 512 / 1024 9.50 / 9.30 ms (all slower; removed)
+    # k-major C64 8w 1 stage 13.17, chained segments 512 / 1024 9.50 / 9.30 ms (all slower; removed).
+    # Offline (bench/sm90_offline.py): at 32-token chunks 3 of the output pass's 4 products run on mma.sync; 64-token
+    # chunks put them on wgmma, and on 32-wide V blocks with 8 warps and one stage without spills (122 KB):
+    ("fwd", torch.float32, 131072): [
+        ("sala-f32-c64-bv32-w8-s1", {}, {"SALA_LIGHTNING_CHUNK": "64", "SALA_LIGHTNING_BV": "32",
+                                          "SALA_LIGHTNING_WARPS": "8", "SALA_LIGHTNING_STAGES": "1"}),
+    ],
     # the backward recomputing dq's segment states (one state pass more) instead of reusing the forward's
     ("fwdbwd", torch.bfloat16, 131072): [("sala-states-recomputed", {}, {"SALA_LIGHTNING_SAVED_STATES_SHARE": "0"}),
                                          ("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"})],

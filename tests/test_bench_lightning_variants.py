@@ -1,0 +1,40 @@
+"""bench/lightning.py's candidate variants name launch settings the library accepts and applies (a typo in an
+environment variable would time the default under another name)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import lightning as bench  # noqa: E402
+
+from sala.ops import lightning_triton as lt  # noqa: E402
+
+KNOWN = {"SALA_LIGHTNING_CHUNK": "C", "SALA_LIGHTNING_BV": "BV", "SALA_LIGHTNING_WARPS": "num_warps",
+         "SALA_LIGHTNING_STAGES": "num_stages", "SALA_LIGHTNING_MAXNREG": "maxnreg",
+         "SALA_LIGHTNING_DELTA_BV": "BV", "SALA_LIGHTNING_DELTA_WARPS": "num_warps",
+         "SALA_LIGHTNING_SAVED_STATES_SHARE": None}
+
+
+@pytest.mark.parametrize("key,entry", [(k, e) for k, entries in bench.VARIANTS.items() for e in entries],
+                         ids=lambda x: x[0] if isinstance(x, tuple) and isinstance(x[0], str) else None)
+def test_variant_settings_reach_the_launch(key, entry, monkeypatch):
+    _, dtype, _ = key
+    name, kw, env = entry
+    assert not kw or set(kw) <= {"precision", "segment_len"}, name
+    assert set(env) <= set(KNOWN), f"{name}: unknown setting {set(env) - set(KNOWN)}"
+    monkeypatch.setattr(lt, "_INTERPRET", False)  # the GPU's launch options
+    with bench.env_override(env):
+        out = lt._launch_cfg(128, dtype, "tf32")
+        one = lt._launch_cfg(128, dtype, "tf32", pass_one=True)
+    for var, value in env.items():
+        field = KNOWN[var]
+        if field is None:
+            continue
+        cfg = one if "DELTA" in var else out
+        want = min(int(value), 128) if field == "BV" else int(value)  # a V block never wider than the head dim
+        assert cfg[field] == want, (name, var, cfg)
