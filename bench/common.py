@@ -19,6 +19,24 @@ import torch
 COPY_BANDWIDTH = 3.0e12  # bytes/s, device-to-device copy measured on the lent H100 (read + write counted)
 
 
+class env_override:
+    """Temporarily set environment variables (the launch-config overrides read at each call)."""
+
+    def __init__(self, env):
+        self.env, self.old = env, {}
+
+    def __enter__(self):
+        self.old = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def results_dir() -> Path:
     out = os.environ.get("OUT")
     path = Path(out) if out else Path(__file__).parent / "results"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call for the kernel checks that follow a GPU profile run on the same machine, each step under its
 # own time limit so that a hang costs one step, not the call. Every step writes into a work folder (logs,
-# lightning.json, train_step.json, gpu test logs), packed after each step into $OUT/kernel_session.tgz beside $OUT/session.log: a call brings back at most 8
-# files, and on 2026-11-29 the steps wrote 14 (train_step.json was left behind).
+# lightning.json, train_step.json, gpu test logs), packed after each step into $OUT/kernel_session.tgz beside
+# $OUT/session.log: a call brings back at most 8 files, and on 2026-11-29 the steps wrote 14 (train_step.json
+# was left behind).
 #   bash bench/kernel_session.sh [seconds for the whole call, default 540]
 #   ONLY='lightning|train_step' LIGHTNING_LIMIT=200 bash bench/kernel_session.sh 420   # only these steps
 # Steps (skipped when less than their limit is left), most wanted first:

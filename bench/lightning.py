@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import COPY_BANDWIDTH, Results, measure_copy_bandwidth, rel_err, time_ms  # noqa: E402
+from common import COPY_BANDWIDTH, Results, env_override, measure_copy_bandwidth, rel_err, time_ms  # noqa: E402
 
 COMMITTED = Path(__file__).resolve().parent / "results" / "lightning.json"
 
@@ -279,24 +279,6 @@ VARIANTS = {
                                          ("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"})],
     # other fwd+bwd variants cost ~6 more compiles each: add entries once a forward variant wins
 }
-
-
-class env_override:
-    """Temporarily set environment variables (the launch-config overrides read at each call)."""
-
-    def __init__(self, env):
-        self.env, self.old = env, {}
-
-    def __enter__(self):
-        self.old = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-
-    def __exit__(self, *exc):
-        for k, v in self.old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def bind(fn, env, **kw):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -32,7 +31,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import env_override  # noqa: E402
 from sala.ops import lightning_triton as lt  # noqa: E402
 from sala.ops import lightning_triton_kernels as kn  # noqa: E402
 
@@ -46,20 +47,17 @@ FP32_POINTERS = ("g_ptr", "state_ptr", "delta_ptr")
 INDEX_POINTERS = ("seg_seq_ptr", "seg_tau0_ptr", "seq_bos_ptr", "seq_len_ptr")
 
 
-def _signature(fn, dtype: torch.dtype, constexprs: dict) -> dict:
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in FP32_POINTERS:
-            sig[name] = "*fp32"
-        elif name in INDEX_POINTERS:
-            sig[name] = "*i64"
-        elif name.endswith("_ptr"):
-            sig[name] = "*" + TRITON_TYPE[dtype]
-        else:
-            sig[name] = "fp32"  # scale
-    return sig
+def _lightning_arg_type(dtype: torch.dtype):
+    """Triton type of a lightning kernel's runtime argument, by name."""
+    def arg_type(name: str) -> str:
+        if name in FP32_POINTERS:
+            return "*fp32"
+        if name in INDEX_POINTERS:
+            return "*i64"
+        if name.endswith("_ptr"):
+            return "*" + TRITON_TYPE[dtype]
+        return "fp32"  # scale
+    return arg_type
 
 
 def ptxas_report(ptx: str) -> tuple[int, int]:
@@ -75,15 +73,11 @@ def ptxas_report(ptx: str) -> tuple[int, int]:
     return int(regs.group(1)), int(spill.group(1)) if spill else 0
 
 
-def compile_resources(fn, constexprs: dict, options: dict, pointer_type, int_args_aligned=()) -> dict:
-    """Compile ``fn`` for sm_90 (pointers 16-byte aligned, as at launch; ``int_args_aligned``: integer
-    arguments declared divisible by 16, as the launcher specializes strides) and report its resources."""
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        else:
-            sig[name] = pointer_type(name)
+def compile_resources(fn, constexprs: dict, options: dict, arg_type, int_args_aligned=()) -> dict:
+    """Compile ``fn`` for sm_90 (``arg_type(name)``: the Triton type of each runtime argument; pointers
+    16-byte aligned, as at launch; ``int_args_aligned``: integer arguments declared divisible by 16, as the
+    launcher specializes strides) and report its resources."""
+    sig = {name: "constexpr" if name in constexprs else arg_type(name) for name in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if sig[n].startswith("*") or n in int_args_aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
@@ -108,30 +102,18 @@ def kernel_resources(kernel: str = "output", dtype: str = "bf16", H: int = 32, D
     env = {"SALA_LIGHTNING_CHUNK": chunk, "SALA_LIGHTNING_STAGES": stages, "SALA_LIGHTNING_MAXNREG": maxnreg,
            "SALA_LIGHTNING_DELTA_BV" if kernel == "delta" else "SALA_LIGHTNING_BV": bv,
            "SALA_LIGHTNING_DELTA_WARPS" if kernel == "delta" else "SALA_LIGHTNING_WARPS": warps}
-    saved = {k: os.environ.get(k) for k in env}
+    interpret, lt._INTERPRET = lt._INTERPRET, False  # the GPU's launch options, whatever this process runs
     try:
-        for k, v in env.items():
-            if v is not None:
-                os.environ[k] = str(v)
-        interpret, lt._INTERPRET = lt._INTERPRET, False  # the GPU's launch options, whatever this process runs
-        try:
+        with env_override({k: str(v) for k, v in env.items() if v is not None}):
             common = lt._common(SimpleNamespace(seg=seg), H, D, D, tdtype, precision, False, pass_one=kernel == "delta")
-        finally:
-            lt._INTERPRET = interpret
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        lt._INTERPRET = interpret
     options = {k: common.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in common}
     constexprs = dict(common, DYN_LOOP=True, UPCAST=False)  # the GPU's settings, whatever this process runs
     if kernel == "output":
         constexprs["FACTORED_DECAY"] = True
-    fn = KERNELS[kernel]
-    sig = _signature(fn, tdtype, constexprs)
     return {"kernel": kernel, "dtype": dtype, "C": common["C"], "BV": common["BV"],
-            **compile_resources(fn, constexprs, options, sig.__getitem__)}
+            **compile_resources(KERNELS[kernel], constexprs, options, _lightning_arg_type(tdtype))}
 
 
 def infllmv2_resources(kernel: str = "rest", G: int = 16, D: int = 128, BS: int = 64, union_lanes: int = 16,

@@ -108,7 +108,7 @@ class SparseAttention(nn.Module):
         if bounds is not None:
             seqs = [(0, slice(s, e)) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
         else:
-            seqs = [(b, slice(None) if token_mask is None else token_mask[b]) for b in range(q.shape[0])]
+            seqs = [(b, token_mask[b]) for b in range(q.shape[0])]  # padded rows: each its own length
         for b, rows in seqs:
             self.selection_terms.append(
                 selection_alignment_loss(q[b, rows], k[b, rows], self.params, self.scale, self.selection_rows))

@@ -41,6 +41,8 @@ CHUNK = 64
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 PRECISIONS = ("tf32", "ieee", "bf16x3")  # float32 products (bf16/fp16 inputs ignore it)
+
+
 def _pad_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 

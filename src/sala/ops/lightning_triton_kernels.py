@@ -92,17 +92,10 @@ def _mm(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT_BF16
 @triton.jit
 def _segment_program(g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr,
                      H: tl.constexpr, VD: tl.constexpr, SEG: tl.constexpr, BV: tl.constexpr):
-    """What a segment kernel's program works on (``_segment_coords`` of its program id)."""
-    return _segment_coords(tl.program_id(0).to(tl.int64), g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr,
-                           seq_len_ptr, H, VD, SEG, BV)
-
-
-@triton.jit
-def _segment_coords(pid, g_ptr, seg_seq_ptr, seg_tau0_ptr, seq_bos_ptr, seq_len_ptr,
-                    H: tl.constexpr, VD: tl.constexpr, SEG: tl.constexpr, BV: tl.constexpr):
-    """Work item ``pid`` (int64, the program id): its V block, head and
-    segment (V block fastest, then head, then segment), the segment's sequence start and length, its first
-    token within the sequence, its token count and the head's decay."""
+    """What a segment kernel's program works on: its V block, head and segment (V block fastest, then head,
+    then segment), the segment's sequence start and length, its first token within the sequence, its token
+    count and the head's decay."""
+    pid = tl.program_id(0).to(tl.int64)
     NV: tl.constexpr = (VD + BV - 1) // BV
     iv = pid % NV
     sh = pid // NV
