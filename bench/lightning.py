@@ -263,8 +263,19 @@ VARIANTS = {
         # memory each by default; one stage and 168 registers: 57 KB, 196 B spilled; 160: 272 B)
         ("sala-out-s1-r168", {}, {"SALA_LIGHTNING_STAGES": "1", "SALA_LIGHTNING_MAXNREG": "168"}),
         ("sala-out-s1-r160", {}, {"SALA_LIGHTNING_STAGES": "1", "SALA_LIGHTNING_MAXNREG": "160"}),
+        # 128-token chunks: half the dependent state updates per segment (32-token chunks, twice as many, took
+        # the output pass from 1.55 to 2.38 ms); offline on 8 warps: 255 registers, 4 B spilled, 160 KB, one
+        # program per SM. The output pass alone, then pass 1 too (8 warps: 134 registers, 128 KB)
+        ("sala-out-c128-w8", {}, {"SALA_LIGHTNING_CHUNK": "128", "SALA_LIGHTNING_WARPS": "8",
+                                  "SALA_LIGHTNING_DELTA_CHUNK": "64", "SALA_LIGHTNING_DELTA_WARPS": "4"}),
+        ("sala-c128-w8", {}, {"SALA_LIGHTNING_CHUNK": "128", "SALA_LIGHTNING_WARPS": "8"}),
+        ("sala-delta-c128-w8", {}, {"SALA_LIGHTNING_DELTA_CHUNK": "128", "SALA_LIGHTNING_DELTA_WARPS": "8"}),
     ],
-    ("fwd", torch.bfloat16, 1048576): [("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"})],
+    ("fwd", torch.bfloat16, 1048576): [
+        ("sala-out-c128-w8", {}, {"SALA_LIGHTNING_CHUNK": "128", "SALA_LIGHTNING_WARPS": "8",
+                                  "SALA_LIGHTNING_DELTA_CHUNK": "64", "SALA_LIGHTNING_DELTA_WARPS": "4"}),
+        ("sala-out-s1-r168", {}, {"SALA_LIGHTNING_STAGES": "1", "SALA_LIGHTNING_MAXNREG": "168"}),
+    ],
     # float32 at 128K, measured on the H200 (ae88ccb) against the default's 9.00 ms (TF32, 32-token chunks, 4
     # warps): bf16x3 4w 15.52 / 8w 11.84, TF32 C64 8w 12.71, C64 8w 1 stage 10.58, k-major tiles C64 BV32 18.64,
     # k-major C64 8w 1 stage 13.17, chained segments 512 / 1024 9.50 / 9.30 ms (all slower; removed).

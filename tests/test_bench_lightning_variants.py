@@ -16,7 +16,7 @@ from sala.ops import lightning_triton as lt  # noqa: E402
 
 KNOWN = {"SALA_LIGHTNING_CHUNK": "C", "SALA_LIGHTNING_BV": "BV", "SALA_LIGHTNING_WARPS": "num_warps",
          "SALA_LIGHTNING_STAGES": "num_stages", "SALA_LIGHTNING_MAXNREG": "maxnreg",
-         "SALA_LIGHTNING_DELTA_BV": "BV", "SALA_LIGHTNING_DELTA_WARPS": "num_warps",
+         "SALA_LIGHTNING_DELTA_CHUNK": "C", "SALA_LIGHTNING_DELTA_BV": "BV", "SALA_LIGHTNING_DELTA_WARPS": "num_warps",
          "SALA_LIGHTNING_SAVED_STATES_SHARE": None}
 
 

@@ -109,7 +109,8 @@ def test_bf16x3_backward_matches_reference_autograd():
 
 
 LAUNCH_ENV = ("SALA_LIGHTNING_CHUNK", "SALA_LIGHTNING_BV", "SALA_LIGHTNING_WARPS", "SALA_LIGHTNING_STAGES",
-              "SALA_LIGHTNING_SEG", "SALA_LIGHTNING_DELTA_BV", "SALA_LIGHTNING_DELTA_WARPS", "SALA_LIGHTNING_MAXNREG")
+              "SALA_LIGHTNING_SEG", "SALA_LIGHTNING_DELTA_CHUNK", "SALA_LIGHTNING_DELTA_BV", "SALA_LIGHTNING_DELTA_WARPS",
+              "SALA_LIGHTNING_MAXNREG")
 
 
 def test_launch_defaults_are_the_measured_winners(monkeypatch):
@@ -177,15 +178,17 @@ def test_default_settings_match_float64(dtype, monkeypatch):
         assert rel(a, b) < (TOL[dtype] if dtype == torch.float32 else 3e-2)
 
 
-def test_chunk_32_matches_reference(monkeypatch):
-    """SALA_LIGHTNING_CHUNK=32 on the ieee path (whose default stays 64): forward and gradients equal
-    the 64-token chunking's reference, with several segments per sequence and an initial state."""
+@pytest.mark.parametrize("chunk,seg", [(32, 64), (128, 64), (128, 256)])
+def test_other_chunk_lengths_match_reference(chunk, seg, monkeypatch):
+    """SALA_LIGHTNING_CHUNK=32 / 128 on the ieee path (whose default stays 64): forward and gradients equal
+    the 64-token chunking's reference, with several segments per sequence and an initial state; 128-token
+    chunks longer than the segment (its one chunk partly masked) and spanning two 64-token ones."""
     from sala.ops.lightning_triton import _launch_cfg
 
-    monkeypatch.setenv("SALA_LIGHTNING_CHUNK", "32")
-    assert _launch_cfg(32, torch.float32, "ieee")["C"] == 32
+    monkeypatch.setenv("SALA_LIGHTNING_CHUNK", str(chunk))
+    assert _launch_cfg(32, torch.float32, "ieee")["C"] == chunk
     H, D = (3, 32) if not CUDA else (9, 64)
-    T, seg = (150, 64) if not CUDA else (2500, 512)
+    T, seg = (150 if seg < 256 else 600, seg) if not CUDA else (2500, 512)
     q, k, v = (x.requires_grad_(True) for x in inputs(2, T, H, D, torch.float32, seed=22))
     g = lightning_decay(H).to(DEV)
     h0 = rand(2, H, D, D, seed=23).requires_grad_(True)
@@ -202,15 +205,18 @@ def test_chunk_32_matches_reference(monkeypatch):
         assert rel(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("delta_bv,delta_warps", [("16", None), ("128", "8"), (None, "8")])
-def test_pass_one_launch_overrides_match_float64(delta_bv, delta_warps, monkeypatch):
-    """SALA_LIGHTNING_DELTA_BV / _DELTA_WARPS change only pass 1's launch (its V blocks need not be the output
-    pass's): forward, final state and gradients (the backward's reverse pass 1 too) still equal float64."""
+@pytest.mark.parametrize("delta_bv,delta_warps,delta_chunk", [("16", None, None), ("128", "8", None),
+                                                               (None, "8", None), (None, None, "128")])
+def test_pass_one_launch_overrides_match_float64(delta_bv, delta_warps, delta_chunk, monkeypatch):
+    """SALA_LIGHTNING_DELTA_BV / _DELTA_WARPS / _DELTA_CHUNK change only pass 1's launch (its V blocks and
+    chunks need not be the output pass's): forward, final state and gradients (the backward's reverse pass 1
+    too) still equal float64."""
     from sala.ops.lightning_triton import _common, _plan
 
     for var in LAUNCH_ENV:
         monkeypatch.delenv(var, raising=False)
-    for var, val in (("SALA_LIGHTNING_DELTA_BV", delta_bv), ("SALA_LIGHTNING_DELTA_WARPS", delta_warps)):
+    for var, val in (("SALA_LIGHTNING_DELTA_BV", delta_bv), ("SALA_LIGHTNING_DELTA_WARPS", delta_warps),
+                     ("SALA_LIGHTNING_DELTA_CHUNK", delta_chunk)):
         if val is None:
             monkeypatch.delenv(var, raising=False)
         else:
@@ -223,6 +229,7 @@ def test_pass_one_launch_overrides_match_float64(delta_bv, delta_warps, monkeypa
     cfg = _common(plan, H, D, D, q.dtype, "ieee", False, pass_one=True)
     assert cfg["BV"] == (min(int(delta_bv), D) if delta_bv else base["BV"])
     assert cfg["num_warps"] == (int(delta_warps) if delta_warps else base["num_warps"])
+    assert cfg["C"] == (int(delta_chunk) if delta_chunk else base["C"]) and base["C"] == 64
     g = lightning_decay(H).to(DEV)
     do, dht = rand(1, T, H, D, seed=32), rand(1, H, D, D, seed=33)
     run = lambda a, b, c: lightning_attn_triton(a, b, c, g, segment_len=seg, precision="ieee")  # noqa: E731
@@ -242,6 +249,9 @@ def test_strong_and_zero_decay_take_the_exact_path():
 
     g = torch.tensor([-3.0, -0.01, 0.0], device=DEV)
     assert not factored_decay_ok(g) and factored_decay_ok(g[1:])
+    # the bound scales with the chunk: |g| 64 / 2 = 28.8 is safe, |g| 128 / 2 = 57.6 too, 256 / 2 is not
+    assert factored_decay_ok(g[:1] * 0.3, 64) and factored_decay_ok(g[:1] * 0.3, 128)
+    assert not factored_decay_ok(g[:1] * 0.3, 256)
     T, _, D, seg = SHAPES[0]
     q, k, v = inputs(1, T, 3, D, torch.float32, seed=15)
     for gg in (g, g[1:].repeat(2)[:3]):

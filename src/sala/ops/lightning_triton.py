@@ -76,19 +76,20 @@ def _default_cfg(dtype: torch.dtype, precision: str) -> tuple[int, int, int, int
 def _launch_cfg(vd: int, dtype: torch.dtype, precision: str = "tf32", pass_one: bool = False) -> dict:
     """Chunk, block and warp choices (measured: see bench/results/lightning.md); the environment
     variables SALA_LIGHTNING_CHUNK / _BV / _WARPS / _STAGES override them (used by the benchmark).
-    ``pass_one``: the segment-delta launch, whose V block and warps SALA_LIGHTNING_DELTA_BV / _DELTA_WARPS
-    may set apart (benchmark candidates: it reads k once per V block, so a wider block reads k fewer times,
+    ``pass_one``: the segment-delta launch, whose chunk, V block and warps SALA_LIGHTNING_DELTA_CHUNK / _DELTA_BV /
+    _DELTA_WARPS may set apart (benchmark candidates: it reads k once per V block, so a wider block reads k fewer times,
     at more registers per program). SALA_LIGHTNING_MAXNREG caps the other passes' registers per thread (a
     benchmark candidate: more programs per SM at the price of spills; ``bench/sm90_offline.py`` counts both)."""
     chunk, bv, warps, stages = _default_cfg(dtype, precision)
     chunk = int(os.environ.get("SALA_LIGHTNING_CHUNK", chunk))
-    if chunk not in (16, 32, 64):
-        raise ValueError(f"SALA_LIGHTNING_CHUNK must be 16, 32 or 64, got {chunk}")
     bv = int(os.environ.get("SALA_LIGHTNING_BV", bv))
     warps = int(os.environ.get("SALA_LIGHTNING_WARPS", warps))
     if pass_one:
+        chunk = int(os.environ.get("SALA_LIGHTNING_DELTA_CHUNK", chunk))
         bv = int(os.environ.get("SALA_LIGHTNING_DELTA_BV", _DELTA_BV.get(dtype, bv)))
         warps = int(os.environ.get("SALA_LIGHTNING_DELTA_WARPS", warps))
+    if chunk not in (16, 32, 64, 128):
+        raise ValueError(f"SALA_LIGHTNING_CHUNK / _DELTA_CHUNK must be 16, 32, 64 or 128, got {chunk}")
     cfg = {
         # tokens per chunk (intra-chunk [C, C] tile); always divides the segment (a multiple of CHUNK)
         "C": chunk,
@@ -160,15 +161,15 @@ def _sequence_lengths(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[i
     return (bounds[1:] - bounds[:-1]).tolist()
 
 
-_DECAY_OK = OncePerTensor(lambda g: float(g.detach().abs().max()) * (CHUNK // 2) < 60.0)
+_DECAY_MAX = OncePerTensor(lambda g: float(g.detach().abs().max()))
 
 
-def factored_decay_ok(g: torch.Tensor) -> bool:
-    """Whether the intra-chunk decay may be factored as exp(g (i - C/2)) exp(-g (j - C/2)): needs
-    exp(|g| C / 2) far from float32 overflow (e^88). Reads g on the host, once per tensor and version: a
-    layer passes the same decay tensor in every call, and a host sync per call would keep the CPU from
-    queuing kernels ahead of the GPU."""
-    return _DECAY_OK(g)
+def factored_decay_ok(g: torch.Tensor, chunk: int = CHUNK) -> bool:
+    """Whether the intra-chunk decay of ``chunk``-token chunks may be factored as exp(g (i - C/2))
+    exp(-g (j - C/2)): needs exp(|g| C / 2) far from float32 overflow (e^88). Reads g on the host, once per
+    tensor and version: a layer passes the same decay tensor in every call, and a host sync per call would
+    keep the CPU from queuing kernels ahead of the GPU."""
+    return _DECAY_MAX(g) * (chunk // 2) < 60.0
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ def _common(plan: _Plan, H: int, KD: int, VD: int, q_dtype: torch.dtype, precisi
     KP = _pad_dim(KD)
     return dict(H=H, KD=KD, VD=VD, KP=KP, SEG=plan.seg, C=cfg["C"], BV=cfg["BV"], REVERSE=reverse,
                 DOT_PRECISION="tf32" if precision == "bf16x3" else precision,
-                DYN_LOOP=not _INTERPRET, SEG_CHUNKS=plan.seg // cfg["C"], UPCAST=_INTERPRET,
+                DYN_LOOP=not _INTERPRET, SEG_CHUNKS=-(-plan.seg // cfg["C"]), UPCAST=_INTERPRET,
                 MASK_COLS=KP != KD or VD % cfg["BV"] != 0,
                 SPLIT_BF16=precision == "bf16x3" and q_dtype == torch.float32,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -248,7 +249,8 @@ def segment_outputs(
     if plan.nseg:
         seg_seq, seg_tau0, seq_bos, seq_len = plan.tables[:4]
         common = _common(plan, H, KD, VD, q.dtype, precision, reverse)
-        factored = factored_decay_ok(g) if factored_decay is None else factored_decay
+        # asked for (None: whenever safe) and safe at this launch's chunk length
+        factored = factored_decay is not False and factored_decay_ok(g, common["C"])
         _kn._segment_output_kernel[(plan.nseg * H * triton.cdiv(VD, common["BV"]),)](
             q, k, v, g, states, o, seg_seq, seg_tau0, seq_bos, seq_len, float(scale), **common,
             FACTORED_DECAY=factored,
@@ -274,8 +276,8 @@ def lightning_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Raw forward (no autograd). q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, all one dtype, contiguous.
 
-    ``factored_decay`` (see :func:`factored_decay_ok`) is computed from ``g`` when not given; callers
-    that run several passes with one ``g`` pass it to save a device-to-host sync per pass."""
+    ``factored_decay=False`` forces the exact ``[C, C]`` intra-chunk decay table; otherwise the factored form
+    is used wherever it is safe at the launch's chunk length (:func:`factored_decay_ok`, read once per ``g``)."""
     g = g.to(device=q.device, dtype=torch.float32).contiguous()
     plan = _plan(q, cu_seqlens, segment_len)
     states, ht = segment_states(k, v, g, plan, initial_state, reverse=reverse,
