@@ -269,9 +269,14 @@ VARIANTS = {
         ("sala-out-c128-w8", {}, {"SALA_LIGHTNING_CHUNK": "128", "SALA_LIGHTNING_WARPS": "8",
                                   "SALA_LIGHTNING_DELTA_CHUNK": "64", "SALA_LIGHTNING_DELTA_WARPS": "4"}),
         ("sala-c128-w8", {}, {"SALA_LIGHTNING_CHUNK": "128", "SALA_LIGHTNING_WARPS": "8"}),
-        ("sala-delta-c128-w8", {}, {"SALA_LIGHTNING_DELTA_CHUNK": "128", "SALA_LIGHTNING_DELTA_WARPS": "8"}),
+        ("sala-delta-c128-w8", {}, {"SALA_LIGHTNING_DELTA_CHUNK": "128", "SALA_LIGHTNING_DELTA_WARPS": "8"}),        # tiles moved by the TMA unit (tensor descriptors bounded at the sequence's end) instead of cp.async
+        # loads through boundary-checked block pointers: both passes, the output pass, pass 1
+        ("sala-tma", {}, {"SALA_LIGHTNING_TMA": "1", "SALA_LIGHTNING_DELTA_TMA": "1"}),
+        ("sala-tma-out", {}, {"SALA_LIGHTNING_TMA": "1"}),
+        ("sala-tma-delta", {}, {"SALA_LIGHTNING_DELTA_TMA": "1"}),
     ],
     ("fwd", torch.bfloat16, 1048576): [
+        ("sala-tma", {}, {"SALA_LIGHTNING_TMA": "1", "SALA_LIGHTNING_DELTA_TMA": "1"}),
         ("sala-out-c128-w8", {}, {"SALA_LIGHTNING_CHUNK": "128", "SALA_LIGHTNING_WARPS": "8",
                                   "SALA_LIGHTNING_DELTA_CHUNK": "64", "SALA_LIGHTNING_DELTA_WARPS": "4"}),
         ("sala-out-s1-r168", {}, {"SALA_LIGHTNING_STAGES": "1", "SALA_LIGHTNING_MAXNREG": "168"}),
@@ -282,12 +287,14 @@ VARIANTS = {
     # Offline (bench/sm90_offline.py): at 32-token chunks 3 of the output pass's 4 products run on mma.sync; 64-token
     # chunks put them on wgmma, and on 32-wide V blocks with 8 warps and one stage without spills (122 KB):
     ("fwd", torch.float32, 131072): [
+        ("sala-tma", {}, {"SALA_LIGHTNING_TMA": "1", "SALA_LIGHTNING_DELTA_TMA": "1"}),
         ("sala-f32-c64-bv32-w8-s1", {}, {"SALA_LIGHTNING_CHUNK": "64", "SALA_LIGHTNING_BV": "32",
                                           "SALA_LIGHTNING_WARPS": "8", "SALA_LIGHTNING_STAGES": "1"}),
     ],
     # the backward recomputing dq's segment states (one state pass more) instead of reusing the forward's
     ("fwdbwd", torch.bfloat16, 131072): [("sala-states-recomputed", {}, {"SALA_LIGHTNING_SAVED_STATES_SHARE": "0"}),
-                                         ("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"})],
+                                         ("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"}),
+                                         ("sala-tma", {}, {"SALA_LIGHTNING_TMA": "1", "SALA_LIGHTNING_DELTA_TMA": "1"})],
     # other fwd+bwd variants cost ~6 more compiles each: add entries once a forward variant wins
 }
 

@@ -95,7 +95,8 @@ def compile_resources(fn, constexprs: dict, options: dict, arg_type, int_args_al
 
 def kernel_resources(kernel: str = "output", dtype: str = "bf16", H: int = 32, D: int = 128, seg: int = 8192,
                      precision: str = "tf32", chunk: int | None = None, bv: int | None = None,
-                     warps: int | None = None, stages: int | None = None, maxnreg: int | None = None) -> dict:
+                     warps: int | None = None, stages: int | None = None, maxnreg: int | None = None,
+                     tma: bool = False) -> dict:
     """Compile one lightning kernel for sm_90 with the library's launch parameters (options override them)
     and report its resources and what an SM holds of it."""
     tdtype = DTYPES[dtype]
@@ -113,6 +114,7 @@ def kernel_resources(kernel: str = "output", dtype: str = "bf16", H: int = 32, D
     constexprs = dict(common, DYN_LOOP=True, UPCAST=False)  # the GPU's settings, whatever this process runs
     if kernel == "output":
         constexprs["FACTORED_DECAY"] = True
+    constexprs["USE_TMA"] = tma
     return {"kernel": kernel, "dtype": dtype, "C": common["C"], "BV": common["BV"],
             **compile_resources(KERNELS[kernel], constexprs, options, _lightning_arg_type(tdtype))}
 
@@ -177,6 +179,7 @@ def main():
     ap.add_argument("--warps", type=int)
     ap.add_argument("--stages", type=int)
     ap.add_argument("--maxnreg", type=int)
+    ap.add_argument("--tma", action="store_true", help="TMA tiles (SALA_LIGHTNING_TMA=1 / _DELTA_TMA=1)")
     args = ap.parse_args()
     if args.kernel.startswith("infllmv2_"):
         print(json.dumps(infllmv2_resources(args.kernel.removeprefix("infllmv2_"), warps=args.warps,
@@ -184,7 +187,8 @@ def main():
         return
     for name in (KERNELS if args.kernel == "both" else [args.kernel]):
         print(json.dumps(kernel_resources(name, args.dtype, args.heads, args.dim, chunk=args.chunk, bv=args.bv,
-                                          warps=args.warps, stages=args.stages, maxnreg=args.maxnreg)))
+                                          warps=args.warps, stages=args.stages, maxnreg=args.maxnreg,
+                                          tma=args.tma)))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import lightning as bench  # noqa: E402
@@ -17,7 +16,7 @@ from sala.ops import lightning_triton as lt  # noqa: E402
 KNOWN = {"SALA_LIGHTNING_CHUNK": "C", "SALA_LIGHTNING_BV": "BV", "SALA_LIGHTNING_WARPS": "num_warps",
          "SALA_LIGHTNING_STAGES": "num_stages", "SALA_LIGHTNING_MAXNREG": "maxnreg",
          "SALA_LIGHTNING_DELTA_CHUNK": "C", "SALA_LIGHTNING_DELTA_BV": "BV", "SALA_LIGHTNING_DELTA_WARPS": "num_warps",
-         "SALA_LIGHTNING_SAVED_STATES_SHARE": None}
+         "SALA_LIGHTNING_SAVED_STATES_SHARE": None, "SALA_LIGHTNING_TMA": "tma", "SALA_LIGHTNING_DELTA_TMA": "tma"}
 
 
 @pytest.mark.parametrize("key,entry", [(k, e) for k, entries in bench.VARIANTS.items() for e in entries],
@@ -34,6 +33,12 @@ def test_variant_settings_reach_the_launch(key, entry, monkeypatch):
     for var, value in env.items():
         field = KNOWN[var]
         if field is None:
+            continue
+        if field == "tma":  # read where the pass launches: its forward-order launch takes descriptors
+            with bench.env_override(env):
+                common = lt._common(lt._Plan([128], 64, (), 1), 4, 128, 128, dtype, "tf32", False,
+                                    pass_one="DELTA" in var)
+                assert lt._use_tma(common, False, pass_one="DELTA" in var), (name, var)
             continue
         cfg = one if "DELTA" in var else out
         want = min(int(value), 128) if field == "BV" else int(value)  # a V block never wider than the head dim

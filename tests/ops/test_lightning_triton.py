@@ -110,7 +110,7 @@ def test_bf16x3_backward_matches_reference_autograd():
 
 LAUNCH_ENV = ("SALA_LIGHTNING_CHUNK", "SALA_LIGHTNING_BV", "SALA_LIGHTNING_WARPS", "SALA_LIGHTNING_STAGES",
               "SALA_LIGHTNING_SEG", "SALA_LIGHTNING_DELTA_CHUNK", "SALA_LIGHTNING_DELTA_BV", "SALA_LIGHTNING_DELTA_WARPS",
-              "SALA_LIGHTNING_MAXNREG")
+              "SALA_LIGHTNING_MAXNREG", "SALA_LIGHTNING_TMA", "SALA_LIGHTNING_DELTA_TMA")
 
 
 def test_launch_defaults_are_the_measured_winners(monkeypatch):
@@ -289,6 +289,47 @@ def test_varlen_matches_reference(dtype, monkeypatch):
     ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g, initial_state=h0.double(), cu_seqlens=cu)
     assert rel(o, ro) < TOL[dtype] and rel(s, rs) < TOL[dtype]
     assert torch.equal(s[1], h0[1])  # the empty sequence passes its state through
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tma_tiles_match_block_pointers(dtype, monkeypatch):
+    """SALA_LIGHTNING_TMA=1 / _DELTA_TMA=1: the output pass and pass 1 move their tiles through tensor
+    descriptors bounded at each sequence's end (zero rows past it, stores dropped) instead of boundary-checked
+    block pointers. Varlen with
+    partial chunks, an empty and a one-token sequence: forward, state and gradients (the backward's forward-order
+    output passes take descriptors too) equal the block-pointer path's and float64."""
+    from sala.ops import lightning_triton as lt
+
+    for var in LAUNCH_ENV:
+        monkeypatch.delenv(var, raising=False)
+    lens = VARLEN
+    H, D = (3, 32) if not CUDA else (9, 128)
+    T = sum(lens)
+    cu = torch.tensor([0] + lens, device=DEV).cumsum(0)
+    q, k, v = (x.requires_grad_(True) for x in inputs(1, T, H, D, dtype, seed=41))
+    g = lightning_decay(H).to(DEV)
+    h0 = rand(len(lens), H, D, D, seed=42).requires_grad_(True)
+    do, dht = rand(1, T, H, D, seed=43), rand(len(lens), H, D, D, seed=44)
+    seg = 64 if not CUDA else 512
+    run = lambda a, b, c, h: lightning_attn_triton(a, b, c, g, initial_state=h, cu_seqlens=cu,  # noqa: E731
+                                                   segment_len=seg)
+    launched = []
+    real_use = lt._use_tma
+    monkeypatch.setattr(lt, "_use_tma", lambda *a, **kw: launched.append(real_use(*a, **kw)) or launched[-1])
+    plain = [run(q, k, v, h0), grads_of(run, [q, k, v, h0], do, dht)]
+    assert launched and not any(launched)
+    monkeypatch.setenv("SALA_LIGHTNING_TMA", "1")
+    monkeypatch.setenv("SALA_LIGHTNING_DELTA_TMA", "1")
+    launched.clear()
+    tma = [run(q, k, v, h0), grads_of(run, [q, k, v, h0], do, dht)]
+    assert any(launched) and not all(launched)  # the forward-order passes; not the reverse ones
+    (o1, s1), (o2, s2) = plain[0], tma[0]
+    assert rel(o2, o1) < 1e-6 and rel(s2, s1) < 1e-6
+    for a, b in zip(tma[1], plain[1]):
+        assert rel(a, b) < 1e-6
+    ro, rs = lightning_attn_chunked(*(x.detach().double() for x in (q, k, v)), g, initial_state=h0.detach().double(),
+                                    cu_seqlens=cu)
+    assert rel(o2, ro) < TOL[dtype] and rel(s2, rs) < TOL[dtype]
 
 
 def grads_of(fn, leaves, do, dht):

@@ -208,6 +208,24 @@ def _common(plan: _Plan, H: int, KD: int, VD: int, q_dtype: torch.dtype, precisi
                 **({"maxnreg": cfg["maxnreg"]} if "maxnreg" in cfg else {}))
 
 
+def _scratch(size: int, alignment: int, stream):
+    """Global memory for the tensor descriptors a kernel builds on the device (Triton asks the allocator)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _use_tma(common: dict, reverse: bool, pass_one: bool = False) -> bool:
+    """Whether a pass moves its tiles with the TMA unit (benchmark candidates: SALA_LIGHTNING_TMA=1 for the output
+    pass, SALA_LIGHTNING_DELTA_TMA=1 for pass 1): the forward order, with head dims powers of two (the
+    descriptor's box is the tile), not on the bf16x3 or ieee paths."""
+    flag = os.environ.get("SALA_LIGHTNING_DELTA_TMA" if pass_one else "SALA_LIGHTNING_TMA", "0")
+    if flag in ("", "0") or reverse or common["MASK_COLS"] or common["SPLIT_BF16"] \
+            or common["DOT_PRECISION"] != "tf32":
+        return False
+    if not _INTERPRET:
+        triton.set_allocator(_scratch)
+    return True
+
+
 def segment_states(
     k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, plan: _Plan, initial_state: torch.Tensor | None = None,
     *, reverse: bool = False, output_final_state: bool = True, precision: str = "tf32",
@@ -225,7 +243,8 @@ def segment_states(
     if nseg:
         common = _common(plan, H, KD, VD, k.dtype, precision, reverse, pass_one=True)
         _kn._segment_delta_kernel[(nseg * H * triton.cdiv(VD, common["BV"]),)](
-            k, v, g, states, seg_seq, seg_tau0, seq_bos, seq_len, **common)
+            k, v, g, states, seg_seq, seg_tau0, seq_bos, seq_len, **common,
+            USE_TMA=_use_tma(common, reverse, pass_one=True))
     BK = 16 if KD <= 64 else 32
     if nseg or output_final_state:
         _kn._segment_scan_kernel[(N * H * triton.cdiv(KD, BK),)](
@@ -251,9 +270,10 @@ def segment_outputs(
         common = _common(plan, H, KD, VD, q.dtype, precision, reverse)
         # asked for (None: whenever safe) and safe at this launch's chunk length
         factored = factored_decay is not False and factored_decay_ok(g, common["C"])
+        tma = _use_tma(common, reverse)
         _kn._segment_output_kernel[(plan.nseg * H * triton.cdiv(VD, common["BV"]),)](
             q, k, v, g, states, o, seg_seq, seg_tau0, seq_bos, seq_len, float(scale), **common,
-            FACTORED_DECAY=factored,
+            FACTORED_DECAY=factored, USE_TMA=tma,
         )
     return o
 

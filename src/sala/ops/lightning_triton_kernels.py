@@ -117,7 +117,7 @@ def _segment_delta_kernel(
     H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, KP: tl.constexpr,
     SEG: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
-    MASK_COLS: tl.constexpr, SPLIT_BF16: tl.constexpr = False,
+    MASK_COLS: tl.constexpr, SPLIT_BF16: tl.constexpr = False, USE_TMA: tl.constexpr = False,
 ):
     """delta[seg, h, :, vblock] = sum over the segment's tokens of exp(g (end-1-t)) k_t^T v_t."""
     iv, h, seg, tau0, bos, slen, seg_len, g = _segment_program(
@@ -127,8 +127,12 @@ def _segment_delta_kernel(
     offs_v = iv * BV + tl.arange(0, BV)
     mask_k = offs_k < KD
     mask_v = offs_v < VD
-    acc = _delta_loop(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv, H, KD, VD, KP, C, BV, REVERSE,
-                      DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, SPLIT_BF16)
+    if USE_TMA:
+        acc = _delta_loop_tma(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv, H, KD, VD, C, BV,
+                              DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST)
+    else:
+        acc = _delta_loop(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv, H, KD, VD, KP, C, BV, REVERSE,
+                          DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, SPLIT_BF16)
     base = (seg * H + h) * (KD * VD)
     tl.store(delta_ptr + base + offs_k[:, None] * VD + offs_v[None, :], acc, mask=mask_k[:, None] & mask_v[None, :])
 
@@ -153,6 +157,32 @@ def _delta_loop(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv,
         w = tl.where(vi < cl, tl.exp(g * (cl - 1 - vi).to(tl.float32)), 0.0)
         kw = (b_k.to(tl.float32) * w[:, None]).to(b_v.dtype)
         acc = _mm(tl.trans(kw), b_v, acc * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST, SPLIT_BF16)
+    return acc
+
+
+@triton.jit
+def _delta_loop_tma(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv,
+                    H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """``_delta_loop`` (forward order, head dims powers of two) with the tiles moved by the TMA unit, bounded at
+    the end of the sequence as in ``_output_loop_tma``."""
+    rows = bos + slen
+    k_desc = tl.make_tensor_descriptor(k_ptr, shape=[rows, H * KD], strides=[H * KD, 1], block_shape=[C, KD])
+    v_desc = tl.make_tensor_descriptor(v_ptr, shape=[rows, H * VD], strides=[H * VD, 1], block_shape=[C, BV])
+    acc = tl.zeros([KD, BV], dtype=tl.float32)
+    vi = tl.arange(0, C)
+    col_k = (h * KD).to(tl.int32)
+    col_v = (h * VD + iv * BV).to(tl.int32)
+    for ci in range(0, tl.cdiv(seg_len, C) if DYN_LOOP else SEG_CHUNKS):
+        c0 = ci * C
+        cl = tl.maximum(tl.minimum(C, seg_len - c0), 0)
+        row = (bos + tau0 + c0).to(tl.int32)
+        b_k = k_desc.load([row, col_k])
+        b_v = v_desc.load([row, col_v])
+        w = tl.where(vi < cl, tl.exp(g * (cl - 1 - vi).to(tl.float32)), 0.0)
+        kw = (b_k.to(tl.float32) * w[:, None]).to(b_v.dtype)
+        acc = _mm(tl.trans(kw), b_v, acc * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST)
     return acc
 
 
@@ -203,7 +233,7 @@ def _segment_output_kernel(
     SEG: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
     MASK_COLS: tl.constexpr,
-    FACTORED_DECAY: tl.constexpr, SPLIT_BF16: tl.constexpr = False,
+    FACTORED_DECAY: tl.constexpr, SPLIT_BF16: tl.constexpr = False, USE_TMA: tl.constexpr = False,
 ):
     """o of one (segment, head, V-block): walk the chunks from the entering state kept in registers."""
     iv, h, seg, tau0, bos, slen, seg_len, g = _segment_program(
@@ -212,8 +242,56 @@ def _segment_output_kernel(
     offs_v = iv * BV + tl.arange(0, BV)
     S = tl.load(state_ptr + (seg * H + h) * (KD * VD) + offs_k[:, None] * VD + offs_v[None, :],
                 mask=(offs_k < KD)[:, None] & (offs_v < VD)[None, :], other=0.0)
-    _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale, H, KD, VD, KP, C, BV,
-                 REVERSE, DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, FACTORED_DECAY, SPLIT_BF16)
+    if USE_TMA:
+        _output_loop_tma(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale, H, KD, VD, C, BV,
+                         DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, FACTORED_DECAY)
+    else:
+        _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale, H, KD, VD, KP, C, BV,
+                     REVERSE, DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, FACTORED_DECAY, SPLIT_BF16)
+
+
+@triton.jit
+def _output_loop_tma(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale,
+                     H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr,
+                     UPCAST: tl.constexpr, FACTORED_DECAY: tl.constexpr):
+    """``_output_loop`` (forward order, head dims powers of two) with the tiles moved by the TMA unit: one
+    descriptor per tensor over the rows up to the end of this program's sequence, so the hardware zero-fills
+    the rows of a last chunk past it (loads) and drops them (stores), as the block pointers' boundary checks do."""
+    rows = bos + slen
+    q_desc = tl.make_tensor_descriptor(q_ptr, shape=[rows, H * KD], strides=[H * KD, 1], block_shape=[C, KD])
+    k_desc = tl.make_tensor_descriptor(k_ptr, shape=[rows, H * KD], strides=[H * KD, 1], block_shape=[C, KD])
+    v_desc = tl.make_tensor_descriptor(v_ptr, shape=[rows, H * VD], strides=[H * VD, 1], block_shape=[C, BV])
+    o_desc = tl.make_tensor_descriptor(o_ptr, shape=[rows, H * VD], strides=[H * VD, 1], block_shape=[C, BV])
+    vi = tl.arange(0, C)
+    col_k = (h * KD).to(tl.int32)
+    col_v = (h * VD + iv * BV).to(tl.int32)
+    causal = vi[:, None] >= vi[None, :]
+    if FACTORED_DECAY:
+        row_decay = tl.exp(g * (vi - C // 2).to(tl.float32))
+        col_decay = tl.exp(-g * (vi - C // 2).to(tl.float32))
+    else:
+        intra_decay = tl.exp(tl.where(causal, g * (vi[:, None] - vi[None, :]).to(tl.float32), float("-inf")))
+    q_decay = tl.exp(g * (vi + 1).to(tl.float32))
+    for ci in range(0, tl.cdiv(seg_len, C) if DYN_LOOP else SEG_CHUNKS):
+        c0 = ci * C
+        cl = tl.maximum(tl.minimum(C, seg_len - c0), 0)
+        row = (bos + tau0 + c0).to(tl.int32)
+        b_q = q_desc.load([row, col_k])
+        b_k = k_desc.load([row, col_k])
+        b_v = v_desc.load([row, col_v])
+        dt = b_v.dtype
+        A = _mm(b_q, tl.trans(b_k), None, DOT_PRECISION, UPCAST)
+        if FACTORED_DECAY:
+            A = tl.where(causal, A * row_decay[:, None] * col_decay[None, :], 0.0)
+        else:
+            A = A * intra_decay
+        b_o = _mm(b_q, S.to(dt), None, DOT_PRECISION, UPCAST) * q_decay[:, None]
+        b_o = _mm(A.to(dt), b_v, b_o, DOT_PRECISION, UPCAST)
+        o_desc.store([row, col_v], (b_o * scale).to(o_ptr.dtype.element_ty))
+        w = tl.where(vi < cl, tl.exp(g * (cl - 1 - vi).to(tl.float32)), 0.0)
+        vw = (b_v.to(tl.float32) * w[:, None]).to(dt)
+        S = _mm(tl.trans(b_k), vw, S * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST)
 
 
 @triton.jit
