@@ -250,51 +250,27 @@ def make_ops():
 # ------------------------------------------------------------------------------------------- variants
 # Candidate settings timed beside the library default (variant "sala") in the same job; the default only
 # changes after a measurement. kw go to lightning_attn_triton, env overrides the launch config.
+BLOCKPTR = ("sala-blockptr", {}, {"SALA_LIGHTNING_TMA": "0", "SALA_LIGHTNING_DELTA_TMA": "0"})
 VARIANTS = {
     # bf16 at 128K on the H200, all slower than the default then and removed: 4096-token segments, BV 128 and 8
     # warps in both passes (ae88ccb: 2.509 / 2.742 against 2.402 ms); the output pass on V block 128 / 8 warps /
     # 3 stages / 1 stage / V block 32, 32-token chunks (b031d6c: 2.37 / 3.84 / 2.47 / 2.56 / 3.08 / 3.11 against
     # 2.14-2.23 ms); the three passes chained in one launch, segments 256-2048 (7342d29: 2.58 ms at best
-    # against 2.38). Pass 1 on one 128-wide V block won (2.14 against 2.42 ms) and is the default since; its old
-    # setting stays as the same-run reference.
-    ("fwd", torch.bfloat16, 131072): [
-        ("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"}),
-        # three output programs per SM instead of two (bench/sm90_offline.py: 250 registers and 90 KB of shared
-        # memory each by default; one stage and 168 registers: 57 KB, 196 B spilled; 160: 272 B)
-        ("sala-out-s1-r168", {}, {"SALA_LIGHTNING_STAGES": "1", "SALA_LIGHTNING_MAXNREG": "168"}),
-        ("sala-out-s1-r160", {}, {"SALA_LIGHTNING_STAGES": "1", "SALA_LIGHTNING_MAXNREG": "160"}),
-        # 128-token chunks: half the dependent state updates per segment (32-token chunks, twice as many, took
-        # the output pass from 1.55 to 2.38 ms); offline on 8 warps: 255 registers, 4 B spilled, 160 KB, one
-        # program per SM. The output pass alone, then pass 1 too (8 warps: 134 registers, 128 KB)
-        ("sala-out-c128-w8", {}, {"SALA_LIGHTNING_CHUNK": "128", "SALA_LIGHTNING_WARPS": "8",
-                                  "SALA_LIGHTNING_DELTA_CHUNK": "64", "SALA_LIGHTNING_DELTA_WARPS": "4"}),
-        ("sala-c128-w8", {}, {"SALA_LIGHTNING_CHUNK": "128", "SALA_LIGHTNING_WARPS": "8"}),
-        ("sala-delta-c128-w8", {}, {"SALA_LIGHTNING_DELTA_CHUNK": "128", "SALA_LIGHTNING_DELTA_WARPS": "8"}),        # tiles moved by the TMA unit (tensor descriptors bounded at the sequence's end) instead of cp.async
-        # loads through boundary-checked block pointers: both passes, the output pass, pass 1
-        ("sala-tma", {}, {"SALA_LIGHTNING_TMA": "1", "SALA_LIGHTNING_DELTA_TMA": "1"}),
-        ("sala-tma-out", {}, {"SALA_LIGHTNING_TMA": "1"}),
-        ("sala-tma-delta", {}, {"SALA_LIGHTNING_DELTA_TMA": "1"}),
-    ],
-    ("fwd", torch.bfloat16, 1048576): [
-        ("sala-tma", {}, {"SALA_LIGHTNING_TMA": "1", "SALA_LIGHTNING_DELTA_TMA": "1"}),
-        ("sala-out-c128-w8", {}, {"SALA_LIGHTNING_CHUNK": "128", "SALA_LIGHTNING_WARPS": "8",
-                                  "SALA_LIGHTNING_DELTA_CHUNK": "64", "SALA_LIGHTNING_DELTA_WARPS": "4"}),
-        ("sala-out-s1-r168", {}, {"SALA_LIGHTNING_STAGES": "1", "SALA_LIGHTNING_MAXNREG": "168"}),
-    ],
+    # against 2.38); the output pass on one stage capped at 168 / 160 registers (three programs per SM, spills),
+    # 128-token chunks on 8 warps in the output pass / both passes / pass 1 (4e662a4: 2.89 / 3.17 / 2.80 / 2.96 /
+    # 2.35 against 2.19 ms; at 1M the first and the 128-token output pass 22.0 / 22.5 against 18.0 ms). Pass 1
+    # on one 128-wide V block won (2.14 against 2.42 ms) and is the default since; its old setting stays as the
+    # same-run reference, as do block pointers for the TMA tiles.
+    ("fwd", torch.bfloat16, 131072): [("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"}), BLOCKPTR],
+    ("fwd", torch.bfloat16, 1048576): [BLOCKPTR],
     # float32 at 128K, measured on the H200 (ae88ccb) against the default's 9.00 ms (TF32, 32-token chunks, 4
     # warps): bf16x3 4w 15.52 / 8w 11.84, TF32 C64 8w 12.71, C64 8w 1 stage 10.58, k-major tiles C64 BV32 18.64,
-    # k-major C64 8w 1 stage 13.17, chained segments 512 / 1024 9.50 / 9.30 ms (all slower; removed).
-    # Offline (bench/sm90_offline.py): at 32-token chunks 3 of the output pass's 4 products run on mma.sync; 64-token
-    # chunks put them on wgmma, and on 32-wide V blocks with 8 warps and one stage without spills (122 KB):
-    ("fwd", torch.float32, 131072): [
-        ("sala-tma", {}, {"SALA_LIGHTNING_TMA": "1", "SALA_LIGHTNING_DELTA_TMA": "1"}),
-        ("sala-f32-c64-bv32-w8-s1", {}, {"SALA_LIGHTNING_CHUNK": "64", "SALA_LIGHTNING_BV": "32",
-                                          "SALA_LIGHTNING_WARPS": "8", "SALA_LIGHTNING_STAGES": "1"}),
-    ],
+    # k-major C64 8w 1 stage 13.17, chained segments 512 / 1024 9.50 / 9.30 ms; 64-token chunks with every product
+    # on wgmma (V block 32, 8 warps, one stage, no spills offline) 15.68 against 8.99 ms (4e662a4). All removed.
+    ("fwd", torch.float32, 131072): [BLOCKPTR],
     # the backward recomputing dq's segment states (one state pass more) instead of reusing the forward's
     ("fwdbwd", torch.bfloat16, 131072): [("sala-states-recomputed", {}, {"SALA_LIGHTNING_SAVED_STATES_SHARE": "0"}),
-                                         ("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"}),
-                                         ("sala-tma", {}, {"SALA_LIGHTNING_TMA": "1", "SALA_LIGHTNING_DELTA_TMA": "1"})],
+                                         ("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"}), BLOCKPTR],
     # other fwd+bwd variants cost ~6 more compiles each: add entries once a forward variant wins
 }
 

@@ -26,6 +26,7 @@ transposed; so the backward runs one state pass and three output passes.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -213,16 +214,36 @@ def _scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _use_tma(common: dict, reverse: bool, pass_one: bool = False) -> bool:
-    """Whether a pass moves its tiles with the TMA unit (benchmark candidates: SALA_LIGHTNING_TMA=1 for the output
-    pass, SALA_LIGHTNING_DELTA_TMA=1 for pass 1): the forward order, with head dims powers of two (the
-    descriptor's box is the tile), not on the bf16x3 or ieee paths."""
-    flag = os.environ.get("SALA_LIGHTNING_DELTA_TMA" if pass_one else "SALA_LIGHTNING_TMA", "0")
-    if flag in ("", "0") or reverse or common["MASK_COLS"] or common["SPLIT_BF16"] \
-            or common["DOT_PRECISION"] != "tf32":
-        return False
-    if not _INTERPRET:
+def _ensure_allocator() -> None:
+    """Give Triton an allocator for device-built descriptors unless the caller's context already has one
+    (Triton keeps it per context: each thread that launches needs one)."""
+    from triton.runtime import _allocation
+
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
         triton.set_allocator(_scratch)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device: torch.device) -> bool:
+    """Hopper (sm_90) or newer: the TMA unit."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def _use_tma(common: dict, device: torch.device, pass_one: bool = False) -> bool:
+    """Whether a pass moves its tiles with the TMA unit (the default on the GPU: a bf16 forward at 128K took
+    2.125 against 2.156 ms, forward+backward 7.46 against 7.69 ms; bench/results/lightning.md). Off with
+    SALA_LIGHTNING_TMA=0 (output passes) / SALA_LIGHTNING_DELTA_TMA=0 (pass 1); under the interpreter off
+    unless set to 1. Needs an sm_90 or newer GPU, head dims that are powers of two (the descriptor's box is the tile) and segments
+    of whole chunks; not on the bf16x3 or ieee paths."""
+    flag = os.environ.get("SALA_LIGHTNING_DELTA_TMA" if pass_one else "SALA_LIGHTNING_TMA", "0" if _INTERPRET else "1")
+    if flag in ("", "0") or common["MASK_COLS"] or common["SPLIT_BF16"] or common["DOT_PRECISION"] != "tf32" \
+            or common["SEG"] % common["C"]:  # a chunk cut by its segment's end would store into the next one
+        return False
+    if _INTERPRET:
+        return True
+    if not _has_tma(device):
+        return False
+    _ensure_allocator()
     return True
 
 
@@ -244,7 +265,7 @@ def segment_states(
         common = _common(plan, H, KD, VD, k.dtype, precision, reverse, pass_one=True)
         _kn._segment_delta_kernel[(nseg * H * triton.cdiv(VD, common["BV"]),)](
             k, v, g, states, seg_seq, seg_tau0, seq_bos, seq_len, **common,
-            USE_TMA=_use_tma(common, reverse, pass_one=True))
+            USE_TMA=_use_tma(common, k.device, pass_one=True))
     BK = 16 if KD <= 64 else 32
     if nseg or output_final_state:
         _kn._segment_scan_kernel[(N * H * triton.cdiv(KD, BK),)](
@@ -270,7 +291,7 @@ def segment_outputs(
         common = _common(plan, H, KD, VD, q.dtype, precision, reverse)
         # asked for (None: whenever safe) and safe at this launch's chunk length
         factored = factored_decay is not False and factored_decay_ok(g, common["C"])
-        tma = _use_tma(common, reverse)
+        tma = _use_tma(common, q.device)
         _kn._segment_output_kernel[(plan.nseg * H * triton.cdiv(VD, common["BV"]),)](
             q, k, v, g, states, o, seg_seq, seg_tau0, seq_bos, seq_len, float(scale), **common,
             FACTORED_DECAY=factored, USE_TMA=tma,
