@@ -296,7 +296,7 @@ def test_tma_tiles_match_block_pointers(dtype, monkeypatch):
     """SALA_LIGHTNING_TMA=1 / _DELTA_TMA=1: the output pass and pass 1 move their tiles through tensor
     descriptors bounded at each sequence's ends (zero rows outside, stores dropped) instead of boundary-checked
     block pointers. Varlen with partial chunks, an empty and a one-token sequence: forward, state and gradients
-    (the backward's reverse passes take descriptors too) equal the block-pointer path's and float64."""
+    (the backward's forward-order output pass takes descriptors too) equal the block-pointer path's and float64."""
     from sala.ops import lightning_triton as lt
 
     for var in LAUNCH_ENV:
@@ -321,7 +321,7 @@ def test_tma_tiles_match_block_pointers(dtype, monkeypatch):
     monkeypatch.setenv("SALA_LIGHTNING_DELTA_TMA", "1")
     launched.clear()
     tma = [run(q, k, v, h0), grads_of(run, [q, k, v, h0], do, dht)]
-    assert all(launched)  # forward and reverse passes
+    assert any(launched) and not all(launched)  # the forward-order passes, not the reverse ones
     (o1, s1), (o2, s2) = plain[0], tma[0]
     assert rel(o2, o1) < 1e-6 and rel(s2, s1) < 1e-6
     for a, b in zip(tma[1], plain[1]):

@@ -15,6 +15,8 @@ to memory (T/64 * H * K * V elements, as much traffic as q, k and v together) an
    in registers, and writes o (intra-chunk masked product plus the inter-chunk term).
 
 Only one state per segment touches memory. Passes 1 and 3 run one program per (segment, head, V-block).
+On sm_90+ GPUs their forward-order launches move tiles with the TMA unit (``_output_loop_tma``,
+``_delta_loop_tma``: descriptors bounded at each sequence's end); the rest use boundary-checked block pointers.
 (Two other designs were measured slower on an H200 and removed: the three passes chained in one launch over
 short segments, for pass 3 to find k and v in L2, and "k-major" tiles for float32; bench/results/lightning.md.)
 
@@ -51,20 +53,10 @@ def _chunk_block(ptr, tau0, c0, cl, slen, bos, h, H: tl.constexpr, D: tl.constex
 @triton.jit
 def _seq_descriptor(ptr, bos, slen, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr):
     """TMA descriptor of one sequence's rows of a ``[tokens, H, D]`` tensor, for ``[C, BD]`` boxes; rows
-    outside the sequence (coordinates < 0 or >= slen) load as zeros and are not stored. Its base is the
+    past the sequence's end load as zeros and are not stored. Its base is the
     sequence's first row (16-byte aligned: H D elements of 2 or 4 bytes with D a power of two >= 16)."""
     return tl.make_tensor_descriptor(ptr + bos * (H * D), shape=[slen, H * D], strides=[H * D, 1],
                                      block_shape=[C, BD])
-
-
-@triton.jit
-def _chunk_row(tau0, c0, slen, C: tl.constexpr, REVERSE: tl.constexpr):
-    """First row (in the sequence) of the box holding a chunk: its valid rows are the first cl (forward) or the
-    last cl (reverse, so a short last chunk starts at a negative row: zeros)."""
-    if REVERSE:
-        return (slen - (tau0 + c0) - C).to(tl.int32)
-    else:
-        return (tau0 + c0).to(tl.int32)
 
 
 @triton.jit
@@ -147,7 +139,8 @@ def _segment_delta_kernel(
     mask_k = offs_k < KD
     mask_v = offs_v < VD
     if USE_TMA:
-        acc = _delta_loop_tma(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv, H, KD, VD, C, BV, REVERSE,
+        tl.static_assert(not REVERSE, "TMA tiles in the forward order only")
+        acc = _delta_loop_tma(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv, H, KD, VD, C, BV,
                               DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST)
     else:
         acc = _delta_loop(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv, H, KD, VD, KP, C, BV, REVERSE,
@@ -182,19 +175,19 @@ def _delta_loop(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv,
 @triton.jit
 def _delta_loop_tma(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv,
                     H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                    REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr,
-                    SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr):
-    """``_delta_loop`` with the tiles moved by the TMA unit, as in ``_output_loop_tma``."""
+                    DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """``_delta_loop`` in the forward order with the tiles moved by the TMA unit, as in ``_output_loop_tma``."""
     k_desc = _seq_descriptor(k_ptr, bos, slen, H, KD, C, KD)
     v_desc = _seq_descriptor(v_ptr, bos, slen, H, VD, C, BV)
     acc = tl.zeros([KD, BV], dtype=tl.float32)
-    vi = _virtual_index(C, REVERSE)
+    vi = tl.arange(0, C)
     col_k = (h * KD).to(tl.int32)
     col_v = (h * VD + iv * BV).to(tl.int32)
     for ci in range(0, tl.cdiv(seg_len, C) if DYN_LOOP else SEG_CHUNKS):
         c0 = ci * C
         cl = tl.maximum(tl.minimum(C, seg_len - c0), 0)
-        row = _chunk_row(tau0, c0, slen, C, REVERSE)
+        row = (tau0 + c0).to(tl.int32)
         b_k = k_desc.load([row, col_k])
         b_v = v_desc.load([row, col_v])
         w = tl.where(vi < cl, tl.exp(g * (cl - 1 - vi).to(tl.float32)), 0.0)
@@ -260,8 +253,9 @@ def _segment_output_kernel(
     S = tl.load(state_ptr + (seg * H + h) * (KD * VD) + offs_k[:, None] * VD + offs_v[None, :],
                 mask=(offs_k < KD)[:, None] & (offs_v < VD)[None, :], other=0.0)
     if USE_TMA:
+        tl.static_assert(not REVERSE, "TMA tiles in the forward order only")
         _output_loop_tma(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale, H, KD, VD, C, BV,
-                         REVERSE, DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, FACTORED_DECAY)
+                         DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, FACTORED_DECAY)
     else:
         _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale, H, KD, VD, KP, C, BV,
                      REVERSE, DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, FACTORED_DECAY, SPLIT_BF16)
@@ -270,16 +264,17 @@ def _segment_output_kernel(
 @triton.jit
 def _output_loop_tma(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale,
                      H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                     REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr,
-                     SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, FACTORED_DECAY: tl.constexpr):
-    """``_output_loop`` (head dims powers of two, segments a whole number of chunks) with the tiles moved by the
-    TMA unit through descriptors bounded at the sequence's ends: the hardware zero-fills the rows of a short
-    chunk outside the sequence (loads) and drops them (stores), as the block pointers' boundary checks do."""
+                     DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr,
+                     UPCAST: tl.constexpr, FACTORED_DECAY: tl.constexpr):
+    """``_output_loop`` in the forward order (head dims powers of two, segments a whole number of chunks) with
+    the tiles moved by the TMA unit through descriptors bounded at the sequence's end: the hardware zero-fills
+    the rows of a short last chunk past it (loads) and drops them (stores), as the block pointers' boundary
+    checks do."""
     q_desc = _seq_descriptor(q_ptr, bos, slen, H, KD, C, KD)
     k_desc = _seq_descriptor(k_ptr, bos, slen, H, KD, C, KD)
     v_desc = _seq_descriptor(v_ptr, bos, slen, H, VD, C, BV)
     o_desc = _seq_descriptor(o_ptr, bos, slen, H, VD, C, BV)
-    vi = _virtual_index(C, REVERSE)
+    vi = tl.arange(0, C)
     col_k = (h * KD).to(tl.int32)
     col_v = (h * VD + iv * BV).to(tl.int32)
     causal = vi[:, None] >= vi[None, :]
@@ -292,7 +287,7 @@ def _output_loop_tma(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h,
     for ci in range(0, tl.cdiv(seg_len, C) if DYN_LOOP else SEG_CHUNKS):
         c0 = ci * C
         cl = tl.maximum(tl.minimum(C, seg_len - c0), 0)
-        row = _chunk_row(tau0, c0, slen, C, REVERSE)
+        row = (tau0 + c0).to(tl.int32)
         b_q = q_desc.load([row, col_k])
         b_k = k_desc.load([row, col_k])
         b_v = v_desc.load([row, col_v])
