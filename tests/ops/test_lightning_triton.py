@@ -315,6 +315,8 @@ def test_tma_tiles_match_block_pointers(dtype, monkeypatch):
     launched = []
     real_use = lt._use_tma
     monkeypatch.setattr(lt, "_use_tma", lambda *a, **kw: launched.append(real_use(*a, **kw)) or launched[-1])
+    monkeypatch.setenv("SALA_LIGHTNING_TMA", "0")  # the GPU's default is on
+    monkeypatch.setenv("SALA_LIGHTNING_DELTA_TMA", "0")
     plain = [run(q, k, v, h0), grads_of(run, [q, k, v, h0], do, dht)]
     assert launched and not any(launched)
     monkeypatch.setenv("SALA_LIGHTNING_TMA", "1")
@@ -323,9 +325,11 @@ def test_tma_tiles_match_block_pointers(dtype, monkeypatch):
     tma = [run(q, k, v, h0), grads_of(run, [q, k, v, h0], do, dht)]
     assert any(launched) and not all(launched)  # the forward-order passes, not the reverse ones
     (o1, s1), (o2, s2) = plain[0], tma[0]
-    assert rel(o2, o1) < 1e-6 and rel(s2, s1) < 1e-6
+    # the same products on the same tiles; compiled apart on the GPU, whose bf16 gradients may round apart
+    same = 1e-6 if not CUDA else (1e-5 if dtype == torch.float32 else 5e-3)
+    assert rel(o2, o1) < same and rel(s2, s1) < same
     for a, b in zip(tma[1], plain[1]):
-        assert rel(a, b) < 1e-6
+        assert rel(a, b) < same
     ro, rs = lightning_attn_chunked(*(x.detach().double() for x in (q, k, v)), g, initial_state=h0.detach().double(),
                                     cu_seqlens=cu)
     assert rel(o2, ro) < TOL[dtype] and rel(s2, rs) < TOL[dtype]
