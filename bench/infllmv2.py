@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import subprocess
 import sys
@@ -255,7 +254,7 @@ def tune(res, T=65536):
                            "forced_split": dict(tri.FORCED_SPLIT), "per_row_cfg": dict(tatt.PER_ROW_CFG)}
     log("tuning", res.extra["tuning"])
     res.dump()
-    del q, k, v, o, do
+    q = k = v = o = do = None  # free them (not `del`: the timed lambdas above read these names)
     torch.cuda.empty_cache()
 
 
@@ -353,7 +352,7 @@ def bench_fwd(res, T, ok, dense=True, check=True):
                 log(f"union{lanes} variant failed:", repr(e)[:300])
             finally:
                 tattn.UNION_LANES = lanes_before
-    del q, k, v, o, idx
+    q = k = v = o = idx = None  # free them (not `del`: the timed lambdas above read these names)
     torch.cuda.empty_cache()
 
 
@@ -394,7 +393,7 @@ def bench_fwdbwd(res, T, ok):
             dense_ms={k_: (round(v_, 3) if v_ else None) for k_, v_ in base.items()},
             stages_ms={"stage2_bwd": round(t_bwd, 3)},
             note="correct = gradient check at T=8192 (correctness section)")
-    del q, k, v, do
+    q = k = v = do = None  # free them (not `del`: the timed lambdas above read these names)
     torch.cuda.empty_cache()
 
 
@@ -404,7 +403,7 @@ def bench_decode(res, ctx):
     (fixed ctx: the GPU time without the host's launch cost)."""
     q, k, v = inputs(ctx, seed=3)
     q1 = q[-1:].contiguous()
-    del q
+    q = None  # free them (not `del`: the timed lambdas above read these names)
     k1 = ref.compress_keys(k, 32, 16)
     k2 = ref.compress_keys(k, 128, 64)
     internals: dict = {}
@@ -459,7 +458,7 @@ def bench_decode(res, ctx):
                 row["cuda_graph_error"] = repr(e)[:200]
         res.add(**row)
     tri.DECODE_FUSED = True
-    del k, v
+    k = v = None  # free them (not `del`: the timed lambdas above read these names)
     torch.cuda.empty_cache()
 
 
@@ -522,12 +521,12 @@ def profile(out: Path):
 
     rep["fwd_T131072_kernels_ms"] = kernels(lambda: infllmv2_attention_triton(q, k, v, PARAMS, SCALE))
     log(rep["fwd_T131072_kernels_ms"])
-    del q, k, v, sel
+    q = k = v = sel = None  # free them (not `del`: the timed lambdas above read these names)
     torch.cuda.empty_cache()
     ctx = 1 << 20
     q, k, v = inputs(ctx, seed=3)
     q1 = q[-1:].contiguous()
-    del q
+    q = None  # free them (not `del`: the timed lambdas above read these names)
     k1 = ref.compress_keys(k, 32, 16)
     k2 = ref.compress_keys(k, 128, 64)
     step = lambda: infllmv2_attention_triton(q1, k, v, PARAMS, SCALE, k1=k1, k2=k2, decode=True)  # noqa: E731

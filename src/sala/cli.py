@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .engine.cli import DECODE_GRAPHS
 from .engine.loading import RANDOM_LABEL, is_random_init
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MiniCPM-SALA hybrid sparse/linear attention models.")
@@ -104,8 +105,7 @@ def generate(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     dtype: str = typer.Option("auto", help="auto, float32 or bfloat16"),
-    decode_graphs: str = typer.Option("auto", "--decode-graphs",
-                                      help="auto (on a GPU), on or off: the lightning layers' decode steps as CUDA graphs"),
+    decode_graphs: str = DECODE_GRAPHS,
 ):
     """Generate from a prompt, streaming tokens as they come."""
     import torch

@@ -61,7 +61,7 @@ def test_interleaved_generations_keep_their_own_states():
     ref_b, _ = _decode(model, b_ids, 4)
     enable_decode_graphs(model, EagerBackend())
     with torch.no_grad():
-        outs, caches, toks, logits = {}, {}, {}, {"a": [], "b": []}
+        caches, toks, logits = {}, {}, {"a": [], "b": []}
         for name, ids in (("a", a_ids), ("b", b_ids)):
             out = model(ids, use_cache=True)
             caches[name] = getattr(out, CACHE_FIELD)

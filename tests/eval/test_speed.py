@@ -4,7 +4,7 @@ import textwrap
 
 import torch
 
-from sala.eval.speed import RssSampler, measure_speed
+from sala.eval.speed import measure_speed
 
 
 def test_rss_sampler_sees_a_large_allocation():

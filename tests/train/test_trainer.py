@@ -194,6 +194,7 @@ def test_deadline_stops_with_a_checkpoint_and_resumes_bitwise(recipe_factory, tm
 
     rec = recipe_factory()
     full = Trainer(rec, tmp_path / "full", log=lambda *a: None).run()
+    assert full["finished"]
     past = Trainer(rec, tmp_path / "cut", log=lambda *a: None).run(deadline=time.time() - 1)
     assert not past["finished"] and past["history"] == []  # nothing started after the deadline
 

@@ -6,6 +6,10 @@ from pathlib import Path
 
 import typer
 
+# `sala generate` and `sala serve` take the same option
+DECODE_GRAPHS = typer.Option("auto", "--decode-graphs",
+                             help="auto (on a GPU), on or off: the lightning layers' decode steps as CUDA graphs")
+
 
 def serve_command(
     model: Path = typer.Option(..., "--model", "-m", help="Checkpoint folder with a tokenizer."),
@@ -16,8 +20,7 @@ def serve_command(
     name: str = typer.Option(None, "--name", help="Served model name (default: the folder's name)."),
     chunk_size: int = typer.Option(8192, "--chunk-size", min=1, help="Prefill chunk in tokens."),
     max_tokens: int = typer.Option(256, "--default-max-tokens", min=1, help="max_tokens when a request omits it."),
-    decode_graphs: str = typer.Option("auto", "--decode-graphs",
-                                      help="auto (on a GPU), on or off: the lightning layers' decode steps as CUDA graphs"),
+    decode_graphs: str = DECODE_GRAPHS,
 ):
     """Serve a checkpoint over HTTP: OpenAI-compatible /v1/completions and /v1/chat/completions."""
     from rich.console import Console
