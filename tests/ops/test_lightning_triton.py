@@ -272,19 +272,23 @@ def test_bf16_output_dtype_and_segment_lengths_agree():
 
 # an empty sequence, a single token, exact chunk multiples and partial chunks
 VARLEN = [70, 0, 1, 129, 64] if not CUDA else [1500, 0, 1, 2049, 64, 777]
+VARLEN_HD = (3, 32) if not CUDA else (9, 128)
+
+
+def varlen_batch(dtype, seed):
+    """The VARLEN batch packed in one row: q, k, v, cu_seqlens, decay, one initial state per sequence."""
+    H, D = VARLEN_HD
+    T = sum(VARLEN)
+    cu = torch.tensor([0] + VARLEN, device=DEV).cumsum(0)
+    q, k, v = inputs(1, T, H, D, dtype, seed=seed)
+    return q, k, v, cu, lightning_decay(H).to(DEV), rand(len(VARLEN), H, D, D, seed=seed + 6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_varlen_matches_reference(dtype, monkeypatch):
     for var in LAUNCH_ENV:
         monkeypatch.delenv(var, raising=False)
-    lens = VARLEN
-    H, D = (3, 32) if not CUDA else (9, 128)
-    T = sum(lens)
-    cu = torch.tensor([0] + lens, device=DEV).cumsum(0)
-    q, k, v = inputs(1, T, H, D, dtype, seed=4)
-    g = lightning_decay(H).to(DEV)
-    h0 = rand(len(lens), H, D, D, seed=10)
+    q, k, v, cu, g, h0 = varlen_batch(dtype, seed=4)
     o, s = lightning_attn_triton(q, k, v, g, initial_state=h0, cu_seqlens=cu, segment_len=64 if not CUDA else 512)
     ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g, initial_state=h0.double(), cu_seqlens=cu)
     assert rel(o, ro) < TOL[dtype] and rel(s, rs) < TOL[dtype]
@@ -301,14 +305,9 @@ def test_tma_tiles_match_block_pointers(dtype, monkeypatch):
 
     for var in LAUNCH_ENV:
         monkeypatch.delenv(var, raising=False)
-    lens = VARLEN
-    H, D = (3, 32) if not CUDA else (9, 128)
-    T = sum(lens)
-    cu = torch.tensor([0] + lens, device=DEV).cumsum(0)
-    q, k, v = (x.requires_grad_(True) for x in inputs(1, T, H, D, dtype, seed=41))
-    g = lightning_decay(H).to(DEV)
-    h0 = rand(len(lens), H, D, D, seed=42).requires_grad_(True)
-    do, dht = rand(1, T, H, D, seed=43), rand(len(lens), H, D, D, seed=44)
+    q, k, v, cu, g, h0 = (x.requires_grad_(True) if x.is_floating_point() and x.dim() == 4 else x
+                          for x in varlen_batch(dtype, seed=41))
+    do, dht = rand(*v.shape, seed=43), rand(*h0.shape, seed=44)
     seg = 64 if not CUDA else 512
     run = lambda a, b, c, h: lightning_attn_triton(a, b, c, g, initial_state=h, cu_seqlens=cu,  # noqa: E731
                                                    segment_len=seg)

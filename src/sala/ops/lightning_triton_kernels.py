@@ -15,8 +15,8 @@ to memory (T/64 * H * K * V elements, as much traffic as q, k and v together) an
    in registers, and writes o (intra-chunk masked product plus the inter-chunk term).
 
 Only one state per segment touches memory. Passes 1 and 3 run one program per (segment, head, V-block).
-On sm_90+ GPUs their forward-order launches move tiles with the TMA unit (``_output_loop_tma``,
-``_delta_loop_tma``: descriptors bounded at each sequence's end); the rest use boundary-checked block pointers.
+On sm_90+ GPUs their forward-order launches move tiles with the TMA unit (``USE_TMA``: descriptors bounded at
+each sequence's end, ``_seq_descriptor``); the rest use boundary-checked block pointers.
 (Two other designs were measured slower on an H200 and removed: the three passes chained in one launch over
 short segments, for pass 3 to find k and v in L2, and "k-major" tiles for float32; bench/results/lightning.md.)
 
@@ -138,13 +138,9 @@ def _segment_delta_kernel(
     offs_v = iv * BV + tl.arange(0, BV)
     mask_k = offs_k < KD
     mask_v = offs_v < VD
-    if USE_TMA:
-        tl.static_assert(not REVERSE, "TMA tiles in the forward order only")
-        acc = _delta_loop_tma(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv, H, KD, VD, C, BV,
-                              DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST)
-    else:
-        acc = _delta_loop(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv, H, KD, VD, KP, C, BV, REVERSE,
-                          DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, SPLIT_BF16)
+    tl.static_assert(not (USE_TMA and REVERSE), "TMA tiles in the forward order only")
+    acc = _delta_loop(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv, H, KD, VD, KP, C, BV, REVERSE,
+                      DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, SPLIT_BF16, USE_TMA)
     base = (seg * H + h) * (KD * VD)
     tl.store(delta_ptr + base + offs_k[:, None] * VD + offs_v[None, :], acc, mask=mask_k[:, None] & mask_v[None, :])
 
@@ -153,46 +149,31 @@ def _segment_delta_kernel(
 def _delta_loop(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv,
                 H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, KP: tl.constexpr, C: tl.constexpr,
                 BV: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr,
-                SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, MASK_COLS: tl.constexpr, SPLIT_BF16: tl.constexpr):
+                SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, MASK_COLS: tl.constexpr, SPLIT_BF16: tl.constexpr,
+                USE_TMA: tl.constexpr):
     """sum over a segment's tokens of exp(g (end-1-t)) k_t^T v_t for one V block: ``[KP, BV]`` float32."""
     acc = tl.zeros([KP, BV], dtype=tl.float32)
     vi = _virtual_index(C, REVERSE)
     col_v = (iv * BV).to(tl.int32)
+    if USE_TMA:
+        k_desc = _seq_descriptor(k_ptr, bos, slen, H, KD, C, KP)
+        v_desc = _seq_descriptor(v_ptr, bos, slen, H, VD, C, BV)
     # the interpreter needs a constant trip count (extra chunks are fully masked no-ops)
     for ci in range(0, tl.cdiv(seg_len, C) if DYN_LOOP else SEG_CHUNKS):
         c0 = ci * C
         cl = tl.maximum(tl.minimum(C, seg_len - c0), 0)
-        b_k = tl.load(_chunk_block(k_ptr, tau0, c0, cl, slen, bos, h, H, KD, 0, C, KP, REVERSE),
-                      boundary_check=(0, 1) if MASK_COLS else (0,), padding_option="zero")
-        b_v = tl.load(_chunk_block(v_ptr, tau0, c0, cl, slen, bos, h, H, VD, col_v, C, BV, REVERSE),
-                      boundary_check=(0, 1) if MASK_COLS else (0,), padding_option="zero")
+        if USE_TMA:
+            row = (tau0 + c0).to(tl.int32)
+            b_k = k_desc.load([row, (h * KD).to(tl.int32)])
+            b_v = v_desc.load([row, (h * VD).to(tl.int32) + col_v])
+        else:
+            b_k = tl.load(_chunk_block(k_ptr, tau0, c0, cl, slen, bos, h, H, KD, 0, C, KP, REVERSE),
+                          boundary_check=(0, 1) if MASK_COLS else (0,), padding_option="zero")
+            b_v = tl.load(_chunk_block(v_ptr, tau0, c0, cl, slen, bos, h, H, VD, col_v, C, BV, REVERSE),
+                          boundary_check=(0, 1) if MASK_COLS else (0,), padding_option="zero")
         w = tl.where(vi < cl, tl.exp(g * (cl - 1 - vi).to(tl.float32)), 0.0)
         kw = (b_k.to(tl.float32) * w[:, None]).to(b_v.dtype)
         acc = _mm(tl.trans(kw), b_v, acc * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST, SPLIT_BF16)
-    return acc
-
-
-@triton.jit
-def _delta_loop_tma(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv,
-                    H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr,
-                    UPCAST: tl.constexpr):
-    """``_delta_loop`` in the forward order with the tiles moved by the TMA unit, as in ``_output_loop_tma``."""
-    k_desc = _seq_descriptor(k_ptr, bos, slen, H, KD, C, KD)
-    v_desc = _seq_descriptor(v_ptr, bos, slen, H, VD, C, BV)
-    acc = tl.zeros([KD, BV], dtype=tl.float32)
-    vi = tl.arange(0, C)
-    col_k = (h * KD).to(tl.int32)
-    col_v = (h * VD + iv * BV).to(tl.int32)
-    for ci in range(0, tl.cdiv(seg_len, C) if DYN_LOOP else SEG_CHUNKS):
-        c0 = ci * C
-        cl = tl.maximum(tl.minimum(C, seg_len - c0), 0)
-        row = (tau0 + c0).to(tl.int32)
-        b_k = k_desc.load([row, col_k])
-        b_v = v_desc.load([row, col_v])
-        w = tl.where(vi < cl, tl.exp(g * (cl - 1 - vi).to(tl.float32)), 0.0)
-        kw = (b_k.to(tl.float32) * w[:, None]).to(b_v.dtype)
-        acc = _mm(tl.trans(kw), b_v, acc * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST)
     return acc
 
 
@@ -252,57 +233,9 @@ def _segment_output_kernel(
     offs_v = iv * BV + tl.arange(0, BV)
     S = tl.load(state_ptr + (seg * H + h) * (KD * VD) + offs_k[:, None] * VD + offs_v[None, :],
                 mask=(offs_k < KD)[:, None] & (offs_v < VD)[None, :], other=0.0)
-    if USE_TMA:
-        tl.static_assert(not REVERSE, "TMA tiles in the forward order only")
-        _output_loop_tma(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale, H, KD, VD, C, BV,
-                         DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, FACTORED_DECAY)
-    else:
-        _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale, H, KD, VD, KP, C, BV,
-                     REVERSE, DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, FACTORED_DECAY, SPLIT_BF16)
-
-
-@triton.jit
-def _output_loop_tma(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale,
-                     H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr,
-                     UPCAST: tl.constexpr, FACTORED_DECAY: tl.constexpr):
-    """``_output_loop`` in the forward order (head dims powers of two, segments a whole number of chunks) with
-    the tiles moved by the TMA unit through descriptors bounded at the sequence's end: the hardware zero-fills
-    the rows of a short last chunk past it (loads) and drops them (stores), as the block pointers' boundary
-    checks do."""
-    q_desc = _seq_descriptor(q_ptr, bos, slen, H, KD, C, KD)
-    k_desc = _seq_descriptor(k_ptr, bos, slen, H, KD, C, KD)
-    v_desc = _seq_descriptor(v_ptr, bos, slen, H, VD, C, BV)
-    o_desc = _seq_descriptor(o_ptr, bos, slen, H, VD, C, BV)
-    vi = tl.arange(0, C)
-    col_k = (h * KD).to(tl.int32)
-    col_v = (h * VD + iv * BV).to(tl.int32)
-    causal = vi[:, None] >= vi[None, :]
-    if FACTORED_DECAY:
-        row_decay = tl.exp(g * (vi - C // 2).to(tl.float32))
-        col_decay = tl.exp(-g * (vi - C // 2).to(tl.float32))
-    else:
-        intra_decay = tl.exp(tl.where(causal, g * (vi[:, None] - vi[None, :]).to(tl.float32), float("-inf")))
-    q_decay = tl.exp(g * (vi + 1).to(tl.float32))
-    for ci in range(0, tl.cdiv(seg_len, C) if DYN_LOOP else SEG_CHUNKS):
-        c0 = ci * C
-        cl = tl.maximum(tl.minimum(C, seg_len - c0), 0)
-        row = (tau0 + c0).to(tl.int32)
-        b_q = q_desc.load([row, col_k])
-        b_k = k_desc.load([row, col_k])
-        b_v = v_desc.load([row, col_v])
-        dt = b_v.dtype
-        A = _mm(b_q, tl.trans(b_k), None, DOT_PRECISION, UPCAST)
-        if FACTORED_DECAY:
-            A = tl.where(causal, A * row_decay[:, None] * col_decay[None, :], 0.0)
-        else:
-            A = A * intra_decay
-        b_o = _mm(b_q, S.to(dt), None, DOT_PRECISION, UPCAST) * q_decay[:, None]
-        b_o = _mm(A.to(dt), b_v, b_o, DOT_PRECISION, UPCAST)
-        o_desc.store([row, col_v], (b_o * scale).to(o_ptr.dtype.element_ty))
-        w = tl.where(vi < cl, tl.exp(g * (cl - 1 - vi).to(tl.float32)), 0.0)
-        vw = (b_v.to(tl.float32) * w[:, None]).to(dt)
-        S = _mm(tl.trans(b_k), vw, S * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST)
+    tl.static_assert(not (USE_TMA and REVERSE), "TMA tiles in the forward order only")
+    _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale, H, KD, VD, KP, C, BV,
+                 REVERSE, DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, FACTORED_DECAY, SPLIT_BF16, USE_TMA)
 
 
 @triton.jit
@@ -310,7 +243,7 @@ def _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, 
                  H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, KP: tl.constexpr, C: tl.constexpr,
                  BV: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr,
                  SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, MASK_COLS: tl.constexpr,
-                 FACTORED_DECAY: tl.constexpr, SPLIT_BF16: tl.constexpr):
+                 FACTORED_DECAY: tl.constexpr, SPLIT_BF16: tl.constexpr, USE_TMA: tl.constexpr):
     """Write o of a segment's chunks for one V block, from the entering state ``S`` ``[KP, BV]`` float32."""
     vi = _virtual_index(C, REVERSE)
     col_v = (iv * BV).to(tl.int32)
@@ -323,16 +256,27 @@ def _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, 
     else:
         intra_decay = tl.exp(tl.where(causal, g * (vi[:, None] - vi[None, :]).to(tl.float32), float("-inf")))
     q_decay = tl.exp(g * (vi + 1).to(tl.float32))  # decay of the entering state seen by row i
+    if USE_TMA:
+        q_desc = _seq_descriptor(q_ptr, bos, slen, H, KD, C, KP)
+        k_desc = _seq_descriptor(k_ptr, bos, slen, H, KD, C, KP)
+        v_desc = _seq_descriptor(v_ptr, bos, slen, H, VD, C, BV)
+        o_desc = _seq_descriptor(o_ptr, bos, slen, H, VD, C, BV)
     # the interpreter needs a constant trip count (extra chunks are fully masked no-ops)
     for ci in range(0, tl.cdiv(seg_len, C) if DYN_LOOP else SEG_CHUNKS):
         c0 = ci * C
         cl = tl.maximum(tl.minimum(C, seg_len - c0), 0)
-        b_q = tl.load(_chunk_block(q_ptr, tau0, c0, cl, slen, bos, h, H, KD, 0, C, KP, REVERSE),
-                      boundary_check=(0, 1) if MASK_COLS else (0,), padding_option="zero")
-        b_k = tl.load(_chunk_block(k_ptr, tau0, c0, cl, slen, bos, h, H, KD, 0, C, KP, REVERSE),
-                      boundary_check=(0, 1) if MASK_COLS else (0,), padding_option="zero")
-        p_v = _chunk_block(v_ptr, tau0, c0, cl, slen, bos, h, H, VD, col_v, C, BV, REVERSE)
-        b_v = tl.load(p_v, boundary_check=(0, 1) if MASK_COLS else (0,), padding_option="zero")
+        if USE_TMA:
+            row = (tau0 + c0).to(tl.int32)
+            b_q = q_desc.load([row, (h * KD).to(tl.int32)])
+            b_k = k_desc.load([row, (h * KD).to(tl.int32)])
+            b_v = v_desc.load([row, (h * VD).to(tl.int32) + col_v])
+        else:
+            b_q = tl.load(_chunk_block(q_ptr, tau0, c0, cl, slen, bos, h, H, KD, 0, C, KP, REVERSE),
+                          boundary_check=(0, 1) if MASK_COLS else (0,), padding_option="zero")
+            b_k = tl.load(_chunk_block(k_ptr, tau0, c0, cl, slen, bos, h, H, KD, 0, C, KP, REVERSE),
+                          boundary_check=(0, 1) if MASK_COLS else (0,), padding_option="zero")
+            b_v = tl.load(_chunk_block(v_ptr, tau0, c0, cl, slen, bos, h, H, VD, col_v, C, BV, REVERSE),
+                          boundary_check=(0, 1) if MASK_COLS else (0,), padding_option="zero")
         dt = b_v.dtype
         A = _mm(b_q, tl.trans(b_k), None, DOT_PRECISION, UPCAST, SPLIT_BF16)
         if FACTORED_DECAY:
@@ -342,8 +286,11 @@ def _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, 
         # inter-chunk term: the decay of the entering state scales output rows (not q: fewer casts)
         b_o = _mm(b_q, S.to(dt), None, DOT_PRECISION, UPCAST, SPLIT_BF16) * q_decay[:, None]
         b_o = _mm(A.to(dt), b_v, b_o, DOT_PRECISION, UPCAST, SPLIT_BF16)
-        tl.store(_chunk_block(o_ptr, tau0, c0, cl, slen, bos, h, H, VD, col_v, C, BV, REVERSE),
-                 (b_o * scale).to(o_ptr.dtype.element_ty), boundary_check=(0, 1) if MASK_COLS else (0,))
+        if USE_TMA:
+            o_desc.store([row, (h * VD).to(tl.int32) + col_v], (b_o * scale).to(o_ptr.dtype.element_ty))
+        else:
+            tl.store(_chunk_block(o_ptr, tau0, c0, cl, slen, bos, h, H, VD, col_v, C, BV, REVERSE),
+                     (b_o * scale).to(o_ptr.dtype.element_ty), boundary_check=(0, 1) if MASK_COLS else (0,))
         w = tl.where(vi < cl, tl.exp(g * (cl - 1 - vi).to(tl.float32)), 0.0)
         vw = (b_v.to(tl.float32) * w[:, None]).to(dt)  # weight the [C, BV] tile, not the [C, K] one
         S = _mm(tl.trans(b_k), vw, S * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST, SPLIT_BF16)
