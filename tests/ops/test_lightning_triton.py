@@ -334,6 +334,29 @@ def test_tma_tiles_match_block_pointers(dtype, monkeypatch):
     assert rel(o2, ro) < TOL[dtype] and rel(s2, rs) < TOL[dtype]
 
 
+def test_descriptor_allocator_keeps_a_callers_own(monkeypatch):
+    """The TMA path gives Triton an allocator for its device-built descriptors only where the caller's context
+    has none, and still sets one where Triton's private state is not what 3.6 has."""
+    from triton.runtime import _allocation
+
+    from sala.ops import lightning_triton as lt
+
+    mine = lambda size, alignment, stream: None  # noqa: E731
+    token = _allocation._allocator.set(mine)
+    try:
+        lt._ensure_allocator()
+        assert _allocation._allocator.get() is mine
+        _allocation._allocator.set(_allocation._NULL_ALLOCATOR)
+        lt._ensure_allocator()
+        assert _allocation._allocator.get() is lt._scratch
+        _allocation._allocator.set(mine)
+        monkeypatch.delattr(_allocation, "_NULL_ALLOCATOR")
+        lt._ensure_allocator()
+        assert _allocation._allocator.get() is lt._scratch
+    finally:
+        _allocation._allocator.reset(token)
+
+
 def grads_of(fn, leaves, do, dht):
     o, s = fn(*leaves)
     loss = (o.float() * do).sum() + ((s * dht).sum() if dht is not None else 0)

@@ -216,11 +216,16 @@ def _scratch(size: int, alignment: int, stream):
 
 def _ensure_allocator() -> None:
     """Give Triton an allocator for device-built descriptors unless the caller's context already has one
-    (Triton keeps it per context: each thread that launches needs one)."""
-    from triton.runtime import _allocation
+    (Triton keeps it per context: each thread that launches needs one). The check reads Triton 3.6's private
+    state; where that differs, ours is set (an allocator of torch memory, as any caller's would be)."""
+    try:
+        from triton.runtime import _allocation
 
-    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
-        triton.set_allocator(_scratch)
+        if _allocation._allocator.get() is not _allocation._NULL_ALLOCATOR:
+            return
+    except (ImportError, AttributeError):
+        pass
+    triton.set_allocator(_scratch)
 
 
 @functools.lru_cache(maxsize=None)
