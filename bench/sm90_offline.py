@@ -88,17 +88,24 @@ def compile_resources(fn, constexprs: dict, options: dict, arg_type, int_args_al
     shared = compiled.metadata.shared
     threads = 32 * options["num_warps"]
     per_sm = min(REGISTERS_PER_SM // (regs * threads), SHARED_PER_SM // shared if shared else 32)
+    layouts = sorted(set(re.findall(r"nvidia_mma<\{versionMajor = (\d+), versionMinor = \d+, warpsPerCTA = "
+                                    r"\[(\d+), (\d+)\], instrShape = \[(\d+), (\d+), \d+\]", ttgir)))
     return {**options, "registers": regs, "spill_bytes": spill, "shared_bytes": shared, "programs_per_sm": per_sm,
             "wgmma": ttgir.count("ttng.warp_group_dot "), "mma_sync": len(re.findall(r"= tt\.dot ", ttgir)),
-            "async_copies": ttgir.count("async_copy_global_to_local")}
+            "async_copies": ttgir.count("ttg.async_copy_global_to_local"),
+            "tma_copies": ttgir.count("async_tma_copy_global_to_local"),
+            # products' layouts: MMA version, warps along M x N, instruction tile (M x N); warps along M beyond
+            # what the rows fill (8 on 64 rows) hold the same rows twice
+            "mma_layouts": [f"v{v} warps {m}x{n} instr {im}x{i_n}" for v, m, n, im, i_n in layouts]}
 
 
 def kernel_resources(kernel: str = "output", dtype: str = "bf16", H: int = 32, D: int = 128, seg: int = 8192,
                      precision: str = "tf32", chunk: int | None = None, bv: int | None = None,
                      warps: int | None = None, stages: int | None = None, maxnreg: int | None = None,
-                     tma: bool = False) -> dict:
+                     tma: bool | None = None) -> dict:
     """Compile one lightning kernel for sm_90 with the library's launch parameters (options override them)
-    and report its resources and what an SM holds of it."""
+    and report its resources and what an SM holds of it. ``tma``: the TMA tiles on / off (None: as the library
+    launches the forward on an sm_90 GPU)."""
     tdtype = DTYPES[dtype]
     env = {"SALA_LIGHTNING_DELTA_CHUNK" if kernel == "delta" else "SALA_LIGHTNING_CHUNK": chunk,
            "SALA_LIGHTNING_STAGES": stages, "SALA_LIGHTNING_MAXNREG": maxnreg,
@@ -108,6 +115,8 @@ def kernel_resources(kernel: str = "output", dtype: str = "bf16", H: int = 32, D
     try:
         with env_override({k: str(v) for k, v in env.items() if v is not None}):
             common = lt._common(SimpleNamespace(seg=seg), H, D, D, tdtype, precision, False, pass_one=kernel == "delta")
+            if tma is None:
+                tma = lt.tma_wanted(common, pass_one=kernel == "delta")
     finally:
         lt._INTERPRET = interpret
     options = {k: common.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in common}
@@ -179,7 +188,8 @@ def main():
     ap.add_argument("--warps", type=int)
     ap.add_argument("--stages", type=int)
     ap.add_argument("--maxnreg", type=int)
-    ap.add_argument("--tma", action="store_true", help="TMA tiles (SALA_LIGHTNING_TMA=1 / _DELTA_TMA=1)")
+    ap.add_argument("--tma", action=argparse.BooleanOptionalAction, default=None,
+                    help="TMA tiles on / off (default: as the library launches the forward on an sm_90 GPU)")
     args = ap.parse_args()
     if args.kernel.startswith("infllmv2_"):
         print(json.dumps(infllmv2_resources(args.kernel.removeprefix("infllmv2_"), warps=args.warps,

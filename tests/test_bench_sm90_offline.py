@@ -21,15 +21,22 @@ def _run(*args):
 
 
 def test_default_bf16_passes_use_wgmma_pipelined_loads_and_do_not_spill():
-    rows = {r["kernel"]: r for r in _run("--dtype", "bf16")}
-    out, delta = rows["output"], rows["delta"]
-    assert (out["C"], out["BV"], out["num_warps"]) == (64, 64, 4)
-    assert delta["BV"] == 128  # pass 1 on one 128-wide V block for 16-bit inputs
-    for r in (out, delta):
-        assert r["wgmma"] >= 1 and r["async_copies"] > 0, r
-        assert r["spill_bytes"] == 0 and r["registers"] <= 255, r
-        assert r["programs_per_sm"] >= 2, r
-    assert out["wgmma"] == 4  # all four products of the output pass
+    """As launched on an sm_90 GPU (tiles through the TMA unit) and on block pointers (the reverse passes,
+    and every pass where there is no TMA unit)."""
+    for tma, copies in (("--tma", "tma_copies"), ("--no-tma", "async_copies")):
+        rows = {r["kernel"]: r for r in _run("--dtype", "bf16", tma)}
+        out, delta = rows["output"], rows["delta"]
+        assert (out["C"], out["BV"], out["num_warps"]) == (64, 64, 4)
+        assert delta["BV"] == 128  # pass 1 on one 128-wide V block for 16-bit inputs
+        for r in (out, delta):
+            assert r["wgmma"] >= 1 and r[copies] > 0, r
+            assert r["spill_bytes"] == 0 and r["registers"] <= 255, r
+            assert r["programs_per_sm"] >= 2, r
+            # one warpgroup along the rows: no product held twice (8 warps on 64 rows would)
+            assert all(" warps 4x1 " in lay for lay in r["mma_layouts"]), r
+        assert out["wgmma"] == 4  # all four products of the output pass
+    (default,) = _run("--kernel", "output")
+    assert default["tma_copies"] > 0  # the library's GPU default
 
 
 def test_register_cap_is_applied_and_costs_spills():

@@ -234,18 +234,24 @@ def _has_tma(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def _use_tma(common: dict, device: torch.device, pass_one: bool = False) -> bool:
-    """Whether a pass moves its tiles with the TMA unit (the default on the GPU for the forward-order passes: a
-    bf16 forward at 128K took 2.10 against 2.20 ms, forward+backward 7.46 against 7.69 ms on an H200;
-    bench/results/lightning.md). Off with SALA_LIGHTNING_TMA=0 (output passes) / SALA_LIGHTNING_DELTA_TMA=0
-    (pass 1); under the interpreter off unless set to 1. Needs an sm_90 or newer GPU, head dims that are powers
-    of two (the descriptor's box is the tile) and segments of whole chunks; not on the bf16x3 or ieee paths.
-    Not in the reverse order, whose short last chunk starts at a negative row: the interpreter zero-fills it,
-    the H200 stopped on an illegal instruction (the bf16 backward with a partial first chunk, run of 00ee18d)."""
+def tma_wanted(common: dict, pass_one: bool = False) -> bool:
+    """Whether a launch with these settings moves its tiles with the TMA unit where the GPU has one (the
+    default for the forward-order passes: a bf16 forward at 128K took 2.10 against 2.20 ms, forward+backward
+    7.46 against 7.69 ms on an H200; bench/results/lightning.md). Off with SALA_LIGHTNING_TMA=0 (output passes) /
+    SALA_LIGHTNING_DELTA_TMA=0 (pass 1); under the interpreter off unless set to 1. Needs head dims that are
+    powers of two (the descriptor's box is the tile) and segments of whole chunks; not on the bf16x3 or ieee
+    paths. Not in the reverse order, whose short last chunk starts at a negative row: the interpreter zero-fills
+    it, the H200 stopped on an illegal instruction (the bf16 backward with a partial first chunk, run of 00ee18d)."""
     flag = os.environ.get("SALA_LIGHTNING_DELTA_TMA" if pass_one else "SALA_LIGHTNING_TMA", "0" if _INTERPRET else "1")
-    if flag in ("", "0") or common["REVERSE"] or common["MASK_COLS"] or common["SPLIT_BF16"] \
-            or common["DOT_PRECISION"] != "tf32" \
-            or common["SEG"] % common["C"]:  # a chunk cut by its segment's end would store into the next one
+    return not (flag in ("", "0") or common["REVERSE"] or common["MASK_COLS"] or common["SPLIT_BF16"]
+                or common["DOT_PRECISION"] != "tf32"
+                or common["SEG"] % common["C"])  # a chunk cut by its segment's end would store into the next one
+
+
+def _use_tma(common: dict, device: torch.device, pass_one: bool = False) -> bool:
+    """``tma_wanted`` on a device that has the unit (sm_90+; any under the interpreter), with an allocator for
+    the descriptors the kernels build."""
+    if not tma_wanted(common, pass_one):
         return False
     if _INTERPRET:
         return True
