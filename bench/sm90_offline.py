@@ -2,12 +2,14 @@
 
 Triton compiles for a target given by name (no device needed) and ships NVIDIA's ``ptxas``, whose ``-v``
 report names each kernel's registers per thread and spilled bytes. With those and the shared memory, the
-programs one SM can hold follow (65,536 registers and 228 KB per SM on an H100/H200), and whether the loads
-were software-pipelined (asynchronous copies in the TTGIR) and the products run on wgmma.
+programs one SM can hold follow (65,536 registers and 228 KB per SM on an H100/H200), whether the loads
+were software-pipelined (asynchronous or TMA copies in the TTGIR), whether the products run on wgmma and how
+their warps are laid out (8 warps along 64 rows hold each product twice: why 8-warp output passes lose).
 
     python bench/sm90_offline.py                                   # the forward's two passes at bf16, H 32, D 128
     python bench/sm90_offline.py --kernel output --bv 128 --warps 8 --dtype bf16
     python bench/sm90_offline.py --kernel output --maxnreg 168
+    python bench/sm90_offline.py --no-tma                          # block-pointer tiles (reverse passes, pre-sm_90)
 
 Launch parameters come from the library (``sala.ops.lightning_triton._common``), with the options given here
 applied on top, as the SALA_LIGHTNING_* variables would at run time. Pointer arguments are declared 16-byte
