@@ -484,7 +484,8 @@ def write_md(res: Results, path: Path):
 
 def profile(out: Path):
     """Short diagnostic run: stage-1 unmasked tiles on/off at 128K (same run, same card) and a per-kernel
-    CUDA time breakdown of the forward at 128K and of a decode step at 1M (torch.profiler)."""
+    CUDA time breakdown of the forward and of stage 2's backward at 128K (with how many rows chose each key
+    block: the dk/dv programs' work) and of a decode step at 1M (torch.profiler)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprof
 
@@ -521,6 +522,24 @@ def profile(out: Path):
 
     rep["fwd_T131072_kernels_ms"] = kernels(lambda: infllmv2_attention_triton(q, k, v, PARAMS, SCALE))
     log(rep["fwd_T131072_kernels_ms"])
+    # the backward's kernels (stage 2: dq per row, dk/dv per key block over the rows that chose it) and how
+    # unevenly the blocks are chosen: the init block by every row, a dk/dv program walks its list alone
+    with torch.no_grad():
+        idx = sel[True]
+        o, lse = sparse_attn_forward(q, k, v, idx, 0, PARAMS.block_size, SCALE)
+    do = torch.randn_like(q)
+    fb = (PARAMS.init_blocks, PARAMS.local_blocks) if tri.FORCED_SPLIT["bwd"] else None
+    rep["bwd_stage2_T131072_ms"] = timeit(
+        lambda: sparse_attn_backward(do, q, k, v, o, lse, idx, 0, PARAMS.block_size, SCALE, forced=fb), reps=3)
+    rep["bwd_stage2_T131072_kernels_ms"] = kernels(
+        lambda: sparse_attn_backward(do, q, k, v, o, lse, idx, 0, PARAMS.block_size, SCALE, forced=fb))
+    n_blocks = triton.cdiv(T, PARAMS.block_size)
+    counts = torch.bincount((idx.long() + torch.arange(idx.shape[0], device=idx.device)[:, None, None]
+                             * n_blocks).flatten()[idx.flatten() >= 0], minlength=idx.shape[0] * n_blocks)
+    rep["rows_per_block"] = {"mean": round(float(counts.float().mean()), 1), "max": int(counts.max()),
+                             "p99": float(counts.float().quantile(0.99)), "blocks": int(counts.numel())}
+    log(rep["bwd_stage2_T131072_ms"], rep["rows_per_block"], rep["bwd_stage2_T131072_kernels_ms"])
+    o = lse = do = idx = None
     q = k = v = sel = None  # free them (not `del`: the timed lambdas above read these names)
     torch.cuda.empty_cache()
     ctx = 1 << 20
