@@ -12,7 +12,7 @@
 #   2. bench/train_step.py on the profile's trained student: union rest pass, selection loss, 4K and 32K
 #   3. if time is left: bench/model.py on the release shape, decode eager vs CUDA graphs
 #   4. if time is left: the InfLLM-V2 selection tests cut by the time limit on 2026-11-29 (streamed to $OUT)
-#   5. if time is left: bench/infllmv2.py forward at 128K and 256K against cuDNN (measured on 2026-11-29)
+#   5. if time is left: bench/infllmv2.py forward at 128K and 256K, forward+backward at 128K, against cuDNN
 cd "$(dirname "$0")/.." || exit 2
 TOTAL=${1:-540}
 START=$(date +%s)
@@ -63,7 +63,8 @@ fi
 step model_decode_graphs 200 python bench/model.py --lengths 8K 64K --decode 16 --decode-graphs --check --out "$OUT"
 step infllmv2_selection_tests 150 env TEST_TIMEOUT=60 bash bench/gpu_tests.sh \
   -k "stage1_scores or across_tiles or exact_ties or accepts_only_rare"
-step infllmv2 170 python bench/infllmv2.py --no-tune --budget-s 120 --dense-backends cudnn \
-  --cases 'fwd_T(131072|262144)$' --out "$OUT"
+# the forward at 128K / 256K and forward+backward at 128K (with the dk/dv lanes variant) against cuDNN
+step infllmv2 "${INFLLMV2_LIMIT:-260}" python bench/infllmv2.py --no-tune --budget-s $((${INFLLMV2_LIMIT:-260} - 50)) \
+  --dense-backends cudnn --cases "${INFLLMV2_CASES:-fwd_T(131072|262144)\$|fwdbwd_T131072\$}" --out "$OUT"
 echo "== done in $(($(date +%s) - START)) s" | tee -a "$OUT/session.log"
 cp "$OUT/session.log" "$BACK/"

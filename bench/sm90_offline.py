@@ -43,7 +43,7 @@ REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 228 * 1024
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KERNELS = {"output": kn._segment_output_kernel, "delta": kn._segment_delta_kernel}
-INFLLMV2_KERNELS = ("rest", "forced", "union", "dq", "dkdv")
+INFLLMV2_KERNELS = ("rest", "forced", "union", "dq", "dkdv", "dkdv_lanes")
 TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 FP32_POINTERS = ("g_ptr", "state_ptr", "delta_ptr")
 INDEX_POINTERS = ("seg_seq_ptr", "seg_tau0_ptr", "seq_bos_ptr", "seq_len_ptr")
@@ -150,10 +150,11 @@ def infllmv2_resources(kernel: str = "rest", G: int = 16, D: int = 128, BS: int 
         fn, ce, opts = at._fwd_union_kernel, dict(base, GP=gp, RB=rb, SP2=128), dict(at.PER_ROW_CFG)
     elif kernel == "dq":
         fn, ce, opts = at._bwd_dq_kernel, dict(base, GP=GP, REST=True, SP2=128), dict(at.PER_ROW_CFG)
-    elif kernel == "dkdv":
-        gp, rb = at._multi_row(G, 64)
-        fn, ce, opts = at._bwd_dkdv_kernel, dict(base, GP=gp, RB=rb), {"num_warps": 4 if BD <= 64 else 8,
-                                                                       "num_stages": 2}
+    elif kernel in ("dkdv", "dkdv_lanes"):  # dkdv_lanes: the score products as [lanes, keys] on 128 lanes
+        lanes_as_m = kernel == "dkdv_lanes"
+        gp, rb = at._multi_row(G, 128 if lanes_as_m else 64)
+        fn, ce, opts = at._bwd_dkdv_kernel, dict(base, GP=gp, RB=rb, LANES_AS_M=lanes_as_m), \
+            {"num_warps": 4 if BD <= 64 else 8, "num_stages": 2}
     else:
         raise ValueError(f"unknown InfLLM-V2 kernel {kernel!r}")
     if warps:

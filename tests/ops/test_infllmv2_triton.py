@@ -400,10 +400,13 @@ def test_union_rest_pass_matches_reference(Hq, Hk, overlap, monkeypatch):
         assert sum(len(x) > P.init_blocks + P.local_blocks + 1 for x in shared) > len(shared) // 2
 
 
+@pytest.mark.parametrize("lanes_as_m", [False, True])
 @pytest.mark.parametrize("Hq,Hk", [(8, 1), (9, 3), (12, 2)])
-def test_stage2_gradients_match_reference_autograd(Hq, Hk):
+def test_stage2_gradients_match_reference_autograd(Hq, Hk, lanes_as_m, monkeypatch):
     """Groups of 8, 3 (SmolLM2's 9/3 heads: the multi-row kernels pad it to 4 lanes) and 6 (to 8); forced
-    blocks in a shared pass, or all per row."""
+    blocks in a shared pass, or all per row; dk/dv with the score products as [keys, lanes] (the default) or
+    [lanes, keys] on 128 lanes (``DKDV_LANES_AS_M``)."""
+    monkeypatch.setattr(ta, "DKDV_LANES_AS_M", lanes_as_m)
     q, k, v, idx = _stage2_inputs(T_LONG, Hq, Hk, seed=9)
     expected = _reference_grads(q, k, v, idx)
     for forced in ((P.init_blocks, P.local_blocks), None):

@@ -46,6 +46,13 @@ LENGTH_ARGS = {
 # per-row kernels. Not yet timed on a GPU: off unless SALA_INFLLMV2_UNION_LANES says how many lanes (e.g. 16).
 UNION_LANES = int(os.environ.get("SALA_INFLLMV2_UNION_LANES", "0"))
 
+# dk/dv with the score products as [lanes, keys] on 128 lanes (8 rows of the release's 16-head group) instead of
+# [keys, lanes] on 64: offline (bench/sm90_offline.py --kernel infllmv2_dkdv / _dkdv_lanes) the default lays its
+# [64 keys, 64 lanes] products over 8 warps along the keys, two warpgroups computing the same 64 rows (255
+# registers, 8 B spilled); the lanes form has none held twice, twice the rows per step, no spill (248
+# registers, 178 KB). Not yet timed on a GPU: off unless SALA_INFLLMV2_DKDV_LANES=1.
+DKDV_LANES_AS_M = os.environ.get("SALA_INFLLMV2_DKDV_LANES", "0") not in ("", "0")
+
 __all__ = ["sparse_attn_forward", "sparse_attn_backward", "BlockSparseAttention", "block_sparse_attention_triton"]
 
 
@@ -296,8 +303,11 @@ def _bwd_dkdv_kernel(
     q_pos0, n_keys, n_blocks, qk_scale2, scale,
     s_qr, s_qh, s_kt, s_kh, s_vt, s_vh, s_dr, s_dh, s_lr,
     G: tl.constexpr, GP: tl.constexpr, RB: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BS: tl.constexpr, PREC: tl.constexpr,
+    BS: tl.constexpr, PREC: tl.constexpr, LANES_AS_M: tl.constexpr = False,
 ):
+    """dk, dv of one (key block, KV head) over the rows that chose it, RB rows x GP heads (lanes) at a time.
+    ``LANES_AS_M``: the score products as [lanes, keys] instead of [keys, lanes], so that with 128 lanes on
+    8 warps no product has fewer rows than its warps cover (64 keys on 8 warps are computed twice)."""
     blk = tl.program_id(0)
     hk = tl.program_id(1)
     BM: tl.constexpr = RB * GP
@@ -323,13 +333,22 @@ def _bwd_dkdv_kernel(
         lse = tl.load(LSE + row * s_lr + hk * G + h, mask=ok, other=0.0)
         delta = tl.load(DELTA + row * s_lr + hk * G + h, mask=ok, other=0.0)
         qpos = q_pos0 + row
-        vis = (kpos[:, None] <= qpos[None, :]) & ok[None, :] & km[:, None]
-        st = mma(k, tl.trans(q), PREC) * qk_scale2
-        pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
-        dv += mma(pt.to(do.dtype), do, PREC)
-        dpt = mma(v, tl.trans(do), PREC)
-        dst = pt * (dpt - delta[None, :])
-        dk += mma(dst.to(q.dtype), q, PREC)
+        if LANES_AS_M:
+            vis = (qpos[:, None] >= kpos[None, :]) & ok[:, None] & km[None, :]
+            s_ = mma(q, tl.trans(k), PREC) * qk_scale2
+            p_ = tl.where(vis, tl.exp2(s_ - lse[:, None]), 0.0)
+            dv += mma(tl.trans(p_.to(do.dtype)), do, PREC)
+            dp = mma(do, tl.trans(v), PREC)
+            ds = p_ * (dp - delta[:, None])
+            dk += mma(tl.trans(ds.to(q.dtype)), q, PREC)
+        else:
+            vis = (kpos[:, None] <= qpos[None, :]) & ok[None, :] & km[:, None]
+            st = mma(k, tl.trans(q), PREC) * qk_scale2
+            pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
+            dv += mma(pt.to(do.dtype), do, PREC)
+            dpt = mma(v, tl.trans(do), PREC)
+            dst = pt * (dpt - delta[None, :])
+            dk += mma(dst.to(q.dtype), q, PREC)
     om = km[:, None] & dm[None, :]
     tl.store(DK + kpos[:, None] * s_kt + hk * s_kh + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=om)
     tl.store(DV + kpos[:, None] * s_vt + hk * s_vh + d[None, :], dv.to(DV.dtype.element_ty), mask=om)
@@ -652,14 +671,14 @@ def sparse_attn_backward(do, q, k, v, o, lse, topk_idx, q_pos0, block_size, scal
     rows, offs = _inverted_index(topk_idx, n_blocks)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    gpm, rb = _multi_row(G, 64)
+    gpm, rb = _multi_row(G, 128 if DKDV_LANES_AS_M else 64)
     _bwd_dkdv_kernel[(n_blocks, Hk)](
         q, k, v, do, lse, delta, rows, offs, dk, dv,
         q_pos0, Tk, n_blocks, scale * LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), lse.stride(0),
-        G=G, GP=gpm, RB=rb, D=D, BD=BD, BS=block_size, PREC=prec, num_warps=4 if BD <= 64 else 8,
-        num_stages=2,
+        G=G, GP=gpm, RB=rb, D=D, BD=BD, BS=block_size, PREC=prec, LANES_AS_M=DKDV_LANES_AS_M,
+        num_warps=4 if BD <= 64 else 8, num_stages=2,
     )
     return dq, dk, dv
 
