@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import lightning as bench  # noqa: E402
@@ -16,7 +17,8 @@ from sala.ops import lightning_triton as lt  # noqa: E402
 KNOWN = {"SALA_LIGHTNING_CHUNK": "C", "SALA_LIGHTNING_BV": "BV", "SALA_LIGHTNING_WARPS": "num_warps",
          "SALA_LIGHTNING_STAGES": "num_stages", "SALA_LIGHTNING_MAXNREG": "maxnreg",
          "SALA_LIGHTNING_DELTA_CHUNK": "C", "SALA_LIGHTNING_DELTA_BV": "BV", "SALA_LIGHTNING_DELTA_WARPS": "num_warps",
-         "SALA_LIGHTNING_SAVED_STATES_SHARE": None, "SALA_LIGHTNING_TMA": "tma", "SALA_LIGHTNING_DELTA_TMA": "tma"}
+         "SALA_LIGHTNING_SAVED_STATES_SHARE": None, "SALA_LIGHTNING_TMA": "tma", "SALA_LIGHTNING_DELTA_TMA": "tma",
+         "SALA_LIGHTNING_SCAN_BK": "scan"}
 
 
 @pytest.mark.parametrize("key,entry", [(k, e) for k, entries in bench.VARIANTS.items() for e in entries],
@@ -33,6 +35,17 @@ def test_variant_settings_reach_the_launch(key, entry, monkeypatch):
     for var, value in env.items():
         field = KNOWN[var]
         if field is None:
+            continue
+        if field == "scan":  # read by the scan launch itself
+            from sala.ops import lightning_triton_kernels as kn
+
+            seen = {}
+            monkeypatch.setattr(kn, "_segment_scan_kernel", type("K", (), {
+                "__getitem__": lambda self, grid: lambda *a, **kw: seen.update(kw)})())
+            with bench.env_override(env):
+                lt.scan_segments(torch.zeros(1, 4, 128, 128), torch.zeros(4), lt._Plan([64], 64, (None,) * 5, 1),
+                                 None, None)
+            assert seen["BK"] == int(value), (name, var)
             continue
         if field == "tma":  # read where the pass launches (under the interpreter, which has no device to ask)
             monkeypatch.setattr(lt, "_INTERPRET", True)

@@ -110,7 +110,7 @@ def test_bf16x3_backward_matches_reference_autograd():
 
 LAUNCH_ENV = ("SALA_LIGHTNING_CHUNK", "SALA_LIGHTNING_BV", "SALA_LIGHTNING_WARPS", "SALA_LIGHTNING_STAGES",
               "SALA_LIGHTNING_SEG", "SALA_LIGHTNING_DELTA_CHUNK", "SALA_LIGHTNING_DELTA_BV", "SALA_LIGHTNING_DELTA_WARPS",
-              "SALA_LIGHTNING_MAXNREG", "SALA_LIGHTNING_TMA", "SALA_LIGHTNING_DELTA_TMA")
+              "SALA_LIGHTNING_MAXNREG", "SALA_LIGHTNING_TMA", "SALA_LIGHTNING_DELTA_TMA", "SALA_LIGHTNING_SCAN_BK")
 
 
 def test_launch_defaults_are_the_measured_winners(monkeypatch):
@@ -241,6 +241,20 @@ def test_pass_one_launch_overrides_match_float64(delta_bv, delta_warps, delta_ch
     ref = grads_of(lambda a, b, c: lightning_attn_chunked(a, b, c, g), leaves64, do.double(), dht.double())
     for a, b in zip(ours, ref):
         assert rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("bk", ["8", "32"])
+def test_scan_k_blocks_match_reference(bk, monkeypatch):
+    """SALA_LIGHTNING_SCAN_BK: pass 2's K rows per program (default 16 at head dim 32) changes nothing but the
+    launch: states, outputs and the final state across several segments and sequences still equal float64."""
+    for var in LAUNCH_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SALA_LIGHTNING_SCAN_BK", bk)
+    q, k, v, cu, g, h0 = varlen_batch(torch.float32, seed=51)
+    o, s = lightning_attn_triton(q, k, v, g, initial_state=h0, cu_seqlens=cu, segment_len=64 if not CUDA else 512,
+                                 precision="ieee")
+    ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g, initial_state=h0.double(), cu_seqlens=cu)
+    assert rel(o, ro) < 1e-5 and rel(s, rs) < 1e-5
 
 
 def test_strong_and_zero_decay_take_the_exact_path():

@@ -270,7 +270,7 @@ def segment_states(
     _, _, H, KD = k.shape
     VD = v.shape[-1]
     nseg, N = plan.nseg, len(plan.lens)
-    seg_seq, seg_tau0, seq_bos, seq_len, seq_seg0 = plan.tables[:5]
+    seg_seq, seg_tau0, seq_bos, seq_len = plan.tables[:4]
     states = torch.empty(max(nseg, 1), H, KD, VD, dtype=torch.float32, device=k.device)
     ht = torch.empty(N, H, KD, VD, dtype=torch.float32, device=k.device) if output_final_state else None
     if initial_state is not None:
@@ -280,15 +280,26 @@ def segment_states(
         _kn._segment_delta_kernel[(nseg * H * triton.cdiv(VD, common["BV"]),)](
             k, v, g, states, seg_seq, seg_tau0, seq_bos, seq_len, **common,
             USE_TMA=_use_tma(common, k.device, pass_one=True))
-    BK = 16 if KD <= 64 else 32
     if nseg or output_final_state:
-        _kn._segment_scan_kernel[(N * H * triton.cdiv(KD, BK),)](
-            states, g, initial_state if initial_state is not None else states, ht if ht is not None else states,
-            seq_seg0, seq_len, H=H, KD=KD, VD=VD, VP=_pad_dim(VD), SEG=plan.seg, BK=BK,
-            HAS_H0=initial_state is not None, STORE_HT=output_final_state, num_warps=4,
-            DYN_LOOP=not _INTERPRET, MAX_SEGS=plan.max_segs if _INTERPRET else 1,
-        )
+        scan_segments(states, g, plan, initial_state, ht)
     return states, ht
+
+
+def scan_segments(states: torch.Tensor, g: torch.Tensor, plan: _Plan, initial_state: torch.Tensor | None,
+                  ht: torch.Tensor | None) -> None:
+    """Pass 2, in place: each segment's delta becomes the state entering it; each sequence's final state goes
+    to ``ht`` (when given). One program per (sequence, head, K block of ``BK`` rows) walks the segments in order:
+    SALA_LIGHTNING_SCAN_BK sets BK (a benchmark candidate: 16 doubles the programs of a long sequence, whose
+    128 heads x K blocks at H=32 leave some of an H100's 132 SMs idle, each walking 128 segments at 1M)."""
+    _, H, KD, VD = states.shape
+    N = len(plan.lens)
+    BK = int(os.environ.get("SALA_LIGHTNING_SCAN_BK", 16 if KD <= 64 else 32))
+    _kn._segment_scan_kernel[(N * H * triton.cdiv(KD, BK),)](
+        states, g, initial_state if initial_state is not None else states, ht if ht is not None else states,
+        plan.tables[4], plan.tables[3], H=H, KD=KD, VD=VD, VP=_pad_dim(VD), SEG=plan.seg, BK=BK,
+        HAS_H0=initial_state is not None, STORE_HT=ht is not None, num_warps=4,
+        DYN_LOOP=not _INTERPRET, MAX_SEGS=plan.max_segs if _INTERPRET else 1,
+    )
 
 
 def segment_outputs(
