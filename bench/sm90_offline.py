@@ -91,7 +91,7 @@ def compile_resources(fn, constexprs: dict, options: dict, arg_type, int_args_al
     threads = 32 * options["num_warps"]
     per_sm = min(REGISTERS_PER_SM // (regs * threads), SHARED_PER_SM // shared if shared else 32)
     layouts = sorted(set(re.findall(r"nvidia_mma<\{versionMajor = (\d+), versionMinor = \d+, warpsPerCTA = "
-                                    r"\[(\d+), (\d+)\], instrShape = \[(\d+), (\d+), \d+\]", ttgir)))
+                                    r"\[(\d+), (\d+)\], instrShape = \[(\d+), (\d+)", ttgir)))
     return {**options, "registers": regs, "spill_bytes": spill, "shared_bytes": shared, "programs_per_sm": per_sm,
             "wgmma": ttgir.count("ttng.warp_group_dot "), "mma_sync": len(re.findall(r"= tt\.dot ", ttgir)),
             "async_copies": ttgir.count("ttg.async_copy_global_to_local"),
