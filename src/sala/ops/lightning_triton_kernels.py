@@ -52,9 +52,9 @@ def _chunk_block(ptr, tau0, c0, cl, slen, bos, h, H: tl.constexpr, D: tl.constex
 
 @triton.jit
 def _seq_descriptor(ptr, bos, slen, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr):
-    """TMA descriptor of one sequence's rows of a ``[tokens, H, D]`` tensor, for ``[C, BD]`` boxes; rows
-    past the sequence's end load as zeros and are not stored. Its base is the
-    sequence's first row (16-byte aligned: H D elements of 2 or 4 bytes with D a power of two >= 16)."""
+    """TMA descriptor of one sequence's rows of a ``[tokens, H, D]`` tensor, for ``[C, BD]`` boxes: rows past
+    the sequence's end load as zeros and are not stored. Its base is the sequence's first row (16-byte
+    aligned: rows of H D elements of 2 or 4 bytes, D a power of two >= 16)."""
     return tl.make_tensor_descriptor(ptr + bos * (H * D), shape=[slen, H * D], strides=[H * D, 1],
                                      block_shape=[C, BD])
 
