@@ -30,6 +30,7 @@ from types import SimpleNamespace
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -43,7 +44,7 @@ REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 228 * 1024
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KERNELS = {"output": kn._segment_output_kernel, "delta": kn._segment_delta_kernel}
-INFLLMV2_KERNELS = ("rest", "forced", "union", "dq", "dkdv", "dkdv_lanes")
+INFLLMV2_KERNELS = ("rest", "forced", "union", "dq", "dkdv", "dkdv_lanes", "blockkey", "k2lse")
 TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 FP32_POINTERS = ("g_ptr", "state_ptr", "delta_ptr")
 INDEX_POINTERS = ("seg_seq_ptr", "seg_tau0_ptr", "seq_bos_ptr", "seq_len_ptr")
@@ -132,11 +133,13 @@ def kernel_resources(kernel: str = "output", dtype: str = "bf16", H: int = 32, D
 
 def infllmv2_resources(kernel: str = "rest", G: int = 16, D: int = 128, BS: int = 64, union_lanes: int = 16,
                        warps: int | None = None, stages: int | None = None) -> dict:
-    """The same for InfLLM-V2's stage-2 kernels at the launch parameters ``sala.ops.infllmv2_triton_attn``
-    uses (bf16, the release's group of 16 heads, d 128, 64-token blocks by default): ``rest`` (one query row
-    per program over its selected blocks), ``forced`` (init and local blocks of several rows), ``union``
-    (the rest pass over neighbouring rows' union), ``dq`` and ``dkdv`` (backward)."""
+    """The same for InfLLM-V2's kernels at the launch parameters the library uses (bf16, the release's group of
+    16 heads, d 128, 64-token blocks by default): stage 2's ``rest`` (one query row per program over its
+    selected blocks), ``forced`` (init and local blocks of several rows), ``union`` (the rest pass over
+    neighbouring rows' union), ``dq``, ``dkdv`` and ``dkdv_lanes`` (backward; the latter the [lanes, keys]
+    form); stage 1's ``blockkey`` (scores, group sum, pooling) and ``k2lse``."""
     from sala.ops import infllmv2_triton_attn as at
+    from sala.ops import infllmv2_triton_select as sel
 
     GP, BD = at._cfg(G, D)
     base = dict(G=G, D=D, BD=BD, BS=BS, PREC="tf32")
@@ -155,13 +158,23 @@ def infllmv2_resources(kernel: str = "rest", G: int = 16, D: int = 128, BS: int 
         gp, rb = at._multi_row(G, 128 if lanes_as_m else 64)
         fn, ce, opts = at._bwd_dkdv_kernel, dict(base, GP=gp, RB=rb, LANES_AS_M=lanes_as_m), \
             {"num_warps": 4 if BD <= 64 else 8, "num_stages": 2}
+    elif kernel in ("blockkey", "k2lse"):  # stage 1 at the tuned 8 query rows per program (128 dot rows)
+        rows = 8
+        gp = sel.group_pad(G, rows)
+        common = dict(G=G, GP=gp, ROWS=rows, D=D, BD=BD, PREC="tf32")
+        if kernel == "blockkey":
+            fn, ce = sel._block_key_kernel, dict(common, NBT=16, POOL=BS // 16, STRIDE1=16, OUT_T=tl.bfloat16,
+                                                 WRITE_SCORES=False, FAST=True, FLOAT_OUT=True)
+        else:
+            fn, ce = sel._k2_lse_kernel, dict(common, BN=64, STRIDE2=64)
+        opts = {"num_warps": 4 if rows * gp <= 64 else 8, "num_stages": 3}  # the launch leaves Triton's 3 stages
     else:
         raise ValueError(f"unknown InfLLM-V2 kernel {kernel!r}")
     if warps:
         opts["num_warps"] = warps
     if stages:
         opts["num_stages"] = stages
-    fp32 = {"LSE", "OP", "LP", "DELTA", "DQP"}
+    fp32 = {"LSE", "OP", "LP", "DELTA", "DQP", "KEYS", "SCORES"}
     idx = {"IDX", "ROWS", "OFFS"}
 
     def arg_type(name):
@@ -173,7 +186,9 @@ def infllmv2_resources(kernel: str = "rest", G: int = 16, D: int = 128, BS: int 
             return "*bf16"
         return "fp32" if name in ("qk_scale2", "scale") else "i32"
 
-    specialized = [n for n in fn.arg_names if n.startswith("s_") and n not in at.LENGTH_ARGS.get(fn.__name__, ())]
+    lengths = {**at.LENGTH_ARGS, "_block_key_kernel": sel.BLOCK_KEY_LENGTH_ARGS,
+               "_k2_lse_kernel": sel.K2_LSE_LENGTH_ARGS}.get(fn.__name__, ())
+    specialized = [n for n in fn.arg_names if n.startswith("s_") and n not in lengths]
     return {"kernel": f"infllmv2_{kernel}", "G": G, "D": D, "BS": BS,
             **{k: v for k, v in ce.items() if k in ("GP", "RB")},
             **compile_resources(fn, ce, opts, arg_type, int_args_aligned=specialized)}

@@ -53,3 +53,15 @@ def test_infllmv2_stage2_kernels_compile_and_report():
     assert rest["async_copies"] > 0 and rest["spill_bytes"] == 0 and rest["programs_per_sm"] >= 4
     (forced,) = _run("--kernel", "infllmv2_forced")
     assert forced["RB"] * forced["GP"] == 128 and forced["wgmma"] == 2  # 8 rows x 16 heads: on wgmma
+
+
+def test_infllmv2_dkdv_forms_and_stage_one_compile_and_report():
+    """dk/dv: the default's [keys, lanes] products lie on 8 warps along 64 rows (computed twice); the lanes
+    form's 128-lane products do not, and it does not spill. Stage 1's kernels: on wgmma, no spills."""
+    (dkdv,) = _run("--kernel", "infllmv2_dkdv")
+    assert any("warps 8x1" in lay and "instr 16x32" in lay for lay in dkdv["mma_layouts"]), dkdv
+    (lanes,) = _run("--kernel", "infllmv2_dkdv_lanes")
+    assert lanes["RB"] * lanes["GP"] == 128 and lanes["spill_bytes"] == 0 and lanes["wgmma"] == 4, lanes
+    for kernel in ("infllmv2_blockkey", "infllmv2_k2lse"):
+        (r,) = _run("--kernel", kernel)
+        assert r["wgmma"] >= 1 and r["spill_bytes"] == 0 and r["async_copies"] > 0, r
