@@ -295,13 +295,11 @@ def pass_times(q, k, v, g, scale, rep: int) -> dict:
 
     g32 = g.to(device=q.device, dtype=torch.float32).contiguous()
     plan = lt._plan(q, None, None)
-    factored = lt.factored_decay_ok(g32)
     states, _ = lt.segment_states(k, v, g32, plan)
     states_ms = time_ms(lambda: lt.segment_states(k, v, g32, plan), rep=rep)
     scratch = states.clone()  # pass 2 alone, in place on a copy (its values drift from call to call)
     scan_ms = time_ms(lambda: lt.scan_segments(scratch, g32, plan, None, None), rep=rep)
-    out_ms = time_ms(lambda: lt.segment_outputs(q, k, v, g32, states, plan, scale, out_dtype=q.dtype,
-                                                factored_decay=factored), rep=rep)
+    out_ms = time_ms(lambda: lt.segment_outputs(q, k, v, g32, states, plan, scale, out_dtype=q.dtype), rep=rep)
     tensor = q.numel() * q.element_size()
     return {"segment": plan.seg, "states_ms": states_ms, "scan_ms": scan_ms, "outputs_ms": out_ms,
             "states_floor_ms": floor_ms(2 * tensor), "outputs_floor_ms": floor_ms(4 * tensor)}

@@ -155,19 +155,19 @@ def infllmv2_resources(kernel: str = "rest", G: int = 16, D: int = 128, BS: int 
         fn, ce, opts = at._bwd_dq_kernel, dict(base, GP=GP, REST=True, SP2=128), dict(at.PER_ROW_CFG)
     elif kernel in ("dkdv", "dkdv_lanes"):  # dkdv_lanes: the score products as [lanes, keys] on 128 lanes
         lanes_as_m = kernel == "dkdv_lanes"
-        gp, rb = at._multi_row(G, 128 if lanes_as_m else 64)
+        gp, rb, warps_ = at.dkdv_launch(G, BD, lanes_as_m)
         fn, ce, opts = at._bwd_dkdv_kernel, dict(base, GP=gp, RB=rb, LANES_AS_M=lanes_as_m), \
-            {"num_warps": 4 if BD <= 64 else 8, "num_stages": 2}
+            {"num_warps": warps_, "num_stages": 2}
     elif kernel in ("blockkey", "k2lse"):  # stage 1 at the tuned 8 query rows per program (128 dot rows)
         rows = 8
         gp = sel.group_pad(G, rows)
         common = dict(G=G, GP=gp, ROWS=rows, D=D, BD=BD, PREC="tf32")
         if kernel == "blockkey":
-            fn, ce = sel._block_key_kernel, dict(common, NBT=16, POOL=BS // 16, STRIDE1=16, OUT_T=tl.bfloat16,
-                                                 WRITE_SCORES=False, FAST=True, FLOAT_OUT=True)
+            fn, ce = sel._block_key_kernel, dict(common, NBT=sel.TILE_BLOCKS, POOL=BS // 16, STRIDE1=16,
+                                                 OUT_T=tl.bfloat16, WRITE_SCORES=False, FAST=True, FLOAT_OUT=True)
         else:
             fn, ce = sel._k2_lse_kernel, dict(common, BN=64, STRIDE2=64)
-        opts = {"num_warps": 4 if rows * gp <= 64 else 8, "num_stages": 3}  # the launch leaves Triton's 3 stages
+        opts = {"num_warps": sel.stage1_warps(rows, gp), "num_stages": 3}  # the launch leaves Triton's 3 stages
     else:
         raise ValueError(f"unknown InfLLM-V2 kernel {kernel!r}")
     if warps:

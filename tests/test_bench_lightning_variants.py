@@ -40,8 +40,12 @@ def test_variant_settings_reach_the_launch(key, entry, monkeypatch):
             from sala.ops import lightning_triton_kernels as kn
 
             seen = {}
-            monkeypatch.setattr(kn, "_segment_scan_kernel", type("K", (), {
-                "__getitem__": lambda self, grid: lambda *a, **kw: seen.update(kw)})())
+
+            class RecordLaunch:  # kernel[grid](...) records the launch's keywords instead of running
+                def __getitem__(self, grid):
+                    return lambda *a, **kw: seen.update(kw)
+
+            monkeypatch.setattr(kn, "_segment_scan_kernel", RecordLaunch())
             with bench.env_override(env):
                 lt.scan_segments(torch.zeros(1, 4, 128, 128), torch.zeros(4), lt._Plan([64], 64, (None,) * 5, 1),
                                  None, None)

@@ -495,6 +495,14 @@ def _multi_row(G: int, lanes: int) -> tuple[int, int]:
     return gp, max(1, lanes // gp)
 
 
+def dkdv_launch(G: int, BD: int, lanes_as_m: bool | None = None) -> tuple[int, int, int]:
+    """(padded group, rows, warps) of the dk/dv kernel: 64 lanes, or 128 in the [lanes, keys] form
+    (``lanes_as_m``, default ``DKDV_LANES_AS_M``)."""
+    lanes_as_m = DKDV_LANES_AS_M if lanes_as_m is None else lanes_as_m
+    gp, rb = _multi_row(G, 128 if lanes_as_m else 64)
+    return gp, rb, 4 if BD <= 64 else 8
+
+
 def sparse_attn_forward(q, k, v, topk_idx, q_pos0, block_size, scale, splits=1, forced=None,
                         rows_per_pass=1 << 16):
     """Forward: returns (o ``[R, Hq, D]`` in q's dtype, lse ``[R, Hq]`` float32, log2 units).
@@ -671,14 +679,14 @@ def sparse_attn_backward(do, q, k, v, o, lse, topk_idx, q_pos0, block_size, scal
     rows, offs = _inverted_index(topk_idx, n_blocks)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    gpm, rb = _multi_row(G, 128 if DKDV_LANES_AS_M else 64)
+    gpm, rb, warps = dkdv_launch(G, BD)
     _bwd_dkdv_kernel[(n_blocks, Hk)](
         q, k, v, do, lse, delta, rows, offs, dk, dv,
         q_pos0, Tk, n_blocks, scale * LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), lse.stride(0),
         G=G, GP=gpm, RB=rb, D=D, BD=BD, BS=block_size, PREC=prec, LANES_AS_M=DKDV_LANES_AS_M,
-        num_warps=4 if BD <= 64 else 8, num_stages=2,
+        num_warps=warps, num_stages=2,
     )
     return dq, dk, dv
 

@@ -86,6 +86,15 @@ def _tile_rows(G: int) -> int:
     return TILE_ROWS or max(1, 64 // triton.next_power_of_2(G))
 
 
+# blocks of K1 chunks per stage-1 tile (the tile's columns: TILE_BLOCKS x the chunks pooled per block)
+TILE_BLOCKS = 16
+
+
+def stage1_warps(rows: int, gp: int) -> int:
+    """Warps of a stage-1 program whose dot has ``rows x gp`` rows: one warpgroup up to 64, two above."""
+    return 4 if rows * gp <= 64 else 8
+
+
 def _precision(dtype: torch.dtype) -> str:
     """Full float32 products for float32 inputs; "ieee_f32" marks the interpreter (its bf16 dot is
     broken, so operands are upcast there; compiled kernels use the tensor cores in the input dtype)."""
@@ -322,7 +331,7 @@ def k2_lse(q, k2, scale, q_pos0, vis_off2, stride2, rows=None, splits=1, n2=None
         q, k2, out, q_pos0, R, n2, vis_off2, per, scale * LOG2E,
         q.stride(0), q.stride(1), k2.stride(0), k2.stride(1), out.stride(0), out.stride(1),
         G=G, GP=GP, ROWS=rows, D=D, BD=pad_dim(D), BN=BN, STRIDE2=stride2, PREC=_precision(q.dtype),
-        num_warps=4 if rows * GP <= 64 else 8,
+        num_warps=stage1_warps(rows, GP),
     )
     if not combine:
         return out
@@ -348,7 +357,7 @@ def block_keys(q, k1, lse2, scale, q_pos0, vis_off1, params, n_cols, rows=None, 
     rows = rows or _tile_rows(G)
     GP = group_pad(G, rows)
     pool = params.block_size // params.kernel_stride
-    nbt = 16
+    nbt = TILE_BLOCKS
     keys = torch.empty(Hk, R, n_cols, device=q.device, dtype=torch.float32 if float_out else torch.int64)
     n_tiles = triton.cdiv(n_cols, nbt)
     r_tiles = _grid_rows(R, rows)
@@ -370,7 +379,7 @@ def block_keys(q, k1, lse2, scale, q_pos0, vis_off1, params, n_cols, rows=None, 
         keys.stride(0), keys.stride(1), sc.stride(0), sc.stride(1),
         G=G, GP=GP, ROWS=rows, D=D, BD=pad_dim(D), NBT=nbt, POOL=pool, STRIDE1=params.kernel_stride,
         OUT_T=_out_type(q.dtype), PREC=_precision(q.dtype), WRITE_SCORES=write, FAST=FAST_TILES, FLOAT_OUT=float_out,
-        num_warps=4 if rows * GP <= 64 else 8,
+        num_warps=stage1_warps(rows, GP),
     )
     return keys
 

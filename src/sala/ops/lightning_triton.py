@@ -378,16 +378,15 @@ class _LightningAttn(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         qc, kc, vc = _prepare(q, k, v)
         gf = g.to(device=qc.device, dtype=torch.float32).contiguous()
-        factored = factored_decay_ok(gf)
         kw = dict(precision=precision)
         plan = _plan(qc, cu_seqlens, segment_len)
         states, ht = segment_states(kc, vc, gf, plan, initial_state, **kw)
-        o = segment_outputs(qc, kc, vc, gf, states, plan, scale, out_dtype=out_dtype, factored_decay=factored, **kw)
+        o = segment_outputs(qc, kc, vc, gf, states, plan, scale, out_dtype=out_dtype, **kw)
         qkv_bytes = sum(x.numel() * x.element_size() for x in (qc, kc, vc))
         share = float(os.environ.get("SALA_LIGHTNING_SAVED_STATES_SHARE", SAVED_STATES_MAX_SHARE))
         keep = plan.nseg > 0 and states.numel() * 4 <= share * qkv_bytes
         ctx.save_for_backward(qc, kc, vc, gf, initial_state, states if keep else None)
-        ctx.scale, ctx.plan, ctx.factored, ctx.kw = scale, plan, factored, kw
+        ctx.scale, ctx.plan, ctx.kw = scale, plan, kw
         ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
         return o, ht
 
@@ -395,7 +394,6 @@ class _LightningAttn(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, g, h0, states = ctx.saved_tensors
         scale, plan, kw = ctx.scale, ctx.plan, ctx.kw
-        out = dict(factored_decay=ctx.factored, **kw)
         if do is None:
             do = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
         do = do.to(q.dtype).contiguous()
@@ -405,16 +403,16 @@ class _LightningAttn(torch.autograd.Function):
             states_t, _ = segment_states(v, k, g, plan, h0t, output_final_state=False, **kw)
         else:
             states_t = states.transpose(-1, -2).contiguous()
-        dq = segment_outputs(do, v, k, g, states_t, plan, scale, out_dtype=ctx.in_dtypes[0], **out)
+        dq = segment_outputs(do, v, k, g, states_t, plan, scale, out_dtype=ctx.in_dtypes[0], **kw)
         del states_t
         # dv = reverse(k, q, do; dS_T) and dk = reverse(v, do, q; dS_T^T): one state pass for both
         # (dS_t gets exp(g)^(T-t) dht; the reversed forward applies exp(g)^(t'), one step more)
         init = (dht.float() * torch.exp(-g)[None, :, None, None] / scale).contiguous() if dht is not None else None
         need_dh0 = h0 is not None and ctx.needs_input_grad[5]
         ds_states, dsf = segment_states(q, do, g, plan, init, reverse=True, output_final_state=need_dh0, **kw)
-        dv = segment_outputs(k, q, do, g, ds_states, plan, scale, reverse=True, out_dtype=ctx.in_dtypes[2], **out)
+        dv = segment_outputs(k, q, do, g, ds_states, plan, scale, reverse=True, out_dtype=ctx.in_dtypes[2], **kw)
         ds_states = ds_states.transpose(-1, -2).contiguous()
-        dk = segment_outputs(v, do, q, g, ds_states, plan, scale, reverse=True, out_dtype=ctx.in_dtypes[1], **out)
+        dk = segment_outputs(v, do, q, g, ds_states, plan, scale, reverse=True, out_dtype=ctx.in_dtypes[1], **kw)
         dh0 = (dsf * (torch.exp(g) * scale)[None, :, None, None]).to(h0.dtype) if need_dh0 else None
         return dq, dk, dv, None, None, dh0, None, None, None, None
 

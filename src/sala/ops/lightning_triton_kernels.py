@@ -158,14 +158,16 @@ def _delta_loop(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv,
     if USE_TMA:
         k_desc = _seq_descriptor(k_ptr, bos, slen, H, KD, C, KP)
         v_desc = _seq_descriptor(v_ptr, bos, slen, H, VD, C, BV)
+        col_k_head = (h * KD).to(tl.int32)  # the descriptors' columns span the heads
+        col_v_head = (h * VD).to(tl.int32) + col_v
     # the interpreter needs a constant trip count (extra chunks are fully masked no-ops)
     for ci in range(0, tl.cdiv(seg_len, C) if DYN_LOOP else SEG_CHUNKS):
         c0 = ci * C
         cl = tl.maximum(tl.minimum(C, seg_len - c0), 0)
         if USE_TMA:
             row = (tau0 + c0).to(tl.int32)
-            b_k = k_desc.load([row, (h * KD).to(tl.int32)])
-            b_v = v_desc.load([row, (h * VD).to(tl.int32) + col_v])
+            b_k = k_desc.load([row, col_k_head])
+            b_v = v_desc.load([row, col_v_head])
         else:
             b_k = tl.load(_chunk_block(k_ptr, tau0, c0, cl, slen, bos, h, H, KD, 0, C, KP, REVERSE),
                           boundary_check=(0, 1) if MASK_COLS else (0,), padding_option="zero")
@@ -261,15 +263,17 @@ def _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, 
         k_desc = _seq_descriptor(k_ptr, bos, slen, H, KD, C, KP)
         v_desc = _seq_descriptor(v_ptr, bos, slen, H, VD, C, BV)
         o_desc = _seq_descriptor(o_ptr, bos, slen, H, VD, C, BV)
+        col_k_head = (h * KD).to(tl.int32)  # the descriptors' columns span the heads
+        col_v_head = (h * VD).to(tl.int32) + col_v
     # the interpreter needs a constant trip count (extra chunks are fully masked no-ops)
     for ci in range(0, tl.cdiv(seg_len, C) if DYN_LOOP else SEG_CHUNKS):
         c0 = ci * C
         cl = tl.maximum(tl.minimum(C, seg_len - c0), 0)
         if USE_TMA:
             row = (tau0 + c0).to(tl.int32)
-            b_q = q_desc.load([row, (h * KD).to(tl.int32)])
-            b_k = k_desc.load([row, (h * KD).to(tl.int32)])
-            b_v = v_desc.load([row, (h * VD).to(tl.int32) + col_v])
+            b_q = q_desc.load([row, col_k_head])
+            b_k = k_desc.load([row, col_k_head])
+            b_v = v_desc.load([row, col_v_head])
         else:
             b_q = tl.load(_chunk_block(q_ptr, tau0, c0, cl, slen, bos, h, H, KD, 0, C, KP, REVERSE),
                           boundary_check=(0, 1) if MASK_COLS else (0,), padding_option="zero")
@@ -287,7 +291,7 @@ def _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, 
         b_o = _mm(b_q, S.to(dt), None, DOT_PRECISION, UPCAST, SPLIT_BF16) * q_decay[:, None]
         b_o = _mm(A.to(dt), b_v, b_o, DOT_PRECISION, UPCAST, SPLIT_BF16)
         if USE_TMA:
-            o_desc.store([row, (h * VD).to(tl.int32) + col_v], (b_o * scale).to(o_ptr.dtype.element_ty))
+            o_desc.store([row, col_v_head], (b_o * scale).to(o_ptr.dtype.element_ty))
         else:
             tl.store(_chunk_block(o_ptr, tau0, c0, cl, slen, bos, h, H, VD, col_v, C, BV, REVERSE),
                      (b_o * scale).to(o_ptr.dtype.element_ty), boundary_check=(0, 1) if MASK_COLS else (0,))
