@@ -269,7 +269,15 @@ VARIANTS = {
     # warps): bf16x3 4w 15.52 / 8w 11.84, TF32 C64 8w 12.71, C64 8w 1 stage 10.58, k-major tiles C64 BV32 18.64,
     # k-major C64 8w 1 stage 13.17, chained segments 512 / 1024 9.50 / 9.30 ms; 64-token chunks with every product
     # on wgmma (V block 32, 8 warps, one stage, no spills offline) 15.68 against 8.99 ms (4e662a4). All removed.
-    ("fwd", torch.float32, 131072): [BLOCKPTR],
+    # New (offline sm_90, not yet timed): 64-token chunks put all four products on wgmma (32-token ones leave three
+    # on mma.sync: wgmma needs 64 rows), but the transposed k copy the state update needs for a 32-bit product
+    # held one program per SM; weighting k instead of v (SALA_LIGHTNING_WEIGHT_K) drops it: two programs per SM,
+    # no spill at V block 32 (90 KB), 48 B at 64 (115 KB). Pass 1 keeps its default chunk and stages.
+    ("fwd", torch.float32, 131072): [BLOCKPTR] + [
+        (f"sala-f32-c64-bv{bv}-s1{'-wk' if wk else ''}", {},
+         {"SALA_LIGHTNING_CHUNK": "64", "SALA_LIGHTNING_BV": str(bv), "SALA_LIGHTNING_STAGES": "1",
+          "SALA_LIGHTNING_DELTA_CHUNK": "32", "SALA_LIGHTNING_DELTA_STAGES": "2", "SALA_LIGHTNING_WEIGHT_K": wk})
+        for bv, wk in ((32, "1"), (64, "1"), (32, "0"))],
     # the backward recomputing dq's segment states (one state pass more) instead of reusing the forward's
     ("fwdbwd", torch.bfloat16, 131072): [("sala-states-recomputed", {}, {"SALA_LIGHTNING_SAVED_STATES_SHARE": "0"}),
                                          ("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"}), BLOCKPTR],

@@ -10,6 +10,7 @@ their warps are laid out (8 warps along 64 rows hold each product twice: why 8-w
     python bench/sm90_offline.py --kernel output --bv 128 --warps 8 --dtype bf16
     python bench/sm90_offline.py --kernel output --maxnreg 168
     python bench/sm90_offline.py --no-tma                          # block-pointer tiles (reverse passes, pre-sm_90)
+    python bench/sm90_offline.py --kernel output --dtype fp32 --chunk 64 --bv 32 --stages 1 --weight-k
 
 Launch parameters come from the library (``sala.ops.lightning_triton._common``), with the options given here
 applied on top, as the SALA_LIGHTNING_* variables would at run time. Pointer arguments are declared 16-byte
@@ -105,10 +106,11 @@ def compile_resources(fn, constexprs: dict, options: dict, arg_type, int_args_al
 def kernel_resources(kernel: str = "output", dtype: str = "bf16", H: int = 32, D: int = 128, seg: int = 8192,
                      precision: str = "tf32", chunk: int | None = None, bv: int | None = None,
                      warps: int | None = None, stages: int | None = None, maxnreg: int | None = None,
-                     tma: bool | None = None) -> dict:
+                     tma: bool | None = None, weight_k: bool | None = None) -> dict:
     """Compile one lightning kernel for sm_90 with the library's launch parameters (options override them)
     and report its resources and what an SM holds of it. ``tma``: the TMA tiles on / off (None: as the library
-    launches the forward on an sm_90 GPU)."""
+    launches the forward on an sm_90 GPU); ``weight_k``: the output pass's state update on decay-weighted k
+    (``lightning_triton.weight_k_wanted``; None: as the library launches it)."""
     tdtype = DTYPES[dtype]
     env = {"SALA_LIGHTNING_DELTA_CHUNK" if kernel == "delta" else "SALA_LIGHTNING_CHUNK": chunk,
            "SALA_LIGHTNING_STAGES": stages, "SALA_LIGHTNING_MAXNREG": maxnreg,
@@ -126,6 +128,7 @@ def kernel_resources(kernel: str = "output", dtype: str = "bf16", H: int = 32, D
     constexprs = dict(common, DYN_LOOP=True, UPCAST=False)  # the GPU's settings, whatever this process runs
     if kernel == "output":
         constexprs["FACTORED_DECAY"] = True
+        constexprs["WEIGHT_K"] = lt.weight_k_wanted() if weight_k is None else weight_k
     constexprs["USE_TMA"] = tma
     return {"kernel": kernel, "dtype": dtype, "C": common["C"], "BV": common["BV"],
             **compile_resources(KERNELS[kernel], constexprs, options, _lightning_arg_type(tdtype))}
@@ -208,6 +211,8 @@ def main():
     ap.add_argument("--maxnreg", type=int)
     ap.add_argument("--tma", action=argparse.BooleanOptionalAction, default=None,
                     help="TMA tiles on / off (default: as the library launches the forward on an sm_90 GPU)")
+    ap.add_argument("--weight-k", action=argparse.BooleanOptionalAction, default=None,
+                    help="output pass: the state update on decay-weighted k, not v (default: as the library)")
     args = ap.parse_args()
     if args.kernel.startswith("infllmv2_"):
         print(json.dumps(infllmv2_resources(args.kernel.removeprefix("infllmv2_"), warps=args.warps,
@@ -216,7 +221,7 @@ def main():
     for name in (KERNELS if args.kernel == "both" else [args.kernel]):
         print(json.dumps(kernel_resources(name, args.dtype, args.heads, args.dim, chunk=args.chunk, bv=args.bv,
                                           warps=args.warps, stages=args.stages, maxnreg=args.maxnreg,
-                                          tma=args.tma)))
+                                          tma=args.tma, weight_k=args.weight_k)))
 
 
 if __name__ == "__main__":

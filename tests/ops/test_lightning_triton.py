@@ -110,7 +110,8 @@ def test_bf16x3_backward_matches_reference_autograd():
 
 LAUNCH_ENV = ("SALA_LIGHTNING_CHUNK", "SALA_LIGHTNING_BV", "SALA_LIGHTNING_WARPS", "SALA_LIGHTNING_STAGES",
               "SALA_LIGHTNING_SEG", "SALA_LIGHTNING_DELTA_CHUNK", "SALA_LIGHTNING_DELTA_BV", "SALA_LIGHTNING_DELTA_WARPS",
-              "SALA_LIGHTNING_MAXNREG", "SALA_LIGHTNING_TMA", "SALA_LIGHTNING_DELTA_TMA", "SALA_LIGHTNING_SCAN_BK")
+              "SALA_LIGHTNING_MAXNREG", "SALA_LIGHTNING_TMA", "SALA_LIGHTNING_DELTA_TMA", "SALA_LIGHTNING_SCAN_BK",
+              "SALA_LIGHTNING_DELTA_STAGES", "SALA_LIGHTNING_WEIGHT_K")
 
 
 def test_launch_defaults_are_the_measured_winners(monkeypatch):
@@ -241,6 +242,60 @@ def test_pass_one_launch_overrides_match_float64(delta_bv, delta_warps, delta_ch
     ref = grads_of(lambda a, b, c: lightning_attn_chunked(a, b, c, g), leaves64, do.double(), dht.double())
     for a, b in zip(ours, ref):
         assert rel(a, b) < 1e-5
+
+
+class _LaunchRecorder:
+    """Stands in for a Triton kernel: ``rec[grid](*args, **kw)`` notes kw, then launches the real one."""
+
+    def __init__(self, kernel, calls: list):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.calls.append(kw)
+            return self.kernel[grid](*args, **kw)
+        return launch
+
+
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, "tf32")])
+def test_weighted_k_state_update_matches_float64(dtype, precision, monkeypatch):
+    """SALA_LIGHTNING_WEIGHT_K=1: the output passes (forward and the backward's three) update the state from
+    decay-weighted k instead of weighted v, on 64-token chunks and one stage in the output passes only
+    (SALA_LIGHTNING_DELTA_STAGES keeps pass 1's): forward, final state and gradients still equal float64, over
+    several segments with an initial state."""
+    from sala.ops import lightning_triton as lt
+
+    for var in LAUNCH_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SALA_LIGHTNING_WEIGHT_K", "1")
+    monkeypatch.setenv("SALA_LIGHTNING_CHUNK", "64")
+    monkeypatch.setenv("SALA_LIGHTNING_STAGES", "1")
+    monkeypatch.setenv("SALA_LIGHTNING_DELTA_STAGES", "2")
+    assert lt.weight_k_wanted()
+    assert lt._launch_cfg(128, dtype, precision)["num_stages"] == 1
+    assert lt._launch_cfg(128, dtype, precision, pass_one=True)["num_stages"] == 2
+    launches = []
+    real = lt._kn._segment_output_kernel
+    monkeypatch.setattr(lt._kn, "_segment_output_kernel", _LaunchRecorder(real, launches))
+    H, D = (2, 32) if not CUDA else (9, 128)
+    T, seg = (300, 128) if not CUDA else (5000, 1024)  # segments of several chunks: the state update matters
+    q, k, v = (x.requires_grad_(True) for x in inputs(1, T, H, D, dtype, seed=61))
+    g = lightning_decay(H).to(DEV)
+    h0 = rand(1, H, D, D, seed=62).requires_grad_(True)
+    do, dht = rand(1, T, H, D, seed=63), rand(1, H, D, D, seed=64)
+    run = lambda a, b, c, h: lightning_attn_triton(a, b, c, g, initial_state=h, segment_len=seg,  # noqa: E731
+                                                    precision=precision)
+    o, s = run(q, k, v, h0)
+    ours = grads_of(run, [q, k, v, h0], do, dht)
+    assert launches and all(kw["WEIGHT_K"] for kw in launches)  # the forward's and the backward's output passes
+    leaves64 = [x.detach().double().requires_grad_(True) for x in (q, k, v, h0)]
+    ro, rs = lightning_attn_chunked(*leaves64[:3], g, initial_state=leaves64[3])
+    tol = 1e-5 if precision == "ieee" else TOL[dtype]
+    assert rel(o, ro) < tol and rel(s, rs) < tol
+    ref = grads_of(lambda a, b, c, h: lightning_attn_chunked(a, b, c, g, initial_state=h), leaves64,
+                   do.double(), dht.double())
+    for a, b in zip(ours, ref):
+        assert rel(a, b) < (tol if dtype == torch.float32 else 3e-2)
 
 
 @pytest.mark.parametrize("bk", ["8", "32"])

@@ -77,16 +77,18 @@ def _default_cfg(dtype: torch.dtype, precision: str) -> tuple[int, int, int, int
 def _launch_cfg(vd: int, dtype: torch.dtype, precision: str = "tf32", pass_one: bool = False) -> dict:
     """Chunk, block and warp choices (measured: see bench/results/lightning.md); the environment
     variables SALA_LIGHTNING_CHUNK / _BV / _WARPS / _STAGES override them (used by the benchmark).
-    ``pass_one``: the segment-delta launch, whose chunk, V block and warps SALA_LIGHTNING_DELTA_CHUNK / _DELTA_BV /
-    _DELTA_WARPS may set apart (benchmark candidates: it reads k once per V block, so a wider block reads k fewer times,
+    ``pass_one``: the segment-delta launch, whose chunk, V block, warps and stages SALA_LIGHTNING_DELTA_CHUNK /
+    _DELTA_BV / _DELTA_WARPS / _DELTA_STAGES may set apart (benchmark candidates: it reads k once per V block, so a wider block reads k fewer times,
     at more registers per program). SALA_LIGHTNING_MAXNREG caps the other passes' registers per thread (a
     benchmark candidate: more programs per SM at the price of spills; ``bench/sm90_offline.py`` counts both)."""
     chunk, bv, warps, stages = _default_cfg(dtype, precision)
     chunk = int(os.environ.get("SALA_LIGHTNING_CHUNK", chunk))
     bv = int(os.environ.get("SALA_LIGHTNING_BV", bv))
     warps = int(os.environ.get("SALA_LIGHTNING_WARPS", warps))
+    stages = int(os.environ.get("SALA_LIGHTNING_STAGES", stages))
     if pass_one:
         chunk = int(os.environ.get("SALA_LIGHTNING_DELTA_CHUNK", chunk))
+        stages = int(os.environ.get("SALA_LIGHTNING_DELTA_STAGES", stages))
         bv = int(os.environ.get("SALA_LIGHTNING_DELTA_BV", _DELTA_BV.get(dtype, bv)))
         warps = int(os.environ.get("SALA_LIGHTNING_DELTA_WARPS", warps))
     if chunk not in (16, 32, 64, 128):
@@ -96,7 +98,7 @@ def _launch_cfg(vd: int, dtype: torch.dtype, precision: str = "tf32", pass_one: 
         "C": chunk,
         "BV": min(bv, _pad_dim(vd)),
         "num_warps": warps,
-        "num_stages": int(os.environ.get("SALA_LIGHTNING_STAGES", stages)),
+        "num_stages": stages,
     }
     maxnreg = os.environ.get("SALA_LIGHTNING_MAXNREG")
     if maxnreg and not pass_one and not _INTERPRET:  # a compile option of the GPU backend only
@@ -261,6 +263,16 @@ def _use_tma(common: dict, device: torch.device, pass_one: bool = False) -> bool
     return True
 
 
+def weight_k_wanted() -> bool:
+    """Whether the output pass weights k (not v) by each token's decay to the chunk's end before the state
+    update ``S += k_w^T v``: the weighted k^T then comes from registers, where a float32 (TF32) product takes
+    it in any order, instead of a transposed copy of the k tile in shared memory (wgmma reads 32-bit operands
+    K-major only): offline sm_90, float32 64-token chunks on V blocks of 32, one stage: 90 against 123 KB of
+    shared memory, two programs per SM instead of one (``bench/sm90_offline.py --weight-k``). A benchmark
+    candidate, off unless SALA_LIGHTNING_WEIGHT_K=1; the same o and states either way up to rounding."""
+    return os.environ.get("SALA_LIGHTNING_WEIGHT_K", "0") not in ("", "0")
+
+
 def segment_states(
     k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, plan: _Plan, initial_state: torch.Tensor | None = None,
     *, reverse: bool = False, output_final_state: bool = True, precision: str = "tf32",
@@ -319,7 +331,7 @@ def segment_outputs(
         tma = _use_tma(common, q.device)
         _kn._segment_output_kernel[(plan.nseg * H * triton.cdiv(VD, common["BV"]),)](
             q, k, v, g, states, o, seg_seq, seg_tau0, seq_bos, seq_len, float(scale), **common,
-            FACTORED_DECAY=factored, USE_TMA=tma,
+            FACTORED_DECAY=factored, USE_TMA=tma, WEIGHT_K=weight_k_wanted(),
         )
     return o
 

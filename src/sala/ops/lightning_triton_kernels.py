@@ -227,6 +227,7 @@ def _segment_output_kernel(
     DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
     MASK_COLS: tl.constexpr,
     FACTORED_DECAY: tl.constexpr, SPLIT_BF16: tl.constexpr = False, USE_TMA: tl.constexpr = False,
+    WEIGHT_K: tl.constexpr = False,
 ):
     """o of one (segment, head, V-block): walk the chunks from the entering state kept in registers."""
     iv, h, seg, tau0, bos, slen, seg_len, g = _segment_program(
@@ -237,7 +238,8 @@ def _segment_output_kernel(
                 mask=(offs_k < KD)[:, None] & (offs_v < VD)[None, :], other=0.0)
     tl.static_assert(not (USE_TMA and REVERSE), "TMA tiles in the forward order only")
     _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale, H, KD, VD, KP, C, BV,
-                 REVERSE, DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, FACTORED_DECAY, SPLIT_BF16, USE_TMA)
+                 REVERSE, DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, FACTORED_DECAY, SPLIT_BF16, USE_TMA,
+                 WEIGHT_K)
 
 
 @triton.jit
@@ -245,7 +247,8 @@ def _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, 
                  H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, KP: tl.constexpr, C: tl.constexpr,
                  BV: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr,
                  SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, MASK_COLS: tl.constexpr,
-                 FACTORED_DECAY: tl.constexpr, SPLIT_BF16: tl.constexpr, USE_TMA: tl.constexpr):
+                 FACTORED_DECAY: tl.constexpr, SPLIT_BF16: tl.constexpr, USE_TMA: tl.constexpr,
+                 WEIGHT_K: tl.constexpr = False):
     """Write o of a segment's chunks for one V block, from the entering state ``S`` ``[KP, BV]`` float32."""
     vi = _virtual_index(C, REVERSE)
     col_v = (iv * BV).to(tl.int32)
@@ -296,8 +299,12 @@ def _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, 
             tl.store(_chunk_block(o_ptr, tau0, c0, cl, slen, bos, h, H, VD, col_v, C, BV, REVERSE),
                      (b_o * scale).to(o_ptr.dtype.element_ty), boundary_check=(0, 1) if MASK_COLS else (0,))
         w = tl.where(vi < cl, tl.exp(g * (cl - 1 - vi).to(tl.float32)), 0.0)
-        vw = (b_v.to(tl.float32) * w[:, None]).to(dt)  # weight the [C, BV] tile, not the [C, K] one
-        S = _mm(tl.trans(b_k), vw, S * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST, SPLIT_BF16)
+        if WEIGHT_K:  # k_w^T from registers: a 32-bit product needs no transposed k copy (weight_k_wanted)
+            kw = (b_k.to(tl.float32) * w[:, None]).to(dt)
+            S = _mm(tl.trans(kw), b_v, S * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST, SPLIT_BF16)
+        else:
+            vw = (b_v.to(tl.float32) * w[:, None]).to(dt)  # weight the [C, BV] tile, not the [C, K] one
+            S = _mm(tl.trans(b_k), vw, S * tl.exp(g * cl.to(tl.float32)), DOT_PRECISION, UPCAST, SPLIT_BF16)
 
 
 @triton.jit
