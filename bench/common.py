@@ -58,6 +58,27 @@ def time_ms(fn, warmup: int = 25, rep: int = 100, grad_to_none=None) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
 
 
+def kernel_times(fn, n: int = 1, top: int = 14) -> list[tuple[str, float, int]]:
+    """(kernel name, device ms per call, launches per call) of ``fn``, the longest first: torch.profiler's CUDA
+    time of each kernel, averaged over ``n`` calls after one untimed call (compiles, caches). Unlike a kernel
+    timed alone after an L2 flush, it is each kernel's time inside the real sequence of launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        ms = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1000 / n
+        if ms > 0:
+            rows.append((e.key[:90], round(ms, 4), e.count // n))
+    rows.sort(key=lambda r: -r[1])
+    return rows[:top]
+
+
 def measure_copy_bandwidth(nbytes: int = 2**31) -> float:
     """Bytes per second of a device-to-device copy of ``nbytes`` (read + write counted), median of repeats:
     the rate the memory floors of a card should use."""

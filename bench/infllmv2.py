@@ -30,6 +30,8 @@ import triton
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import kernel_times  # noqa: E402
 from sala.ops import infllmv2_reference as ref  # noqa: E402
 from sala.ops import infllmv2_triton as tri  # noqa: E402
 from sala.ops import infllmv2_triton_attn as tattn  # noqa: E402
@@ -509,9 +511,6 @@ def profile(out: Path):
     """Short diagnostic run: stage-1 unmasked tiles on/off at 128K (same run, same card) and a per-kernel
     CUDA time breakdown of the forward and of stage 2's backward at 128K (with how many rows chose each key
     block: the dk/dv programs' work) and of a decode step at 1M (torch.profiler)."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as tprof
-
     rep: dict = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                  "commit": os.environ.get("SALA_COMMIT"), "command": "python bench/infllmv2.py --profile"}
     tsel.TILE_ROWS = 8  # chosen by the tuning of the full run
@@ -528,22 +527,7 @@ def profile(out: Path):
     rep["fwd_ms"] = timeit(lambda: infllmv2_attention_triton(q, k, v, PARAMS, SCALE))
     log(rep)
 
-    def kernels(fn, n=1):
-        fn()
-        torch.cuda.synchronize()
-        with tprof(activities=[ProfilerActivity.CUDA]) as pr:
-            for _ in range(n):
-                fn()
-            torch.cuda.synchronize()
-        rows = []
-        for e in pr.key_averages():
-            ms = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1000 / n
-            if ms > 0:
-                rows.append((e.key[:90], round(ms, 4), e.count // n))
-        rows.sort(key=lambda r: -r[1])
-        return rows[:14]
-
-    rep["fwd_T131072_kernels_ms"] = kernels(lambda: infllmv2_attention_triton(q, k, v, PARAMS, SCALE))
+    rep["fwd_T131072_kernels_ms"] = kernel_times(lambda: infllmv2_attention_triton(q, k, v, PARAMS, SCALE))
     log(rep["fwd_T131072_kernels_ms"])
     # the backward's kernels (stage 2: dq per row, dk/dv per key block over the rows that chose it) and how
     # unevenly the blocks are chosen: the init block by every row, a dk/dv program walks its list alone
@@ -554,7 +538,7 @@ def profile(out: Path):
     fb = (PARAMS.init_blocks, PARAMS.local_blocks) if tri.FORCED_SPLIT["bwd"] else None
     rep["bwd_stage2_T131072_ms"] = timeit(
         lambda: sparse_attn_backward(do, q, k, v, o, lse, idx, 0, PARAMS.block_size, SCALE, forced=fb), reps=3)
-    rep["bwd_stage2_T131072_kernels_ms"] = kernels(
+    rep["bwd_stage2_T131072_kernels_ms"] = kernel_times(
         lambda: sparse_attn_backward(do, q, k, v, o, lse, idx, 0, PARAMS.block_size, SCALE, forced=fb))
     n_blocks = triton.cdiv(T, PARAMS.block_size)
     counts = torch.bincount((idx.long() + torch.arange(idx.shape[0], device=idx.device)[:, None, None]
@@ -579,7 +563,7 @@ def profile(out: Path):
         step()
     torch.cuda.synchronize()
     rep["decode_wall_ms_per_step"] = (time.perf_counter() - t0) / 50 * 1000
-    rep["decode_ctx1048576_kernels_ms"] = kernels(step, n=20)
+    rep["decode_ctx1048576_kernels_ms"] = kernel_times(step, n=20)
     log(rep["decode_ctx1048576_kernels_ms"])
     (out / "infllmv2_profile.json").write_text(json.dumps(rep, indent=1))
 

@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import COPY_BANDWIDTH, Results, env_override, measure_copy_bandwidth, rel_err, time_ms  # noqa: E402
+from common import (COPY_BANDWIDTH, Results, env_override, kernel_times, measure_copy_bandwidth, rel_err,  # noqa: E402
+                    time_ms)
 
 COMMITTED = Path(__file__).resolve().parent / "results" / "lightning.json"
 
@@ -269,15 +270,20 @@ VARIANTS = {
     # warps): bf16x3 4w 15.52 / 8w 11.84, TF32 C64 8w 12.71, C64 8w 1 stage 10.58, k-major tiles C64 BV32 18.64,
     # k-major C64 8w 1 stage 13.17, chained segments 512 / 1024 9.50 / 9.30 ms; 64-token chunks with every product
     # on wgmma (V block 32, 8 warps, one stage, no spills offline) 15.68 against 8.99 ms (4e662a4). All removed.
-    # New (offline sm_90, not yet timed): 64-token chunks put all four products on wgmma (32-token ones leave three
-    # on mma.sync: wgmma needs 64 rows), but the transposed k copy the state update needs for a 32-bit product
-    # held one program per SM; weighting k instead of v (SALA_LIGHTNING_WEIGHT_K) drops it: two programs per SM,
-    # no spill at V block 32 (90 KB), 48 B at 64 (115 KB). Pass 1 keeps its default chunk and stages.
-    ("fwd", torch.float32, 131072): [BLOCKPTR] + [
-        (f"sala-f32-c64-bv{bv}-s1{'-wk' if wk else ''}", {},
-         {"SALA_LIGHTNING_CHUNK": "64", "SALA_LIGHTNING_BV": str(bv), "SALA_LIGHTNING_STAGES": "1",
-          "SALA_LIGHTNING_DELTA_CHUNK": "32", "SALA_LIGHTNING_DELTA_STAGES": "2", "SALA_LIGHTNING_WEIGHT_K": wk})
-        for bv, wk in ((32, "1"), (64, "1"), (32, "0"))],
+    # The default since cf76c0a: output passes on 64-token chunks (every product on wgmma), one stage, the state
+    # update on decay-weighted k (no transposed k copy: two programs per SM), 6.12 ms against the 32-token chunks'
+    # 8.79 (kept below as the same-run reference); at V block 32 16.25 without weighted k, 8.10 with. Candidates:
+    # pass 1 on one 128-wide V block (k read once; offline 214 registers on 4 warps / 126 on 8, 64 KB, two programs
+    # per SM), 8192-token segments (half the programs and states).
+    ("fwd", torch.float32, 131072): [BLOCKPTR,
+                                     ("sala-f32-c32-s2", {}, {"SALA_LIGHTNING_CHUNK": "32", "SALA_LIGHTNING_STAGES": "2",
+                                                              "SALA_LIGHTNING_WEIGHT_K": "0"}),
+                                     ("sala-f32-delta-bv128", {}, {"SALA_LIGHTNING_DELTA_BV": "128"}),
+                                     ("sala-f32-delta-bv128-w8", {}, {"SALA_LIGHTNING_DELTA_BV": "128",
+                                                                      "SALA_LIGHTNING_DELTA_WARPS": "8"}),
+                                     ("sala-f32-seg8192", {}, {"SALA_LIGHTNING_SEG": "8192"})],
+    ("fwdbwd", torch.float32, 131072): [("sala-f32-c32-s2", {}, {"SALA_LIGHTNING_CHUNK": "32", "SALA_LIGHTNING_STAGES": "2",
+                                                                 "SALA_LIGHTNING_WEIGHT_K": "0"})],
     # the backward recomputing dq's segment states (one state pass more) instead of reusing the forward's
     ("fwdbwd", torch.bfloat16, 131072): [("sala-states-recomputed", {}, {"SALA_LIGHTNING_SAVED_STATES_SHARE": "0"}),
                                          ("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"}), BLOCKPTR],
@@ -308,8 +314,11 @@ def pass_times(q, k, v, g, scale, rep: int) -> dict:
     scratch = states.clone()  # pass 2 alone, in place on a copy (its values drift from call to call)
     scan_ms = time_ms(lambda: lt.scan_segments(scratch, g32, plan, None, None), rep=rep)
     out_ms = time_ms(lambda: lt.segment_outputs(q, k, v, g32, states, plan, scale, out_dtype=q.dtype), rep=rep)
+    # each launch's time inside one forward (profiler): pass 2 alone after an L2 flush read 0.31 / 2.43 ms at 128K /
+    # 1M, more than passes 1-2 together leave for it (run of cf76c0a)
+    kernels = kernel_times(lambda: lt.lightning_forward(q, k, v, g32, scale, out_dtype=q.dtype), n=3, top=6)
     tensor = q.numel() * q.element_size()
-    return {"segment": plan.seg, "states_ms": states_ms, "scan_ms": scan_ms, "outputs_ms": out_ms,
+    return {"segment": plan.seg, "states_ms": states_ms, "scan_ms": scan_ms, "outputs_ms": out_ms, "kernels_ms": kernels,
             "states_floor_ms": floor_ms(2 * tensor), "outputs_floor_ms": floor_ms(4 * tensor)}
 
 

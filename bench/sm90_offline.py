@@ -128,7 +128,7 @@ def kernel_resources(kernel: str = "output", dtype: str = "bf16", H: int = 32, D
     constexprs = dict(common, DYN_LOOP=True, UPCAST=False)  # the GPU's settings, whatever this process runs
     if kernel == "output":
         constexprs["FACTORED_DECAY"] = True
-        constexprs["WEIGHT_K"] = lt.weight_k_wanted() if weight_k is None else weight_k
+        constexprs["WEIGHT_K"] = lt.weight_k_wanted(tdtype, precision) if weight_k is None else weight_k
     constexprs["USE_TMA"] = tma
     return {"kernel": kernel, "dtype": dtype, "C": common["C"], "BV": common["BV"],
             **compile_resources(KERNELS[kernel], constexprs, options, _lightning_arg_type(tdtype))}

@@ -19,7 +19,7 @@ KNOWN = {"SALA_LIGHTNING_CHUNK": "C", "SALA_LIGHTNING_BV": "BV", "SALA_LIGHTNING
          "SALA_LIGHTNING_DELTA_CHUNK": "C", "SALA_LIGHTNING_DELTA_BV": "BV", "SALA_LIGHTNING_DELTA_WARPS": "num_warps",
          "SALA_LIGHTNING_SAVED_STATES_SHARE": None, "SALA_LIGHTNING_TMA": "tma", "SALA_LIGHTNING_DELTA_TMA": "tma",
          "SALA_LIGHTNING_SCAN_BK": "scan", "SALA_LIGHTNING_DELTA_STAGES": "num_stages",
-         "SALA_LIGHTNING_WEIGHT_K": "weight_k"}
+         "SALA_LIGHTNING_WEIGHT_K": "weight_k", "SALA_LIGHTNING_SEG": "seg"}
 
 
 @pytest.mark.parametrize("key,entry", [(k, e) for k, entries in bench.VARIANTS.items() for e in entries],
@@ -52,9 +52,13 @@ def test_variant_settings_reach_the_launch(key, entry, monkeypatch):
                                  None, None)
             assert seen["BK"] == int(value), (name, var)
             continue
+        if field == "seg":  # the segment rule, read by the plan
+            with bench.env_override(env):
+                assert lt.choose_segment_len(131072, 32, dtype) == int(value), (name, var)
+            continue
         if field == "weight_k":  # read where the output pass launches
             with bench.env_override(env):
-                assert lt.weight_k_wanted() == (value == "1"), (name, var)
+                assert lt.weight_k_wanted(dtype, "tf32") == (value == "1"), (name, var)
             continue
         if field == "tma":  # read where the pass launches (under the interpreter, which has no device to ask)
             monkeypatch.setattr(lt, "_INTERPRET", True)

@@ -115,10 +115,11 @@ LAUNCH_ENV = ("SALA_LIGHTNING_CHUNK", "SALA_LIGHTNING_BV", "SALA_LIGHTNING_WARPS
 
 
 def test_launch_defaults_are_the_measured_winners(monkeypatch):
-    """bench/results/lightning.md: float32 with TF32 runs 32-token chunks on 4 warps (9.14 vs 12.82 ms at
-    128K, H200); the ieee path keeps 64-token chunks on 8 warps; bf16 (and bf16x3's bf16 tiles) 64-token
+    """bench/results/lightning.md: float32 with TF32 runs its output passes on 64-token chunks, one stage and the
+    state update on weighted k (6.12 vs 8.79 ms at 128K for the 32-token chunks it had, H200), pass 1 on 32-token
+    chunks and two stages; the ieee path keeps 64-token chunks on 8 warps; bf16 (and bf16x3's bf16 tiles) 64-token
     chunks on 4 warps; 16-bit inputs take segments up to 8192 tokens, float32 up to 4096."""
-    from sala.ops.lightning_triton import _launch_cfg, choose_segment_len
+    from sala.ops.lightning_triton import _launch_cfg, choose_segment_len, weight_k_wanted
 
     for var in LAUNCH_ENV:
         monkeypatch.delenv(var, raising=False)
@@ -127,7 +128,17 @@ def test_launch_defaults_are_the_measured_winners(monkeypatch):
         c = _launch_cfg(128, dtype, precision)
         return c["C"], c["BV"], c["num_warps"], c["num_stages"]
 
-    assert cfg(torch.float32) == (32, 64, 4, 2)
+    assert cfg(torch.float32) == (64, 64, 4, 1)
+    one = _launch_cfg(128, torch.float32, "tf32", pass_one=True)
+    assert (one["C"], one["BV"], one["num_warps"], one["num_stages"]) == (32, 64, 4, 2)  # pass 1 keeps its own
+    assert _launch_cfg(128, torch.bfloat16, pass_one=True)["BV"] == 128
+    assert weight_k_wanted(torch.float32) and not weight_k_wanted(torch.bfloat16)
+    assert not weight_k_wanted(torch.float32, "ieee") and not weight_k_wanted(torch.float32, "bf16x3")
+    monkeypatch.setenv("SALA_LIGHTNING_WEIGHT_K", "0")
+    assert not weight_k_wanted(torch.float32)
+    monkeypatch.setenv("SALA_LIGHTNING_WEIGHT_K", "1")
+    assert weight_k_wanted(torch.bfloat16)
+    monkeypatch.delenv("SALA_LIGHTNING_WEIGHT_K")
     assert cfg(torch.float32, "ieee") == (64, 64, 8, 2)
     assert cfg(torch.bfloat16) == cfg(torch.float16) == cfg(torch.float32, "bf16x3") == (64, 64, 4, 2)
     assert _launch_cfg(32, torch.float32)["BV"] == 32  # never wider than the padded head dim
@@ -271,7 +282,7 @@ def test_weighted_k_state_update_matches_float64(dtype, precision, monkeypatch):
     monkeypatch.setenv("SALA_LIGHTNING_CHUNK", "64")
     monkeypatch.setenv("SALA_LIGHTNING_STAGES", "1")
     monkeypatch.setenv("SALA_LIGHTNING_DELTA_STAGES", "2")
-    assert lt.weight_k_wanted()
+    assert lt.weight_k_wanted(dtype, precision)
     assert lt._launch_cfg(128, dtype, precision)["num_stages"] == 1
     assert lt._launch_cfg(128, dtype, precision, pass_one=True)["num_stages"] == 2
     launches = []

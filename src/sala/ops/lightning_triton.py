@@ -48,37 +48,47 @@ def _pad_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-# (tokens per chunk, V block, warps, pipeline stages) per (input dtype, precision of float32 products).
-# bf16/fp16: the sweep's fastest at T=131072 on an H100 (bench/results/lightning.md). float32 with TF32:
-# 32-token chunks and 4 warps (halved [C, C] and k/v tiles; offline sm_90: 76 KB shared memory, 32 B
-# spilled, against 176 KB and 428 B; 9.14 ms against 12.82 ms for 64-token chunks on 8 warps at T=131072,
-# same run on an H200). float32 "ieee": kept at 64 tokens and 8 warps
-# (not measured with 32-token chunks). bf16x3 runs bf16 tiles, so it starts from bf16's settings.
+# Output passes: (tokens per chunk, V block, warps, pipeline stages) per (input dtype, precision of float32
+# products). bf16/fp16: the sweep's fastest at T=131072 on an H100 (bench/results/lightning.md). float32 with
+# TF32: 64-token chunks (every product on wgmma, which needs 64 rows; 32-token chunks leave three of four on
+# mma.sync), one stage, and the state update on decay-weighted k (``weight_k_wanted``: no transposed k copy in
+# shared memory): two programs per SM; 6.12 against 8.79 ms for the former 32-token chunks on two stages at
+# T=131072, same run on an H200 (run of cf76c0a). float32 "ieee": kept at 64 tokens and 8 warps (not measured
+# otherwise). bf16x3 runs bf16 tiles, so it starts from bf16's settings.
 _DEFAULT_CFG = {
-    (torch.float32, "tf32"): (32, 64, 4, 2),
+    (torch.float32, "tf32"): (CHUNK, 64, 4, 1),
     (torch.float32, "ieee"): (CHUNK, 64, 8, 2),
     (torch.bfloat16, None): (CHUNK, 64, 4, 2),
     (torch.float16, None): (CHUNK, 64, 4, 2),
 }
 
+# Pass 1 (the segment deltas, forward and backward) where its settings differ from the output passes'. 16-bit
+# inputs: one 128-wide V block (k is read once per V block; bf16 128K on an H200: pass 1 0.61 against 0.84 ms,
+# the forward 2.14 against 2.42 ms, run of b031d6c). float32 TF32: the 32-token chunks and two stages it had
+# when the output passes shared them (offline sm_90: 132 registers, 49 KB, three programs per SM).
+_DELTA_CFG = {
+    (torch.float32, "tf32"): {"C": 32, "num_stages": 2},
+    (torch.bfloat16, None): {"BV": 128},
+    (torch.float16, None): {"BV": 128},
+}
 
-# pass 1 (the segment deltas, forward and backward) on one 128-wide V block for 16-bit inputs: k is read once
-# per V block, so halving the blocks halves its reads; bf16 128K on an H200: pass 1 0.61 against 0.84 ms, the
-# forward 2.14 against 2.42 ms (bench/results/lightning.md, run of b031d6c)
-_DELTA_BV = {torch.bfloat16: 128, torch.float16: 128}
+
+def _cfg_key(dtype: torch.dtype, precision: str) -> tuple:
+    if dtype == torch.float32 and precision != "bf16x3":
+        return (dtype, precision)
+    return (torch.bfloat16 if dtype == torch.float32 else dtype, None)
 
 
 def _default_cfg(dtype: torch.dtype, precision: str) -> tuple[int, int, int, int]:
-    if dtype == torch.float32 and precision != "bf16x3":
-        return _DEFAULT_CFG[(dtype, precision)]
-    return _DEFAULT_CFG.get((torch.bfloat16 if dtype == torch.float32 else dtype, None), (CHUNK, 32, 8, 2))
+    return _DEFAULT_CFG.get(_cfg_key(dtype, precision), (CHUNK, 32, 8, 2))
 
 
 def _launch_cfg(vd: int, dtype: torch.dtype, precision: str = "tf32", pass_one: bool = False) -> dict:
     """Chunk, block and warp choices (measured: see bench/results/lightning.md); the environment
     variables SALA_LIGHTNING_CHUNK / _BV / _WARPS / _STAGES override them (used by the benchmark).
-    ``pass_one``: the segment-delta launch, whose chunk, V block, warps and stages SALA_LIGHTNING_DELTA_CHUNK /
-    _DELTA_BV / _DELTA_WARPS / _DELTA_STAGES may set apart (benchmark candidates: it reads k once per V block, so a wider block reads k fewer times,
+    ``pass_one``: the segment-delta launch, which keeps its own defaults where it has them (``_DELTA_CFG``; the
+    variables above reach it elsewhere) and whose chunk, V block, warps and stages SALA_LIGHTNING_DELTA_CHUNK /
+    _DELTA_BV / _DELTA_WARPS / _DELTA_STAGES set apart (benchmark candidates: it reads k once per V block, so a wider block reads k fewer times,
     at more registers per program). SALA_LIGHTNING_MAXNREG caps the other passes' registers per thread (a
     benchmark candidate: more programs per SM at the price of spills; ``bench/sm90_offline.py`` counts both)."""
     chunk, bv, warps, stages = _default_cfg(dtype, precision)
@@ -86,11 +96,12 @@ def _launch_cfg(vd: int, dtype: torch.dtype, precision: str = "tf32", pass_one: 
     bv = int(os.environ.get("SALA_LIGHTNING_BV", bv))
     warps = int(os.environ.get("SALA_LIGHTNING_WARPS", warps))
     stages = int(os.environ.get("SALA_LIGHTNING_STAGES", stages))
-    if pass_one:
-        chunk = int(os.environ.get("SALA_LIGHTNING_DELTA_CHUNK", chunk))
-        stages = int(os.environ.get("SALA_LIGHTNING_DELTA_STAGES", stages))
-        bv = int(os.environ.get("SALA_LIGHTNING_DELTA_BV", _DELTA_BV.get(dtype, bv)))
-        warps = int(os.environ.get("SALA_LIGHTNING_DELTA_WARPS", warps))
+    if pass_one:  # its own defaults where it has them, then its own variables
+        own = _DELTA_CFG.get(_cfg_key(dtype, precision), {})
+        chunk = int(os.environ.get("SALA_LIGHTNING_DELTA_CHUNK", own.get("C", chunk)))
+        bv = int(os.environ.get("SALA_LIGHTNING_DELTA_BV", own.get("BV", bv)))
+        warps = int(os.environ.get("SALA_LIGHTNING_DELTA_WARPS", own.get("num_warps", warps)))
+        stages = int(os.environ.get("SALA_LIGHTNING_DELTA_STAGES", own.get("num_stages", stages)))
     if chunk not in (16, 32, 64, 128):
         raise ValueError(f"SALA_LIGHTNING_CHUNK / _DELTA_CHUNK must be 16, 32, 64 or 128, got {chunk}")
     cfg = {
@@ -263,14 +274,18 @@ def _use_tma(common: dict, device: torch.device, pass_one: bool = False) -> bool
     return True
 
 
-def weight_k_wanted() -> bool:
-    """Whether the output pass weights k (not v) by each token's decay to the chunk's end before the state
-    update ``S += k_w^T v``: the weighted k^T then comes from registers, where a float32 (TF32) product takes
-    it in any order, instead of a transposed copy of the k tile in shared memory (wgmma reads 32-bit operands
-    K-major only): offline sm_90, float32 64-token chunks on V blocks of 32, one stage: 90 against 123 KB of
-    shared memory, two programs per SM instead of one (``bench/sm90_offline.py --weight-k``). A benchmark
-    candidate, off unless SALA_LIGHTNING_WEIGHT_K=1; the same o and states either way up to rounding."""
-    return os.environ.get("SALA_LIGHTNING_WEIGHT_K", "0") not in ("", "0")
+def weight_k_wanted(dtype: torch.dtype, precision: str = "tf32") -> bool:
+    """Whether the output passes weight k (not v) by each token's decay to the chunk's end before the state
+    update ``S += k_w^T v``: the weighted k^T then comes from registers, where a 32-bit (TF32) product takes it
+    in any order, instead of a transposed copy of the k tile in shared memory (wgmma reads 32-bit operands
+    K-major only). Offline sm_90, float32 64-token chunks on one stage: 115 against 147 KB of shared memory, two
+    programs per SM instead of one; the forward at 128K 6.12 ms with it, 16.25 without (V block 32), on an H200.
+    The default for float32 inputs with TF32 products; 16-bit tiles transpose freely (bf16: 40 B of spill, no
+    gain offline). SALA_LIGHTNING_WEIGHT_K=1/0 forces it; o and states are the same up to rounding either way."""
+    env = os.environ.get("SALA_LIGHTNING_WEIGHT_K")
+    if env is not None:
+        return env not in ("", "0")
+    return dtype == torch.float32 and precision == "tf32"
 
 
 def segment_states(
@@ -331,7 +346,7 @@ def segment_outputs(
         tma = _use_tma(common, q.device)
         _kn._segment_output_kernel[(plan.nseg * H * triton.cdiv(VD, common["BV"]),)](
             q, k, v, g, states, o, seg_seq, seg_tau0, seq_bos, seq_len, float(scale), **common,
-            FACTORED_DECAY=factored, USE_TMA=tma, WEIGHT_K=weight_k_wanted(),
+            FACTORED_DECAY=factored, USE_TMA=tma, WEIGHT_K=weight_k_wanted(q.dtype, precision),
         )
     return o
 
