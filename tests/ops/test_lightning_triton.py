@@ -321,6 +321,14 @@ def test_scan_k_blocks_match_reference(bk, monkeypatch):
                                  precision="ieee")
     ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g, initial_state=h0.double(), cu_seqlens=cu)
     assert rel(o, ro) < 1e-5 and rel(s, rs) < 1e-5
+    # sequences of many segments (the scan loads each delta four segments ahead): 11 and 6 segments
+    lens = [700, 0, 350] if not CUDA else [11 * 512 - 3, 0, 6 * 512]
+    cu = torch.tensor([0] + lens, device=DEV).cumsum(0)
+    q, k, v = inputs(1, sum(lens), 2, 16 if not CUDA else 64, torch.float32, seed=52)
+    g = lightning_decay(2).to(DEV) * 0.05  # weak decay: early segments still weigh in the final state
+    o, s = lightning_attn_triton(q, k, v, g, cu_seqlens=cu, segment_len=64 if not CUDA else 512, precision="ieee")
+    ro, rs = lightning_attn_chunked(*(x.double() for x in (q, k, v)), g, cu_seqlens=cu)
+    assert rel(o, ro) < 1e-5 and rel(s, rs) < 1e-5
 
 
 def test_strong_and_zero_decay_take_the_exact_path():
