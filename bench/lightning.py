@@ -262,10 +262,12 @@ VARIANTS = {
     # 2.35 against 2.19 ms; at 1M the first and the 128-token output pass 22.0 / 22.5 against 18.0 ms). Pass 1
     # on one 128-wide V block won (2.14 against 2.42 ms) and is the default since; its old setting stays as the
     # same-run reference, as do block pointers for the TMA tiles.
-    ("fwd", torch.bfloat16, 131072): [("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"}), BLOCKPTR,
-                                      ("sala-scan-bk16", {}, {"SALA_LIGHTNING_SCAN_BK": "16"})],
-    # pass 2 on 16-row K blocks: 256 programs instead of 128 at H=32, each walking 128 segments at 1M
-    ("fwd", torch.bfloat16, 1048576): [BLOCKPTR, ("sala-scan-bk16", {}, {"SALA_LIGHTNING_SCAN_BK": "16"})],
+    # Pass 2 on 16-row K blocks (256 programs instead of 128 at H=32) changed nothing once its loads ran ahead
+    # (87effea: 2.083 / 17.15 ms against 2.031 / 17.21 at 128K / 1M; pass 2 0.016 / 0.150 ms either way): removed.
+    ("fwd", torch.bfloat16, 131072): [("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"}), BLOCKPTR],
+    # 16384-token segments at 1M: half the segment states written, scanned and read (~0.5 GB less traffic), 4096
+    # programs per pass instead of 8192
+    ("fwd", torch.bfloat16, 1048576): [BLOCKPTR, ("sala-seg16384", {}, {"SALA_LIGHTNING_SEG": "16384"})],
     # float32 at 128K, measured on the H200 (ae88ccb) against the default's 9.00 ms (TF32, 32-token chunks, 4
     # warps): bf16x3 4w 15.52 / 8w 11.84, TF32 C64 8w 12.71, C64 8w 1 stage 10.58, k-major tiles C64 BV32 18.64,
     # k-major C64 8w 1 stage 13.17, chained segments 512 / 1024 9.50 / 9.30 ms; 64-token chunks with every product
