@@ -265,9 +265,9 @@ VARIANTS = {
     # Pass 2 on 16-row K blocks (256 programs instead of 128 at H=32) changed nothing once its loads ran ahead
     # (87effea: 2.083 / 17.15 ms against 2.031 / 17.21 at 128K / 1M; pass 2 0.016 / 0.150 ms either way): removed.
     ("fwd", torch.bfloat16, 131072): [("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"}), BLOCKPTR],
-    # 16384-token segments at 1M: half the segment states written, scanned and read (~0.5 GB less traffic), 4096
-    # programs per pass instead of 8192
-    ("fwd", torch.bfloat16, 1048576): [BLOCKPTR, ("sala-seg16384", {}, {"SALA_LIGHTNING_SEG": "16384"})],
+    # 16384-token segments at 1M (half the segment states written, scanned and read) beat 8192 in two runs (f08c018:
+    # 16.66 / 16.65 vs 16.77 / 16.81 ms) and are the default since; 8192 stays as the same-run reference
+    ("fwd", torch.bfloat16, 1048576): [BLOCKPTR, ("sala-seg8192", {}, {"SALA_LIGHTNING_SEG": "8192"})],
     # float32 at 128K, measured on the H200 (ae88ccb) against the default's 9.00 ms (TF32, 32-token chunks, 4
     # warps): bf16x3 4w 15.52 / 8w 11.84, TF32 C64 8w 12.71, C64 8w 1 stage 10.58, k-major tiles C64 BV32 18.64,
     # k-major C64 8w 1 stage 13.17, chained segments 512 / 1024 9.50 / 9.30 ms; 64-token chunks with every product
@@ -276,14 +276,12 @@ VARIANTS = {
     # update on decay-weighted k (no transposed k copy: two programs per SM), 6.12 ms against the 32-token chunks'
     # 8.79 (kept below as the same-run reference); at V block 32 16.25 without weighted k, 8.10 with. Candidates:
     # pass 1 on one 128-wide V block (k read once; offline 214 registers on 4 warps / 126 on 8, 64 KB, two programs
-    # per SM), 8192-token segments (half the programs and states).
+    # per SM): 6.44 / 6.34 ms (4 / 8 warps) against 6.10, removed; 8192-token segments (half the programs and
+    # states) beat 4096 in two runs (5.94 / 5.84 vs 6.10 / 5.92 ms) and are the default since (4096: the reference).
     ("fwd", torch.float32, 131072): [BLOCKPTR,
                                      ("sala-f32-c32-s2", {}, {"SALA_LIGHTNING_CHUNK": "32", "SALA_LIGHTNING_STAGES": "2",
                                                               "SALA_LIGHTNING_WEIGHT_K": "0"}),
-                                     ("sala-f32-delta-bv128", {}, {"SALA_LIGHTNING_DELTA_BV": "128"}),
-                                     ("sala-f32-delta-bv128-w8", {}, {"SALA_LIGHTNING_DELTA_BV": "128",
-                                                                      "SALA_LIGHTNING_DELTA_WARPS": "8"}),
-                                     ("sala-f32-seg8192", {}, {"SALA_LIGHTNING_SEG": "8192"})],
+                                     ("sala-f32-seg4096", {}, {"SALA_LIGHTNING_SEG": "4096"})],
     ("fwdbwd", torch.float32, 131072): [("sala-f32-c32-s2", {}, {"SALA_LIGHTNING_CHUNK": "32", "SALA_LIGHTNING_STAGES": "2",
                                                                  "SALA_LIGHTNING_WEIGHT_K": "0"})],
     # the backward recomputing dq's segment states (one state pass more) instead of reusing the forward's
@@ -615,9 +613,14 @@ def _extras(r) -> str:
         extra.append(f"reference {r['reference_ms']:.2f} ms")
     if r.get("pass_ms"):
         p = r["pass_ms"]
-        scan = f" of which pass 2 {p['scan_ms']:.3f} ms" if p.get("scan_ms") is not None else ""
-        extra.append(f"passes 1-2 {p['states_ms']:.3f} ms{scan} (floor {p['states_floor_ms']:.3f}), pass 3 "
+        extra.append(f"passes 1-2 {p['states_ms']:.3f} ms (floor {p['states_floor_ms']:.3f}), pass 3 "
                      f"{p['outputs_ms']:.3f} ms (floor {p['outputs_floor_ms']:.3f}), segments of {p['segment']}")
+        if p.get("kernels_ms"):  # inside one forward (profiler): pass 1, pass 2, pass 3
+            ms = {name: t for name, t, _ in p["kernels_ms"]}
+            extra.append("in one forward: " + ", ".join(
+                f"{label} {ms[name]:.3f} ms" for label, name in (("pass 1", "_segment_delta_kernel"),
+                                                                 ("pass 2", "_segment_scan_kernel"),
+                                                                 ("pass 3", "_segment_output_kernel")) if name in ms))
     if r.get("graph_ms"):
         extra.append(f"CUDA graph {r['graph_ms']:.3f} ms")
     if r.get("fla_fused_recurrent_ms"):

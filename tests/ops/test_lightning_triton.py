@@ -118,7 +118,7 @@ def test_launch_defaults_are_the_measured_winners(monkeypatch):
     """bench/results/lightning.md: float32 with TF32 runs its output passes on 64-token chunks, one stage and the
     state update on weighted k (6.12 vs 8.79 ms at 128K for the 32-token chunks it had, H200), pass 1 on 32-token
     chunks and two stages; the ieee path keeps 64-token chunks on 8 warps; bf16 (and bf16x3's bf16 tiles) 64-token
-    chunks on 4 warps; 16-bit inputs take segments up to 8192 tokens, float32 up to 4096."""
+    chunks on 4 warps; 16-bit inputs take segments up to 16384 tokens, float32 up to 8192."""
     from sala.ops.lightning_triton import _launch_cfg, choose_segment_len, weight_k_wanted
 
     for var in LAUNCH_ENV:
@@ -143,9 +143,10 @@ def test_launch_defaults_are_the_measured_winners(monkeypatch):
     assert cfg(torch.bfloat16) == cfg(torch.float16) == cfg(torch.float32, "bf16x3") == (64, 64, 4, 2)
     assert _launch_cfg(32, torch.float32)["BV"] == 32  # never wider than the padded head dim
     assert choose_segment_len(131072, 32, torch.bfloat16) == 8192
-    assert choose_segment_len(1 << 20, 32, torch.bfloat16) == 8192
+    assert choose_segment_len(1 << 20, 32, torch.bfloat16) == 16384
     assert choose_segment_len(8192, 32, torch.bfloat16) == 512
-    assert choose_segment_len(131072, 32, torch.float32) == choose_segment_len(1 << 20, 32) == 4096
+    assert choose_segment_len(131072, 32, torch.float32) == choose_segment_len(1 << 20, 32) == 8192
+    assert choose_segment_len(65536, 32, torch.float32) == 4096
     assert choose_segment_len(200, 3, torch.bfloat16) == 64
     monkeypatch.setenv("SALA_LIGHTNING_CHUNK", "16")
     assert cfg(torch.float32, "ieee")[0] == 16

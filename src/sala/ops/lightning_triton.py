@@ -118,10 +118,12 @@ def _launch_cfg(vd: int, dtype: torch.dtype, precision: str = "tf32", pass_one: 
 
 
 # Segment rule per input width: (least (segment, head) pairs of parallel work, longest segment).
-# 16-bit inputs: >= 512 pairs, up to 8192 tokens (8192 beat 4096 at T=131072 and 1M, H=32: 2.456 vs
-# 2.571 ms and 19.38 vs 19.78 ms, same run on an H200; fewer segment states to write and read).
-# float32: >= 1024 pairs, up to 4096 tokens (the H100 sweep; 8192 not measured for float32).
-_SEG_RULE = {2: (512, 8192), 4: (1024, 4096)}
+# 16-bit inputs: >= 512 pairs, up to 16384 tokens (8192 beat 4096 at T=131072 and 1M, H=32: 2.456 vs
+# 2.571 ms and 19.38 vs 19.78 ms; 16384 beat 8192 at 1M: 16.66 / 16.65 vs 16.77 / 16.81 ms in two runs; same
+# runs on an H200; fewer segment states to write, scan and read). 128K at H=32 keeps 8192 (512 pairs).
+# float32: >= 512 pairs, up to 8192 tokens (8192 beat 4096 at 128K: 5.94 / 5.84 vs 6.10 / 5.92 ms in two runs
+# on an H200, with the 64-token output chunks of cf76c0a; the H100 sweep had chosen 4096 with 32-token ones).
+_SEG_RULE = {2: (512, 16384), 4: (512, 8192)}
 
 
 def choose_segment_len(total_tokens: int, n_heads: int, dtype: torch.dtype = torch.float32) -> int:
