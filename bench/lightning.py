@@ -311,14 +311,13 @@ def pass_times(q, k, v, g, scale, rep: int) -> dict:
     plan = lt._plan(q, None, None)
     states, _ = lt.segment_states(k, v, g32, plan)
     states_ms = time_ms(lambda: lt.segment_states(k, v, g32, plan), rep=rep)
-    scratch = states.clone()  # pass 2 alone, in place on a copy (its values drift from call to call)
-    scan_ms = time_ms(lambda: lt.scan_segments(scratch, g32, plan, None, None), rep=rep)
     out_ms = time_ms(lambda: lt.segment_outputs(q, k, v, g32, states, plan, scale, out_dtype=q.dtype), rep=rep)
-    # each launch's time inside one forward (profiler): pass 2 alone after an L2 flush read 0.31 / 2.43 ms at 128K /
-    # 1M, more than passes 1-2 together leave for it (run of cf76c0a)
+    # each launch's time inside one forward (profiler). Not pass 2 timed alone: after do_bench's L2 flush it reads
+    # the deltas from DRAM where the forward finds them in L2 (0.31 / 2.43 ms alone at 128K / 1M, 0.08 / 0.92 ms
+    # inside the forward, before its loads ran ahead; cf76c0a and 09c75c5 on an H200)
     kernels = kernel_times(lambda: lt.lightning_forward(q, k, v, g32, scale, out_dtype=q.dtype), n=3, top=6)
     tensor = q.numel() * q.element_size()
-    return {"segment": plan.seg, "states_ms": states_ms, "scan_ms": scan_ms, "outputs_ms": out_ms, "kernels_ms": kernels,
+    return {"segment": plan.seg, "states_ms": states_ms, "outputs_ms": out_ms, "kernels_ms": kernels,
             "states_floor_ms": floor_ms(2 * tensor), "outputs_floor_ms": floor_ms(4 * tensor)}
 
 
