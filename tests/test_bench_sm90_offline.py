@@ -39,6 +39,25 @@ def test_default_bf16_passes_use_wgmma_pipelined_loads_and_do_not_spill():
     assert default["tma_copies"] > 0  # the library's GPU default
 
 
+def test_default_float32_output_pass_is_all_wgmma_two_programs_per_sm():
+    """float32 (TF32): 64-token chunks put every product on wgmma; weighting k instead of v drops the transposed k
+    copy, so two programs fit an SM (one without it)."""
+    (r,) = _run("--kernel", "output", "--dtype", "fp32")
+    assert (r["C"], r["BV"], r["num_warps"], r["num_stages"]) == (64, 64, 4, 1), r
+    assert r["wgmma"] == 4 and r["mma_sync"] == 0 and r["programs_per_sm"] == 2, r
+    (vw,) = _run("--kernel", "output", "--dtype", "fp32", "--no-weight-k")
+    assert vw["programs_per_sm"] == 1 and vw["shared_bytes"] > r["shared_bytes"], vw
+
+
+def test_l2_prefetch_candidate_compiles_without_spills():
+    """The output pass's L2 prefetch (a candidate): one prefetch per thread for each of q, k and v per chunk at
+    bf16, no spill, still two programs per SM; none in the default."""
+    (r,) = _run("--kernel", "output", "--prefetch")
+    assert r["l2_prefetches"] == 3 and r["spill_bytes"] == 0 and r["programs_per_sm"] == 2, r
+    (default,) = _run("--kernel", "output")
+    assert default["l2_prefetches"] == 0
+
+
 def test_register_cap_is_applied_and_costs_spills():
     (r,) = _run("--kernel", "output", "--maxnreg", "168", "--stages", "1")
     assert r["maxnreg"] == 168 and r["registers"] <= 168 and r["num_stages"] == 1
@@ -56,8 +75,9 @@ def test_infllmv2_stage2_kernels_compile_and_report():
 
 
 def test_infllmv2_dkdv_forms_and_stage_one_compile_and_report():
-    """dk/dv: the default's [keys, lanes] products lie on 8 warps along 64 rows (computed twice); the lanes
-    form's 128-lane products do not, and it does not spill. Stage 1's kernels: on wgmma, no spills."""
+    """dk/dv: the former [keys, lanes] products lie on 8 warps along 64 rows (computed twice); the lanes form's
+    128-lane products (the default since an H200 run: fwd+bwd 331 vs 409 ms at 128K) do not, and it does not
+    spill. Stage 1's kernels: on wgmma, no spills."""
     (dkdv,) = _run("--kernel", "infllmv2_dkdv")
     assert any("warps 8x1" in lay and "instr 16x32" in lay for lay in dkdv["mma_layouts"]), dkdv
     (lanes,) = _run("--kernel", "infllmv2_dkdv_lanes")
