@@ -8,8 +8,8 @@ Precision: q/k/v in float32 or bfloat16 (float16 works too); every product accum
 state stays float32. With float32 inputs the matrix products use TF32 by default (``precision="tf32"``,
 what fla and so the release do); ``precision="ieee"`` gives full float32 products at a large speed cost;
 ``precision="bf16x3"`` splits each float32 operand into two bfloat16 halves and sums three bf16 products
-(finer than TF32, ~2^-16 relative; measured slower than the TF32 default: 12.3 ms at best against 9.1 ms
-at T=131072 on an H200, bench/results/lightning.md).
+(finer than TF32, ~2^-16 relative; measured slower than TF32: 11.8 ms at best against 9.0 ms for the TF32
+default of the time and 5.9 ms for the current one, at T=131072 on an H200, bench/results/lightning.md).
 
 Backward needs no new kernel: with dS_t the gradient flowing into S_t,
 
