@@ -88,9 +88,10 @@ def _launch_cfg(vd: int, dtype: torch.dtype, precision: str = "tf32", pass_one: 
     variables SALA_LIGHTNING_CHUNK / _BV / _WARPS / _STAGES override them (used by the benchmark).
     ``pass_one``: the segment-delta launch, which keeps its own defaults where it has them (``_DELTA_CFG``; the
     variables above reach it elsewhere) and whose chunk, V block, warps and stages SALA_LIGHTNING_DELTA_CHUNK /
-    _DELTA_BV / _DELTA_WARPS / _DELTA_STAGES set apart (benchmark candidates: it reads k once per V block, so a wider block reads k fewer times,
-    at more registers per program). SALA_LIGHTNING_MAXNREG caps the other passes' registers per thread (a
-    benchmark candidate: more programs per SM at the price of spills; ``bench/sm90_offline.py`` counts both)."""
+    _DELTA_BV / _DELTA_WARPS / _DELTA_STAGES set apart (benchmark candidates: it reads k once per V block, so a
+    wider block reads k fewer times, at more registers per program). SALA_LIGHTNING_MAXNREG caps the other
+    passes' registers per thread (a benchmark candidate: more programs per SM at the price of spills;
+    ``bench/sm90_offline.py`` counts both)."""
     chunk, bv, warps, stages = _default_cfg(dtype, precision)
     chunk = int(os.environ.get("SALA_LIGHTNING_CHUNK", chunk))
     bv = int(os.environ.get("SALA_LIGHTNING_BV", bv))
@@ -281,7 +282,8 @@ def weight_k_wanted(dtype: torch.dtype, precision: str = "tf32") -> bool:
     update ``S += k_w^T v``: the weighted k^T then comes from registers, where a 32-bit (TF32) product takes it
     in any order, instead of a transposed copy of the k tile in shared memory (wgmma reads 32-bit operands
     K-major only). Offline sm_90, float32 64-token chunks on one stage: 115 against 147 KB of shared memory, two
-    programs per SM instead of one; the forward at 128K 6.12 ms with it, 16.25 without (V block 32), on an H200.
+    programs per SM instead of one. The float32 forward at 128K on an H200, V block 32: 8.10 ms with it, 16.25
+    without; V block 64 (the default): 6.12 ms.
     The default for float32 inputs with TF32 products; 16-bit tiles transpose freely (bf16: 40 B of spill, no
     gain offline). SALA_LIGHTNING_WEIGHT_K=1/0 forces it; o and states are the same up to rounding either way."""
     env = os.environ.get("SALA_LIGHTNING_WEIGHT_K")
