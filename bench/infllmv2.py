@@ -395,29 +395,33 @@ def bench_fwdbwd(res, T, ok):
             dense_ms={k_: (round(v_, 3) if v_ else None) for k_, v_ in base.items()},
             stages_ms={"stage2_bwd": round(t_bwd, 3)},
             note="correct = gradient check at T=8192 (correctness section)")
-    if T <= 262144:  # variant: dk/dv's score products as [lanes, keys] on 128 lanes (tattn.DKDV_LANES_AS_M)
-        before = tattn.DKDV_LANES_AS_M
+    # variants of the backward, each a module switch flipped for its rows: dk/dv's score products in the other
+    # form ([lanes, keys] on 128 lanes is the default), dq added inside the dk/dv kernel (tattn.DQ_ATOMIC)
+    variants = [(f"dkdv_lanes_{not tattn.DKDV_LANES_AS_M}", "DKDV_LANES_AS_M", not tattn.DKDV_LANES_AS_M)]
+    if tattn.DKDV_LANES_AS_M and not tattn.DQ_ATOMIC:
+        variants.append(("dq_atomic", "DQ_ATOMIC", True))
+    for vname, attr, value in variants if T <= 262144 else []:
+        before = getattr(tattn, attr)
         try:
             with torch.no_grad():
                 want = sparse_attn_backward(do, q, k, v, o, lse, idx, 0, PARAMS.block_size, SCALE, forced=fb)
-                tattn.DKDV_LANES_AS_M = not before
+                setattr(tattn, attr, value)
                 got = sparse_attn_backward(do, q, k, v, o, lse, idx, 0, PARAMS.block_size, SCALE, forced=fb)
                 same = all(bool(torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)) for a, b in zip(got, want))
                 err = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(got, want))
                 t_bwd_v = timeit(lambda: sparse_attn_backward(do, q, k, v, o, lse, idx, 0, PARAMS.block_size, SCALE,
                                                               forced=fb), reps=3)
             ms_v = timeit(sparse_step, reps=3)
-            res.add(case=f"fwdbwd_T{T}", variant=f"sala.infllmv2_triton.dkdv_lanes_{not before}", ms=round(ms_v, 3),
+            res.add(case=f"fwdbwd_T{T}", variant=f"sala.infllmv2_triton.{vname}", ms=round(ms_v, 3),
                     baseline=f"sdpa.{bname}" if bname else None,
                     baseline_ms=round(valid[bname], 3) if bname else None,
                     speedup=round(valid[bname] / ms_v, 2) if bname else None, correct=bool(ok and same),
-                    max_rel_err=round(err, 5), stages_ms={"stage2_bwd": round(t_bwd_v, 3)},
-                    note=f"dk/dv with DKDV_LANES_AS_M={not before} (not the default); max_rel_err = its gradients "
-                         "against the default's")
+                    max_rel_err=float(f"{err:.3g}"), stages_ms={"stage2_bwd": round(t_bwd_v, 3)},
+                    note=f"{attr}={value} (not the default); max_rel_err = its gradients against the default's")
         except Exception as e:  # noqa: BLE001
-            log("dkdv_lanes variant failed:", repr(e)[:300])
+            log(f"{vname} variant failed:", repr(e)[:300])
         finally:
-            tattn.DKDV_LANES_AS_M = before
+            setattr(tattn, attr, before)
     q = k = v = do = o = lse = idx = None  # free them (not `del`: the timed lambdas above read these names)
     torch.cuda.empty_cache()
 

@@ -82,6 +82,10 @@ def test_infllmv2_dkdv_forms_and_stage_one_compile_and_report():
     assert any("warps 8x1" in lay and "instr 16x32" in lay for lay in dkdv["mma_layouts"]), dkdv
     (lanes,) = _run("--kernel", "infllmv2_dkdv_lanes")
     assert lanes["RB"] * lanes["GP"] == 128 and lanes["spill_bytes"] == 0 and lanes["wgmma"] == 4, lanes
+    assert lanes["atomics"] == 0
+    # the candidate adding dq inside: one product more, its [128, 128] share added in 16-byte atomics
+    (dq,) = _run("--kernel", "infllmv2_dkdv_dq")
+    assert dq["wgmma"] == 5 and 0 < dq["atomics"] <= 128 * 128 // 4 // (32 * dq["num_warps"]), dq
     for kernel in ("infllmv2_blockkey", "infllmv2_k2lse"):
         (r,) = _run("--kernel", kernel)
         assert r["wgmma"] >= 1 and r["spill_bytes"] == 0 and r["async_copies"] > 0, r

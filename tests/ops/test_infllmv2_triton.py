@@ -413,6 +413,19 @@ def test_stage2_gradients_match_reference_autograd(Hq, Hk, lanes_as_m, monkeypat
         _assert_triton_matches(q, k, v, idx, *expected, forced=forced)
 
 
+@pytest.mark.parametrize("Hq,Hk", [(8, 1), (9, 3)])
+def test_stage2_dq_added_inside_dkdv_matches_reference_autograd(Hq, Hk, monkeypatch):
+    """``DQ_ATOMIC``: dq from the dk/dv kernel's atomic sums (every selected block, forced ones included) instead
+    of the dq passes, whose launches must then not run; gradients equal the reference's."""
+    monkeypatch.setattr(ta, "DKDV_LANES_AS_M", True)
+    monkeypatch.setattr(ta, "DQ_ATOMIC", True)
+    dq_launches = []
+    monkeypatch.setattr(ta, "_dq_passes", lambda *a, **kw: dq_launches.append(1))
+    q, k, v, idx = _stage2_inputs(T_LONG, Hq, Hk, seed=10)
+    _assert_triton_matches(q, k, v, idx, *_reference_grads(q, k, v, idx), forced=(P.init_blocks, P.local_blocks))
+    assert not dq_launches
+
+
 # ---------------------------------------------------------------- whole op, decode, varlen
 
 

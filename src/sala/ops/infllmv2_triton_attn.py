@@ -54,6 +54,14 @@ UNION_LANES = int(os.environ.get("SALA_INFLLMV2_UNION_LANES", "0"))
 # stage 2's backward 222.8 against 297.4, same run, gradients equal. SALA_INFLLMV2_DKDV_LANES=0 turns it off.
 DKDV_LANES_AS_M = os.environ.get("SALA_INFLLMV2_DKDV_LANES", "1") not in ("", "0")
 
+# dq inside the dk/dv kernel (lanes form only): each key block's program also computes its rows' share of dq
+# (ds k, the product its dk already needs ds for) and adds it atomically into a float32 [R, Hq, D] sum, so the
+# two dq passes (forced blocks, then the rest per row: each gathers the K/V of every selected block again) do
+# not run. Costs 8 KB of float32 atomics per (row, block) pair instead of 32 KB of K/V gathered; dq's float32
+# sums then add in an order that varies from run to run. Offline sm_90: 255 registers, 68 B spilled, 226 KB,
+# vectorized (v4) atomics. A candidate, not yet timed: off unless SALA_INFLLMV2_DQ_ATOMIC=1.
+DQ_ATOMIC = os.environ.get("SALA_INFLLMV2_DQ_ATOMIC", "0") not in ("", "0")
+
 __all__ = ["sparse_attn_forward", "sparse_attn_backward", "BlockSparseAttention", "block_sparse_attention_triton"]
 
 
@@ -300,15 +308,17 @@ def _bwd_dq_forced_kernel(
 
 @triton.jit(do_not_specialize=LENGTH_ARGS["_bwd_dkdv_kernel"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, ROWS, OFFS, DK, DV,
+    Q, K, V, DO, LSE, DELTA, ROWS, OFFS, DK, DV, DQA,
     q_pos0, n_keys, n_blocks, qk_scale2, scale,
-    s_qr, s_qh, s_kt, s_kh, s_vt, s_vh, s_dr, s_dh, s_lr,
+    s_qr, s_qh, s_kt, s_kh, s_vt, s_vh, s_dr, s_dh, s_lr, s_ar, s_ah,
     G: tl.constexpr, GP: tl.constexpr, RB: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BS: tl.constexpr, PREC: tl.constexpr, LANES_AS_M: tl.constexpr = False,
+    BS: tl.constexpr, PREC: tl.constexpr, LANES_AS_M: tl.constexpr = False, DQ_ATOMIC: tl.constexpr = False,
 ):
-    """dk, dv of one (key block, KV head) over the rows that chose it, RB rows x GP heads (lanes) at a time.
+    """dk, dv of one (key block, KV head) over the rows that chose it, RB rows x GP heads (lanes) at a time
+    (``DQ_ATOMIC``: and the rows' dq share, added into the float32 sums DQA).
     ``LANES_AS_M``: the score products as [lanes, keys] instead of [keys, lanes], so that with 128 lanes on
     8 warps no product has fewer rows than its warps cover (64 keys on 8 warps are computed twice)."""
+    tl.static_assert(LANES_AS_M or not DQ_ATOMIC, "dq in the dk/dv kernel: the lanes form only")
     blk = tl.program_id(0)
     hk = tl.program_id(1)
     BM: tl.constexpr = RB * GP
@@ -342,6 +352,10 @@ def _bwd_dkdv_kernel(
             dp = mma(do, tl.trans(v), PREC)
             ds = p_ * (dp - delta[:, None])
             dk += mma(tl.trans(ds.to(q.dtype)), q, PREC)
+            if DQ_ATOMIC:  # this block's share of dq, added into the rows' float32 sums
+                dqp = mma(ds.to(k.dtype), k, PREC)
+                tl.atomic_add(DQA + row[:, None] * s_ar + (hk * G + h)[:, None] * s_ah + d[None, :], dqp, mask=qm,
+                              sem="relaxed")
         else:
             vis = (kpos[:, None] <= qpos[None, :]) & ok[None, :] & km[:, None]
             st = mma(k, tl.trans(q), PREC) * qk_scale2
@@ -618,18 +632,15 @@ def _inverted_index(topk_idx: torch.Tensor, n_blocks: int):
     return rows, offs
 
 
-def sparse_attn_backward(do, q, k, v, o, lse, topk_idx, q_pos0, block_size, scale, forced=None,
-                         rows_per_pass=1 << 16):
-    """Backward of :func:`sparse_attn_forward`: (dq, dk, dv) in the input dtypes (``forced``: as there)."""
+def _dq_passes(dq, do, q, k, v, lse, delta, topk_idx, q_pos0, block_size, scale, forced, rows_per_pass):
+    """dq of stage 2 into ``dq``: one per-row pass over every selected block, or (``forced``) the forced blocks
+    of several rows at once and then each row's other blocks."""
     R, Hq, D = q.shape
     Tk, Hk = k.shape[0], k.shape[1]
     G = Hq // Hk
     GP, BD = _cfg(G, D)
     S = topk_idx.shape[-1]
-    do = do.contiguous()
-    delta = (o.float() * do.float()).sum(-1).contiguous()  # [R, Hq]
     prec = _precision(q.dtype)
-    dq = torch.empty_like(q)
     if forced is None:
         _bwd_dq_kernel[(R, Hk)](
             q, k, v, topk_idx, do, lse, delta, dq,
@@ -676,19 +687,39 @@ def sparse_attn_backward(do, q, k, v, o, lse, topk_idx, q_pos0, block_size, scal
                 G=G, GP=GP, D=D, BD=BD, BS=block_size, PREC=prec, REST=True, SP2=triton.next_power_of_2(S),
                 **PER_ROW_CFG,
             )
+
+
+def sparse_attn_backward(do, q, k, v, o, lse, topk_idx, q_pos0, block_size, scale, forced=None,
+                         rows_per_pass=1 << 16):
+    """Backward of :func:`sparse_attn_forward`: (dq, dk, dv) in the input dtypes (``forced``: as there)."""
+    R, Hq, D = q.shape
+    Tk, Hk = k.shape[0], k.shape[1]
+    G = Hq // Hk
+    _, BD = _cfg(G, D)
+    do = do.contiguous()
+    delta = (o.float() * do.float()).sum(-1).contiguous()  # [R, Hq]
+    prec = _precision(q.dtype)
+    dq = torch.empty_like(q)
+    dq_atomic = DQ_ATOMIC and DKDV_LANES_AS_M
+    dqa = torch.zeros(R, Hq, D, device=q.device, dtype=torch.float32) if dq_atomic else None
+    if not dq_atomic:  # else dq comes from the dk/dv kernel below
+        _dq_passes(dq, do, q, k, v, lse, delta, topk_idx, q_pos0, block_size, scale, forced, rows_per_pass)
     n_blocks = triton.cdiv(Tk, block_size)
     rows, offs = _inverted_index(topk_idx, n_blocks)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     gpm, rb, warps = dkdv_launch(G, BD)
+    acc = dqa if dq_atomic else dk  # dk: an unused stand-in
     _bwd_dkdv_kernel[(n_blocks, Hk)](
-        q, k, v, do, lse, delta, rows, offs, dk, dv,
+        q, k, v, do, lse, delta, rows, offs, dk, dv, acc,
         q_pos0, Tk, n_blocks, scale * LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        do.stride(0), do.stride(1), lse.stride(0),
+        do.stride(0), do.stride(1), lse.stride(0), acc.stride(0), acc.stride(1),
         G=G, GP=gpm, RB=rb, D=D, BD=BD, BS=block_size, PREC=prec, LANES_AS_M=DKDV_LANES_AS_M,
-        num_warps=warps, num_stages=2,
+        DQ_ATOMIC=dq_atomic, num_warps=warps, num_stages=2,
     )
+    if dq_atomic:
+        dq = (dqa * scale).to(q.dtype)
     return dq, dk, dv
 
 
