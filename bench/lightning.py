@@ -285,7 +285,9 @@ VARIANTS = {
     ("fwd", torch.float32, 131072): [BLOCKPTR,
                                      ("sala-f32-c32-s2", {}, {"SALA_LIGHTNING_CHUNK": "32", "SALA_LIGHTNING_STAGES": "2",
                                                               "SALA_LIGHTNING_WEIGHT_K": "0"}),
-                                     ("sala-f32-seg4096", {}, {"SALA_LIGHTNING_SEG": "4096"})],
+                                     ("sala-f32-seg4096", {}, {"SALA_LIGHTNING_SEG": "4096"}),
+                                     # one stage: nothing loads ahead at all (offline: 576 B spilled with it)
+                                     ("sala-f32-l2-prefetch", {}, {"SALA_LIGHTNING_PREFETCH": "1"})],
     ("fwdbwd", torch.float32, 131072): [("sala-f32-c32-s2", {}, {"SALA_LIGHTNING_CHUNK": "32", "SALA_LIGHTNING_STAGES": "2",
                                                                  "SALA_LIGHTNING_WEIGHT_K": "0"})],
     # the backward recomputing dq's segment states (one state pass more) instead of reusing the forward's

@@ -60,17 +60,17 @@ def _seq_descriptor(ptr, bos, slen, H: tl.constexpr, D: tl.constexpr, C: tl.cons
 
 
 @triton.jit
-def _prefetch_rows_l2(ptr, bos, slen, row, h, H: tl.constexpr, D: tl.constexpr, col0, C: tl.constexpr,
-                      BD: tl.constexpr):
-    """Ask L2 for the [C, BD] tile of rows row.. (clamped to the sequence) of one head, one 128-byte line per
+def _prefetch_rows_l2(ptr, bos, row, h, H: tl.constexpr, D: tl.constexpr, col0, C: tl.constexpr, BD: tl.constexpr):
+    """Ask L2 for the [C, BD] tile of rows row.. (all inside the sequence) of one head, one 128-byte line per
     element: PTX ``prefetch.global.L2``, a hint that returns nothing, so the tile's later load finds it in L2.
-    GPU only (inline PTX; the interpreter cannot run it)."""
+    Offsets from one scalar base, in int32 (C rows of H D elements), to hold few registers. GPU only (inline
+    PTX; the interpreter cannot run it)."""
     LINE: tl.constexpr = 1024 // ptr.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
     NL: tl.constexpr = BD // LINE if BD >= LINE else 1
-    rows = tl.minimum(row + tl.arange(0, C), slen - 1).to(tl.int64)
-    ptrs = ptr + ((bos + rows)[:, None] * H + h) * D + col0 + (tl.arange(0, NL) * LINE)[None, :]
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
+    base = ptr + ((bos + row) * H + h) * D + col0
+    i = tl.arange(0, C * NL)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                              [base + (i // NL) * (H * D) + (i % NL) * LINE], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -300,11 +300,11 @@ def _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, 
         c0 = ci * C
         cl = tl.maximum(tl.minimum(C, seg_len - c0), 0)
         if PREFETCH:  # the next chunk's tiles into L2 now, a chunk's work before their loads (prefetch_wanted)
-            if c0 + C < seg_len:
+            if c0 + 2 * C <= seg_len:  # a whole next chunk (a short last one is not worth it)
                 nxt = tau0 + c0 + C
-                _prefetch_rows_l2(q_ptr, bos, slen, nxt, h, H, KD, 0, C, KP)
-                _prefetch_rows_l2(k_ptr, bos, slen, nxt, h, H, KD, 0, C, KP)
-                _prefetch_rows_l2(v_ptr, bos, slen, nxt, h, H, VD, col_v, C, BV)
+                _prefetch_rows_l2(q_ptr, bos, nxt, h, H, KD, 0, C, KP)
+                _prefetch_rows_l2(k_ptr, bos, nxt, h, H, KD, 0, C, KP)
+                _prefetch_rows_l2(v_ptr, bos, nxt, h, H, VD, col_v, C, BV)
         if USE_TMA:
             row = (tau0 + c0).to(tl.int32)
             b_q = q_desc.load([row, col_k_head])
