@@ -297,9 +297,10 @@ def prefetch_wanted(common: dict) -> bool:
     ``prefetch.global.L2``). Offline sm_90 (``bench/sm90_offline.py``), Triton issues each chunk's tile loads
     at the end of the chunk before, after its last product, so every chunk waits a full load; the prefetch
     lets that load hit L2. A benchmark candidate, not yet timed: off unless SALA_LIGHTNING_PREFETCH=1; never
-    under the interpreter (inline PTX) or in the reverse order."""
+    under the interpreter (inline PTX), in the reverse order, or with padded columns (every line it names must
+    lie inside the tensor)."""
     flag = os.environ.get("SALA_LIGHTNING_PREFETCH", "0") not in ("", "0")
-    return flag and not _INTERPRET and not common["REVERSE"]
+    return flag and not _INTERPRET and not common["REVERSE"] and not common["MASK_COLS"]
 
 
 def segment_states(
