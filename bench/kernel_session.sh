@@ -13,6 +13,7 @@
 #   3. if time is left: bench/model.py on the release shape, decode eager vs CUDA graphs
 #   4. if time is left: the InfLLM-V2 selection tests cut by the time limit on 2026-11-29 (streamed to $OUT)
 #   5. if time is left: bench/infllmv2.py forward at 128K and 256K, forward+backward at 128K, against cuDNN
+#   6. if time is left: bench/infllmv2.py --profile (each kernel's time in the forward and stage 2's backward)
 cd "$(dirname "$0")/.." || exit 2
 TOTAL=${1:-540}
 START=$(date +%s)
@@ -49,8 +50,9 @@ step() {  # step NAME LIMIT COMMAND...: run under `timeout LIMIT` if that much t
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee -a "$OUT/session.log"
 LIMIT=${LIGHTNING_LIMIT:-200}
 # the default forward against fla, its passes timed apart, and this card's copy rate; beside it the same passes
-# on block pointers instead of the TMA tiles, 16384-token segments at 1M (LIGHTNING_VARIANTS / _CASES: regexes)
-step lightning "$LIMIT" python bench/lightning.py --no-sweep --variants "${LIGHTNING_VARIANTS:-blockptr|seg}" \
+# on block pointers instead of the TMA tiles, the former segment lengths, the output pass's L2 prefetch
+# (LIGHTNING_VARIANTS / _CASES: regexes)
+step lightning "$LIMIT" python bench/lightning.py --no-sweep --variants "${LIGHTNING_VARIANTS:-blockptr|seg|prefetch}" \
   --budget-s $((LIMIT - 70)) \
   --cases "${LIGHTNING_CASES:-^(fwd_bf16_131072|fwd_bf16_1048576|fwdbwd_bf16_131072|varlen_bf16_.*|fwd_fp32_131072)\$}"
 if [ -d "$STUDENT" ]; then
@@ -63,8 +65,10 @@ fi
 step model_decode_graphs 200 python bench/model.py --lengths 8K 64K --decode 16 --decode-graphs --check --out "$OUT"
 step infllmv2_selection_tests 150 env TEST_TIMEOUT=60 bash bench/gpu_tests.sh \
   -k "stage1_scores or across_tiles or exact_ties or accepts_only_rare"
-# the forward at 128K / 256K and forward+backward at 128K (with the dk/dv lanes variant) against cuDNN
+# the forward at 128K / 256K and forward+backward at 128K (with the backward's variants: the other dk/dv form,
+# dq added inside dk/dv) against cuDNN
 step infllmv2 "${INFLLMV2_LIMIT:-260}" python bench/infllmv2.py --no-tune --budget-s $((${INFLLMV2_LIMIT:-260} - 50)) \
   --dense-backends cudnn --cases "${INFLLMV2_CASES:-fwd_T(131072|262144)\$|fwdbwd_T131072\$}" --out "$OUT"
+step infllmv2_profile 150 python bench/infllmv2.py --profile --out "$OUT"
 echo "== done in $(($(date +%s) - START)) s" | tee -a "$OUT/session.log"
 cp "$OUT/session.log" "$BACK/"
