@@ -397,14 +397,18 @@ def bench_fwdbwd(res, T, ok):
             note="correct = gradient check at T=8192 (correctness section)")
     # variants of the backward, each a module switch flipped for its rows: dk/dv's score products in the other
     # form ([lanes, keys] on 128 lanes is the default), dq added inside the dk/dv kernel (tattn.DQ_ATOMIC)
-    variants = [(f"dkdv_lanes_{not tattn.DKDV_LANES_AS_M}", "DKDV_LANES_AS_M", not tattn.DKDV_LANES_AS_M)]
-    if tattn.DKDV_LANES_AS_M and not tattn.DQ_ATOMIC:
-        variants.append(("dq_atomic", "DQ_ATOMIC", True))
-    for vname, attr, value in variants if T <= 262144 else []:
+    variants = []
+    if T <= 262144:
+        variants.append((f"dkdv_lanes_{not tattn.DKDV_LANES_AS_M}", "DKDV_LANES_AS_M", not tattn.DKDV_LANES_AS_M))
+        if tattn.DKDV_LANES_AS_M and not tattn.DQ_ATOMIC:
+            variants.append(("dq_atomic", "DQ_ATOMIC", True))
+    if variants:  # the default's gradients, that each variant's are compared with
+        with torch.no_grad():
+            want = sparse_attn_backward(do, q, k, v, o, lse, idx, 0, PARAMS.block_size, SCALE, forced=fb)
+    for vname, attr, value in variants:
         before = getattr(tattn, attr)
         try:
             with torch.no_grad():
-                want = sparse_attn_backward(do, q, k, v, o, lse, idx, 0, PARAMS.block_size, SCALE, forced=fb)
                 setattr(tattn, attr, value)
                 got = sparse_attn_backward(do, q, k, v, o, lse, idx, 0, PARAMS.block_size, SCALE, forced=fb)
                 same = all(bool(torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)) for a, b in zip(got, want))
@@ -422,7 +426,7 @@ def bench_fwdbwd(res, T, ok):
             log(f"{vname} variant failed:", repr(e)[:300])
         finally:
             setattr(tattn, attr, before)
-    q = k = v = do = o = lse = idx = None  # free them (not `del`: the timed lambdas above read these names)
+    q = k = v = do = o = lse = idx = want = None  # free them (not `del`: the timed lambdas above read these names)
     torch.cuda.empty_cache()
 
 

@@ -252,6 +252,9 @@ def make_ops():
 # Candidate settings timed beside the library default (variant "sala") in the same job; the default only
 # changes after a measurement. kw go to lightning_attn_triton, env overrides the launch config.
 BLOCKPTR = ("sala-blockptr", {}, {"SALA_LIGHTNING_TMA": "0", "SALA_LIGHTNING_DELTA_TMA": "0"})
+# float32's output passes as they were before cf76c0a: 32-token chunks, two stages, the state update on weighted v
+F32_C32 = ("sala-f32-c32-s2", {}, {"SALA_LIGHTNING_CHUNK": "32", "SALA_LIGHTNING_STAGES": "2",
+                                   "SALA_LIGHTNING_WEIGHT_K": "0"})
 VARIANTS = {
     # bf16 at 128K on the H200, all slower than the default then and removed: 4096-token segments, BV 128 and 8
     # warps in both passes (ae88ccb: 2.509 / 2.742 against 2.402 ms); the output pass on V block 128 / 8 warps /
@@ -282,14 +285,11 @@ VARIANTS = {
     # pass 1 on one 128-wide V block (k read once; offline 214 registers on 4 warps / 126 on 8, 64 KB, two programs
     # per SM): 6.44 / 6.34 ms (4 / 8 warps) against 6.10, removed; 8192-token segments (half the programs and
     # states) beat 4096 in two runs (5.94 / 5.84 vs 6.10 / 5.92 ms) and are the default since (4096: the reference).
-    ("fwd", torch.float32, 131072): [BLOCKPTR,
-                                     ("sala-f32-c32-s2", {}, {"SALA_LIGHTNING_CHUNK": "32", "SALA_LIGHTNING_STAGES": "2",
-                                                              "SALA_LIGHTNING_WEIGHT_K": "0"}),
+    ("fwd", torch.float32, 131072): [BLOCKPTR, F32_C32,
                                      ("sala-f32-seg4096", {}, {"SALA_LIGHTNING_SEG": "4096"}),
                                      # one stage: nothing loads ahead at all (offline: 576 B spilled with it)
                                      ("sala-f32-l2-prefetch", {}, {"SALA_LIGHTNING_PREFETCH": "1"})],
-    ("fwdbwd", torch.float32, 131072): [("sala-f32-c32-s2", {}, {"SALA_LIGHTNING_CHUNK": "32", "SALA_LIGHTNING_STAGES": "2",
-                                                                 "SALA_LIGHTNING_WEIGHT_K": "0"})],
+    ("fwdbwd", torch.float32, 131072): [F32_C32],
     # the backward recomputing dq's segment states (one state pass more) instead of reusing the forward's
     ("fwdbwd", torch.bfloat16, 131072): [("sala-states-recomputed", {}, {"SALA_LIGHTNING_SAVED_STATES_SHARE": "0"}),
                                          ("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"}), BLOCKPTR],

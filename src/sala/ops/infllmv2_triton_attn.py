@@ -699,10 +699,11 @@ def sparse_attn_backward(do, q, k, v, o, lse, topk_idx, q_pos0, block_size, scal
     do = do.contiguous()
     delta = (o.float() * do.float()).sum(-1).contiguous()  # [R, Hq]
     prec = _precision(q.dtype)
-    dq = torch.empty_like(q)
     dq_atomic = DQ_ATOMIC and DKDV_LANES_AS_M
-    dqa = torch.zeros(R, Hq, D, device=q.device, dtype=torch.float32) if dq_atomic else None
-    if not dq_atomic:  # else dq comes from the dk/dv kernel below
+    if dq_atomic:  # dq comes from the dk/dv kernel below, summed here
+        dqa = torch.zeros(R, Hq, D, device=q.device, dtype=torch.float32)
+    else:
+        dq = torch.empty_like(q)
         _dq_passes(dq, do, q, k, v, lse, delta, topk_idx, q_pos0, block_size, scale, forced, rows_per_pass)
     n_blocks = triton.cdiv(Tk, block_size)
     rows, offs = _inverted_index(topk_idx, n_blocks)

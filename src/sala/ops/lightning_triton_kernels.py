@@ -194,9 +194,15 @@ def _delta_loop(k_ptr, v_ptr, tau0, seg_len, slen, bos, h, g, iv,
 
 
 @triton.jit
+def _scan_tile(delta_ptr, s_first, j, h, H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, tile):
+    """Pointers to a program's tile of the state slot of a sequence's segment j."""
+    return delta_ptr + ((s_first + j) * H + h) * (KD * VD) + tile
+
+
+@triton.jit
 def _scan_load(delta_ptr, s_first, n_segs, j, h, H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, tile, mask):
     """The delta of a sequence's segment j (zeros past its last segment)."""
-    return tl.load(delta_ptr + ((s_first + j) * H + h) * (KD * VD) + tile, mask=mask & (j < n_segs), other=0.0)
+    return tl.load(_scan_tile(delta_ptr, s_first, j, h, H, KD, VD, tile), mask=mask & (j < n_segs), other=0.0)
 
 
 @triton.jit
@@ -236,7 +242,7 @@ def _segment_scan_kernel(
     d3 = _scan_load(delta_ptr, s_first, n_segs, 3, h, H, KD, VD, tile, mask)
     for j in range(0, n_segs if DYN_LOOP else MAX_SEGS):
         d4 = _scan_load(delta_ptr, s_first, n_segs, j + 4, h, H, KD, VD, tile, mask)
-        tl.store(delta_ptr + ((s_first + j) * H + h) * (KD * VD) + tile, S, mask=mask & (j < n_segs))
+        tl.store(_scan_tile(delta_ptr, s_first, j, h, H, KD, VD, tile), S, mask=mask & (j < n_segs))
         seg_len = tl.maximum(tl.minimum(SEG, slen - j * SEG), 0)
         S = S * tl.exp(g * seg_len.to(tl.float32)) + d0
         d0, d1, d2, d3 = d1, d2, d3, d4
