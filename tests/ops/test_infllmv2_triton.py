@@ -404,26 +404,78 @@ def test_union_rest_pass_matches_reference(Hq, Hk, overlap, monkeypatch):
 @pytest.mark.parametrize("Hq,Hk", [(8, 1), (9, 3), (12, 2)])
 def test_stage2_gradients_match_reference_autograd(Hq, Hk, lanes_as_m, monkeypatch):
     """Groups of 8, 3 (SmolLM2's 9/3 heads: the multi-row kernels pad it to 4 lanes) and 6 (to 8); forced
-    blocks in a shared pass, or all per row; dk/dv with the score products as [keys, lanes] (the default) or
-    [lanes, keys] on 128 lanes (``DKDV_LANES_AS_M``)."""
+    blocks in a shared pass, or all per row; dk/dv with the score products as [keys, lanes] or [lanes, keys] on
+    128 lanes (``DKDV_LANES_AS_M``, the default); dq from the dq passes (dq added inside dk/dv, the default, is
+    the next test)."""
     monkeypatch.setattr(ta, "DKDV_LANES_AS_M", lanes_as_m)
+    monkeypatch.setattr(ta, "DQ_ATOMIC", False)
     q, k, v, idx = _stage2_inputs(T_LONG, Hq, Hk, seed=9)
     expected = _reference_grads(q, k, v, idx)
     for forced in ((P.init_blocks, P.local_blocks), None):
         _assert_triton_matches(q, k, v, idx, *expected, forced=forced)
 
 
+@pytest.mark.parametrize("forced_pass", [False, True])
 @pytest.mark.parametrize("Hq,Hk", [(8, 1), (9, 3)])
-def test_stage2_dq_added_inside_dkdv_matches_reference_autograd(Hq, Hk, monkeypatch):
-    """``DQ_ATOMIC``: dq from the dk/dv kernel's atomic sums (every selected block, forced ones included) instead
-    of the dq passes, whose launches must then not run; gradients equal the reference's."""
+def test_stage2_dq_added_inside_dkdv_matches_reference_autograd(Hq, Hk, forced_pass, monkeypatch):
+    """``DQ_ATOMIC`` (the default): dq from the dk/dv kernel's atomic sums instead of the dq passes, whose
+    per-row launches must then not run; with ``DQ_FORCED_PASS`` the sums start from the forced blocks' share
+    and the dk/dv kernel adds only the other blocks'. Gradients equal the reference's, with forced blocks
+    declared and without."""
     monkeypatch.setattr(ta, "DKDV_LANES_AS_M", True)
     monkeypatch.setattr(ta, "DQ_ATOMIC", True)
-    dq_launches = []
+    monkeypatch.setattr(ta, "DQ_FORCED_PASS", forced_pass)
+    dq_launches, forced_launches = [], []
     monkeypatch.setattr(ta, "_dq_passes", lambda *a, **kw: dq_launches.append(1))
+    real_forced = ta._dq_forced
+    monkeypatch.setattr(ta, "_dq_forced", lambda *a, **kw: forced_launches.append(1) or real_forced(*a, **kw))
     q, k, v, idx = _stage2_inputs(T_LONG, Hq, Hk, seed=10)
-    _assert_triton_matches(q, k, v, idx, *_reference_grads(q, k, v, idx), forced=(P.init_blocks, P.local_blocks))
-    assert not dq_launches
+    expected = _reference_grads(q, k, v, idx)
+    _assert_triton_matches(q, k, v, idx, *expected, forced=(P.init_blocks, P.local_blocks))
+    assert not dq_launches and len(forced_launches) == int(forced_pass)
+    if forced_pass:
+        _assert_triton_matches(q, k, v, idx, *expected, forced=None)
+        assert len(forced_launches) == 1
+
+
+@pytest.mark.parametrize("int32_keys", [True, False])
+@pytest.mark.parametrize("busiest_first", [True, False])
+def test_inverted_index_groups_rows_by_pair(int32_keys, busiest_first, monkeypatch):
+    """The dk/dv kernel's inverted index: each (KV head, block) pair's rows ascending (as a stable sort by pair
+    gives them), unused slots dropped, offsets per pair; the launch order a permutation of the pairs, by falling
+    row count (ties in pair order) or in pair order. int32 and int64 keys give the same index."""
+    if not int32_keys:
+        monkeypatch.setattr(ta, "INT32_KEYS_BELOW", 1)
+    monkeypatch.setattr(ta, "DKDV_BUSIEST_FIRST", busiest_first)
+    g = torch.Generator().manual_seed(21)
+    Hk, R, S, nb = 3, 50, 6, 9
+    idx = torch.randint(0, nb, (Hk, R, S), generator=g)
+    idx = torch.where(torch.rand(Hk, R, S, generator=g) < 0.3, -1, idx)
+    idx[1, :, 0] = 0  # one busy pair: every row of KV head 1 chose block 0 (duplicates within a row allowed)
+    rows, offs, order = ta._inverted_index(idx.to(DEV, torch.int32), nb)
+    rows, offs, order = rows.cpu(), offs.cpu(), order.cpu()
+    assert rows.dtype == offs.dtype == order.dtype == torch.int32
+    want = [[r for r in range(R) for s in range(S) if idx[h, r, s] == b] for h in range(Hk) for b in range(nb)]
+    got = [rows[offs[p]:offs[p + 1]].tolist() for p in range(Hk * nb)]
+    assert got == want
+    assert int(offs[0]) == 0 and int(offs[-1]) == int((idx >= 0).sum())
+    counts = [len(w) for w in want]
+    expected_order = sorted(range(Hk * nb), key=lambda p: -counts[p]) if busiest_first else list(range(Hk * nb))
+    assert order.tolist() == expected_order
+    assert int(order[0]) == (1 * nb + 0 if busiest_first else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_delta_matches_float64(dtype):
+    """delta = rowsum(o * do) from the inputs' dtype, accumulated in float32 (d 128 and an odd 72)."""
+    g = torch.Generator().manual_seed(22)
+    for d in (128, 72):
+        o = torch.randn(37, 5, d, generator=g).to(DEV, dtype)
+        do = torch.randn(37, 5, d, generator=g).to(DEV, dtype)
+        want = (o.double() * do.double()).sum(-1)
+        got = ta._delta(o, do)
+        assert got.dtype == torch.float32 and got.shape == (37, 5)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 
 
 # ---------------------------------------------------------------- whole op, decode, varlen
