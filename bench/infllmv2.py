@@ -396,15 +396,13 @@ def bench_fwdbwd(res, T, ok):
             stages_ms={"stage2_bwd": round(t_bwd, 3)},
             note="correct = gradient check at T=8192 (correctness section)")
     # variants of the backward, each a module switch flipped for its rows: dq from its two passes (fixed summation
-    # order) instead of added inside the dk/dv kernel (tattn.DQ_ATOMIC, the default since 12a4455's run), the
-    # sums starting from the forced blocks' share (tattn.DQ_FORCED_PASS), and the dk/dv programs in block order
-    # instead of busiest first (tattn.DKDV_BUSIEST_FIRST). The other dk/dv form
+    # order) instead of added inside the dk/dv kernel (tattn.DQ_ATOMIC, the default since 12a4455's run), and the
+    # dk/dv programs in block order instead of busiest first (tattn.DKDV_BUSIEST_FIRST). The other dk/dv form
     # ([keys, lanes], DKDV_LANES_AS_M=False) was last timed at 12a4455: 410.6 against 332.7 ms.
     variants = []
     if T <= 262144:
         if tattn.DQ_ATOMIC and tattn.DKDV_LANES_AS_M:
             variants.append(("dq_passes", "DQ_ATOMIC", False))
-            variants.append((f"dq_forced_pass_{not tattn.DQ_FORCED_PASS}", "DQ_FORCED_PASS", not tattn.DQ_FORCED_PASS))
         variants.append((f"busiest_first_{not tattn.DKDV_BUSIEST_FIRST}", "DKDV_BUSIEST_FIRST",
                          not tattn.DKDV_BUSIEST_FIRST))
     if variants:  # the default's gradients, that each variant's are compared with

@@ -165,7 +165,7 @@ def infllmv2_resources(kernel: str = "rest", G: int = 16, D: int = 128, BS: int 
         lanes_as_m = kernel != "dkdv"                 # dq: also dq's share of each block, added atomically
         gp, rb, warps_ = at.dkdv_launch(G, BD, lanes_as_m)
         fn, ce, opts = at._bwd_dkdv_kernel, dict(base, GP=gp, RB=rb, LANES_AS_M=lanes_as_m,
-                                                 DQ_ATOMIC=kernel == "dkdv_dq", SKIP_FORCED_DQ=kernel == "dkdv_dq"), \
+                                                 DQ_ATOMIC=kernel == "dkdv_dq"), \
             {"num_warps": warps_, "num_stages": 2}
     elif kernel in ("blockkey", "k2lse"):  # stage 1 at the tuned 8 query rows per program (128 dot rows)
         rows = 8
@@ -193,7 +193,7 @@ def infllmv2_resources(kernel: str = "rest", G: int = 16, D: int = 128, BS: int 
             return "*i32"
         if name.isupper():
             return "*bf16"
-        return "fp32" if name in ("qk_scale2", "scale", "out_scale") else "i32"
+        return "fp32" if name in ("qk_scale2", "scale") else "i32"
 
     lengths = {**at.LENGTH_ARGS, "_block_key_kernel": sel.BLOCK_KEY_LENGTH_ARGS,
                "_k2_lse_kernel": sel.K2_LSE_LENGTH_ARGS}.get(fn.__name__, ())

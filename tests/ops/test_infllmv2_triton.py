@@ -415,27 +415,20 @@ def test_stage2_gradients_match_reference_autograd(Hq, Hk, lanes_as_m, monkeypat
         _assert_triton_matches(q, k, v, idx, *expected, forced=forced)
 
 
-@pytest.mark.parametrize("forced_pass", [False, True])
 @pytest.mark.parametrize("Hq,Hk", [(8, 1), (9, 3)])
-def test_stage2_dq_added_inside_dkdv_matches_reference_autograd(Hq, Hk, forced_pass, monkeypatch):
-    """``DQ_ATOMIC`` (the default): dq from the dk/dv kernel's atomic sums instead of the dq passes, whose
-    per-row launches must then not run; with ``DQ_FORCED_PASS`` the sums start from the forced blocks' share
-    and the dk/dv kernel adds only the other blocks'. Gradients equal the reference's, with forced blocks
-    declared and without."""
+def test_stage2_dq_added_inside_dkdv_matches_reference_autograd(Hq, Hk, monkeypatch):
+    """``DQ_ATOMIC`` (the default): dq from the dk/dv kernel's atomic sums (every selected block, forced ones
+    included) instead of the dq passes, whose launches must then not run; gradients equal the reference's, with
+    forced blocks declared and without."""
     monkeypatch.setattr(ta, "DKDV_LANES_AS_M", True)
     monkeypatch.setattr(ta, "DQ_ATOMIC", True)
-    monkeypatch.setattr(ta, "DQ_FORCED_PASS", forced_pass)
-    dq_launches, forced_launches = [], []
+    dq_launches = []
     monkeypatch.setattr(ta, "_dq_passes", lambda *a, **kw: dq_launches.append(1))
-    real_forced = ta._dq_forced
-    monkeypatch.setattr(ta, "_dq_forced", lambda *a, **kw: forced_launches.append(1) or real_forced(*a, **kw))
     q, k, v, idx = _stage2_inputs(T_LONG, Hq, Hk, seed=10)
     expected = _reference_grads(q, k, v, idx)
-    _assert_triton_matches(q, k, v, idx, *expected, forced=(P.init_blocks, P.local_blocks))
-    assert not dq_launches and len(forced_launches) == int(forced_pass)
-    if forced_pass:
-        _assert_triton_matches(q, k, v, idx, *expected, forced=None)
-        assert len(forced_launches) == 1
+    for forced in ((P.init_blocks, P.local_blocks), None):
+        _assert_triton_matches(q, k, v, idx, *expected, forced=forced)
+    assert not dq_launches
 
 
 @pytest.mark.parametrize("int32_keys", [True, False])

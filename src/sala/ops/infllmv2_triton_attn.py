@@ -60,21 +60,19 @@ DKDV_LANES_AS_M = os.environ.get("SALA_INFLLMV2_DKDV_LANES", "1") not in ("", "0
 # not run: 8 KB of float32 atomics per (row, block) pair instead of 32 KB of K/V gathered. dq's float32 sums then
 # add in an order that varies from run to run, as FlashAttention-2's backward does by default. Offline sm_90: 255
 # registers, 68 B spilled, 226 KB, vectorized (v4) atomics. Measured on the H200 (12a4455): forward+backward at
-# 128K 305.2 against 332.7 ms, stage 2's backward 198.5 against 222.7, gradients within 1.7e-4 of the dq passes'.
-# The default since; SALA_INFLLMV2_DQ_ATOMIC=0 keeps dq's sums in a fixed order (the two dq passes).
+# 128K 305.2 against 332.7 ms, stage 2's backward 198.5 against 222.7, gradients within 1.7e-4 of the dq passes';
+# with the dk/dv programs busiest first 280.5 against 308.2 (55224ce). The default since; SALA_INFLLMV2_DQ_ATOMIC=0
+# keeps dq's sums in a fixed order (the two dq passes). Starting the sums from the forced blocks' share (the
+# forced-block dq kernel, 8 rows per program) so that dk/dv adds only the others' (a third fewer atomics) was slower:
+# 296.8 against 280.5 ms (55224ce; 148 B spilled against 60), removed.
 DQ_ATOMIC = os.environ.get("SALA_INFLLMV2_DQ_ATOMIC", "1") not in ("", "0")
 
-# With DQ_ATOMIC and forced blocks: the forced blocks' share of dq from _bwd_dq_forced_kernel (several rows per
-# program, the K/V of each forced block loaded once for 8 rows, no atomics) written as the sums' start, and the
-# dk/dv kernel adds only the other blocks' share: a third of the (row, block) pairs are forced (34 of 96 at the
-# release's settings), and the initial block's program (every row) adds none. Not yet timed: off unless
-# SALA_INFLLMV2_DQ_FORCED_PASS=1 (offline sm_90: 255 registers, 148 B spilled against 60 without it).
-DQ_FORCED_PASS = os.environ.get("SALA_INFLLMV2_DQ_FORCED_PASS", "0") not in ("", "0")
 
 # Launch order of the dk/dv programs: the (KV head, block) pairs with the most rows first (longest job first).
 # In plain block order the initial block of the second KV head, chosen by every row (22x the mean pair's rows at
 # 128K: 131072 against 6000), starts about half way through the launch, when the others have half their work
-# left, and would run on alone past their end. SALA_INFLLMV2_DKDV_BUSIEST_FIRST=0: block order.
+# left, and runs on alone past their end. Measured on the H200 (55224ce): forward+backward at 128K 280.5 against
+# 295.2 ms in block order, stage 2's backward 175.1 against 187.2. SALA_INFLLMV2_DKDV_BUSIEST_FIRST=0: block order.
 DKDV_BUSIEST_FIRST = os.environ.get("SALA_INFLLMV2_DKDV_BUSIEST_FIRST", "1") not in ("", "0")
 
 __all__ = ["sparse_attn_forward", "sparse_attn_backward", "BlockSparseAttention", "block_sparse_attention_triton"]
@@ -286,13 +284,12 @@ def _bwd_dq_kernel(
 @triton.jit(do_not_specialize=LENGTH_ARGS["_bwd_dq_forced_kernel"])
 def _bwd_dq_forced_kernel(
     Q, K, V, DO, LSE, DELTA, DQP,
-    q_pos0, n_rows, n_keys, init_blocks, local_blocks, qk_scale2, out_scale,
+    q_pos0, n_rows, n_keys, init_blocks, local_blocks, qk_scale2,
     s_qr, s_qh, s_kt, s_kh, s_vt, s_vh, s_dr, s_dh, s_lr, s_pr, s_ph,
     G: tl.constexpr, GP: tl.constexpr, RB: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BS: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dq (float32, times ``out_scale``) from the forced blocks of RB consecutive rows at once (cf.
-    _fwd_forced_kernel)."""
+    """dq (unscaled, float32) from the forced blocks of RB consecutive rows at once (cf. _fwd_forced_kernel)."""
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     BM: tl.constexpr = RB * GP
@@ -319,21 +316,19 @@ def _bwd_dq_forced_kernel(
         dp = mma(do, vt, PREC)
         ds = p * (dp - delta[:, None])
         dq += mma(ds.to(kt.dtype), tl.trans(kt), PREC)
-    tl.store(DQP + row64[:, None] * s_pr + (hk * G + h)[:, None] * s_ph + d[None, :], dq * out_scale, mask=qm)
+    tl.store(DQP + row64[:, None] * s_pr + (hk * G + h)[:, None] * s_ph + d[None, :], dq, mask=qm)
 
 
 @triton.jit(do_not_specialize=LENGTH_ARGS["_bwd_dkdv_kernel"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, ROWS, OFFS, ORDER, DK, DV, DQA,
-    q_pos0, n_keys, n_blocks, qk_scale2, scale, init_blocks, local_blocks,
+    q_pos0, n_keys, n_blocks, qk_scale2, scale,
     s_qr, s_qh, s_kt, s_kh, s_vt, s_vh, s_dr, s_dh, s_lr, s_ar, s_ah,
     G: tl.constexpr, GP: tl.constexpr, RB: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BS: tl.constexpr, PREC: tl.constexpr, LANES_AS_M: tl.constexpr = False, DQ_ATOMIC: tl.constexpr = False,
-    SKIP_FORCED_DQ: tl.constexpr = False,
 ):
     """dk, dv of one (key block, KV head) over the rows that chose it, RB rows x GP heads (lanes) at a time
-    (``DQ_ATOMIC``: and the rows' dq share, added into the float32 sums DQA; ``SKIP_FORCED_DQ``: only where
-    the block is not among the row's forced blocks, whose share _bwd_dq_forced_kernel wrote there). Program i takes the pair
+    (``DQ_ATOMIC``: and the rows' dq share, added into the float32 sums DQA). Program i takes the pair
     ``ORDER[i]`` (= hk * n_blocks + block), see ``DKDV_BUSIEST_FIRST``.
     ``LANES_AS_M``: the score products as [lanes, keys] instead of [keys, lanes], so that with 128 lanes on
     8 warps no product has fewer rows than its warps cover (64 keys on 8 warps are computed twice)."""
@@ -373,13 +368,9 @@ def _bwd_dkdv_kernel(
             ds = p_ * (dp - delta[:, None])
             dk += mma(tl.trans(ds.to(q.dtype)), q, PREC)
             if DQ_ATOMIC:  # this block's share of dq, added into the rows' float32 sums
-                need = ok
-                if SKIP_FORCED_DQ:
-                    need = ok & (blk >= init_blocks) & (blk < qpos // BS - local_blocks)
-                if tl.max(need.to(tl.int32), axis=0) > 0:  # a local block's rows are all forced, bar a few
-                    dqp = mma(ds.to(k.dtype), k, PREC) * scale
-                    tl.atomic_add(DQA + row[:, None] * s_ar + (hk * G + h)[:, None] * s_ah + d[None, :], dqp,
-                                  mask=need[:, None] & dm[None, :], sem="relaxed")
+                dqp = mma(ds.to(k.dtype), k, PREC) * scale
+                tl.atomic_add(DQA + row[:, None] * s_ar + (hk * G + h)[:, None] * s_ah + d[None, :], dqp, mask=qm,
+                              sem="relaxed")
         else:
             vis = (kpos[:, None] <= qpos[None, :]) & ok[None, :] & km[:, None]
             st = mma(k, tl.trans(q), PREC) * qk_scale2
@@ -685,8 +676,8 @@ def _delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     return delta
 
 
-def _dq_forced(dqp, q, k, v, do, lse, delta, q_pos0, block_size, scale, forced, out_scale):
-    """dq's share of the forced blocks of every row of q (float32, times ``out_scale``) into ``dqp``."""
+def _dq_forced(dqp, q, k, v, do, lse, delta, q_pos0, block_size, scale, forced):
+    """dq's share (unscaled, float32) of the forced blocks of every row of q into ``dqp``."""
     R, Hq, D = q.shape
     Tk, Hk = k.shape[0], k.shape[1]
     G = Hq // Hk
@@ -694,7 +685,7 @@ def _dq_forced(dqp, q, k, v, do, lse, delta, q_pos0, block_size, scale, forced, 
     gpm, rb = _multi_row(G, 128)
     _bwd_dq_forced_kernel[(triton.cdiv(R, rb), Hk)](
         q, k, v, do, lse, delta, dqp,
-        q_pos0, R, Tk, forced[0], forced[1], scale * LOG2E, out_scale,
+        q_pos0, R, Tk, forced[0], forced[1], scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), lse.stride(0), dqp.stride(0), dqp.stride(1),
         G=G, GP=gpm, RB=rb, D=D, BD=BD, BS=block_size, PREC=_precision(q.dtype), num_warps=8, num_stages=2,
@@ -727,7 +718,7 @@ def _dq_passes(dq, do, q, k, v, lse, delta, topk_idx, q_pos0, block_size, scale,
             r1 = min(R, r0 + step)
             n = r1 - r0
             qc, dqc, doc, lc, dc, ic = q[r0:r1], dq[r0:r1], do[r0:r1], lse[r0:r1], delta[r0:r1], topk_idx[:, r0:r1]
-            _dq_forced(dqp, qc, k, v, doc, lc, dc, q_pos0 + r0, block_size, scale, forced, 1.0)
+            _dq_forced(dqp, qc, k, v, doc, lc, dc, q_pos0 + r0, block_size, scale, forced)
             if UNION_LANES:
                 gpu, rbu = _multi_row(G, UNION_LANES)
                 _bwd_dq_union_kernel[(triton.cdiv(n, rbu), Hk)](
@@ -762,15 +753,8 @@ def sparse_attn_backward(do, q, k, v, o, lse, topk_idx, q_pos0, block_size, scal
     delta = _delta(o, do)
     prec = _precision(q.dtype)
     dq_atomic = DQ_ATOMIC and DKDV_LANES_AS_M
-    if dq_atomic:  # dq comes from the dk/dv kernel below, summed here (from the forced blocks' share, if forced)
-        if forced is None or not DQ_FORCED_PASS:
-            dqa = torch.zeros(R, Hq, D, device=q.device, dtype=torch.float32)
-        else:
-            dqa = torch.empty(R, Hq, D, device=q.device, dtype=torch.float32)
-            for r0 in range(0, R, rows_per_pass):
-                r1 = min(R, r0 + rows_per_pass)
-                _dq_forced(dqa[r0:r1], q[r0:r1], k, v, do[r0:r1], lse[r0:r1], delta[r0:r1], q_pos0 + r0,
-                           block_size, scale, forced, scale)
+    if dq_atomic:  # dq comes from the dk/dv kernel below, summed here
+        dqa = torch.zeros(R, Hq, D, device=q.device, dtype=torch.float32)
     else:
         dq = torch.empty_like(q)
         _dq_passes(dq, do, q, k, v, lse, delta, topk_idx, q_pos0, block_size, scale, forced, rows_per_pass)
@@ -782,12 +766,11 @@ def sparse_attn_backward(do, q, k, v, o, lse, topk_idx, q_pos0, block_size, scal
     acc = dqa if dq_atomic else dk  # dk: an unused stand-in
     _bwd_dkdv_kernel[(n_blocks * Hk,)](
         q, k, v, do, lse, delta, rows, offs, order, dk, dv, acc,
-        q_pos0, Tk, n_blocks, scale * LOG2E, scale, *(forced or (0, 0)),  # forced: SKIP_FORCED_DQ's blocks
+        q_pos0, Tk, n_blocks, scale * LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), lse.stride(0), acc.stride(0), acc.stride(1),
         G=G, GP=gpm, RB=rb, D=D, BD=BD, BS=block_size, PREC=prec, LANES_AS_M=DKDV_LANES_AS_M,
-        DQ_ATOMIC=dq_atomic, SKIP_FORCED_DQ=dq_atomic and forced is not None and DQ_FORCED_PASS,
-        num_warps=warps, num_stages=2,
+        DQ_ATOMIC=dq_atomic, num_warps=warps, num_stages=2,
     )
     if dq_atomic:
         dq = dqa.to(q.dtype)  # scaled in the kernel
