@@ -267,14 +267,13 @@ VARIANTS = {
     # same-run reference, as do block pointers for the TMA tiles.
     # Pass 2 on 16-row K blocks (256 programs instead of 128 at H=32) changed nothing once its loads ran ahead
     # (87effea: 2.083 / 17.15 ms against 2.031 / 17.21 at 128K / 1M; pass 2 0.016 / 0.150 ms either way): removed.
-    # The output pass asking L2 for the next chunk's tiles at the top of each chunk (offline: Triton issues each
-    # chunk's loads at the end of the chunk before, so each chunk waits a whole load): not yet timed.
-    ("fwd", torch.bfloat16, 131072): [("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"}), BLOCKPTR,
-                                      ("sala-l2-prefetch", {}, {"SALA_LIGHTNING_PREFETCH": "1"})],
+    # The output pass asking L2 for the next chunk's tiles at the top of each chunk (PTX prefetch.global.L2;
+    # offline, Triton issues each chunk's loads at the end of the chunk before): slower at 12a4455, 2.174 / 17.45
+    # against 2.114 / 16.99 ms at 128K / 1M, float32 8.55 against 5.85 (576 B spilled). Removed.
+    ("fwd", torch.bfloat16, 131072): [("sala-delta-bv64", {}, {"SALA_LIGHTNING_DELTA_BV": "64"}), BLOCKPTR],
     # 16384-token segments at 1M (half the segment states written, scanned and read) beat 8192 in two runs (f08c018:
     # 16.66 / 16.65 vs 16.77 / 16.81 ms) and are the default since; 8192 stays as the same-run reference
-    ("fwd", torch.bfloat16, 1048576): [BLOCKPTR, ("sala-seg8192", {}, {"SALA_LIGHTNING_SEG": "8192"}),
-                                       ("sala-l2-prefetch", {}, {"SALA_LIGHTNING_PREFETCH": "1"})],
+    ("fwd", torch.bfloat16, 1048576): [BLOCKPTR, ("sala-seg8192", {}, {"SALA_LIGHTNING_SEG": "8192"})],
     # float32 at 128K, measured on the H200 (ae88ccb) against the default's 9.00 ms (TF32, 32-token chunks, 4
     # warps): bf16x3 4w 15.52 / 8w 11.84, TF32 C64 8w 12.71, C64 8w 1 stage 10.58, k-major tiles C64 BV32 18.64,
     # k-major C64 8w 1 stage 13.17, chained segments 512 / 1024 9.50 / 9.30 ms; 64-token chunks with every product
@@ -286,9 +285,7 @@ VARIANTS = {
     # per SM): 6.44 / 6.34 ms (4 / 8 warps) against 6.10, removed; 8192-token segments (half the programs and
     # states) beat 4096 in two runs (5.94 / 5.84 vs 6.10 / 5.92 ms) and are the default since (4096: the reference).
     ("fwd", torch.float32, 131072): [BLOCKPTR, F32_C32,
-                                     ("sala-f32-seg4096", {}, {"SALA_LIGHTNING_SEG": "4096"}),
-                                     # one stage: nothing loads ahead at all (offline: 576 B spilled with it)
-                                     ("sala-f32-l2-prefetch", {}, {"SALA_LIGHTNING_PREFETCH": "1"})],
+                                     ("sala-f32-seg4096", {}, {"SALA_LIGHTNING_SEG": "4096"})],
     ("fwdbwd", torch.float32, 131072): [F32_C32],
     # the backward recomputing dq's segment states (one state pass more) instead of reusing the forward's
     ("fwdbwd", torch.bfloat16, 131072): [("sala-states-recomputed", {}, {"SALA_LIGHTNING_SAVED_STATES_SHARE": "0"}),

@@ -97,7 +97,6 @@ def compile_resources(fn, constexprs: dict, options: dict, arg_type, int_args_al
     return {**options, "registers": regs, "spill_bytes": spill, "shared_bytes": shared, "programs_per_sm": per_sm,
             "wgmma": ttgir.count("ttng.warp_group_dot "), "mma_sync": len(re.findall(r"= tt\.dot ", ttgir)),
             "async_copies": ttgir.count("ttg.async_copy_global_to_local"),
-            "l2_prefetches": compiled.asm["ptx"].count("prefetch.global.L2"),
             "atomics": len(re.findall(r"\b(?:atom|red)\.global\S*", compiled.asm["ptx"])),
             "tma_copies": ttgir.count("async_tma_copy_global_to_local"),
             # products' layouts: MMA version, warps along M x N, instruction tile (M x N); warps along M beyond
@@ -108,12 +107,11 @@ def compile_resources(fn, constexprs: dict, options: dict, arg_type, int_args_al
 def kernel_resources(kernel: str = "output", dtype: str = "bf16", H: int = 32, D: int = 128, seg: int = 8192,
                      precision: str = "tf32", chunk: int | None = None, bv: int | None = None,
                      warps: int | None = None, stages: int | None = None, maxnreg: int | None = None,
-                     tma: bool | None = None, weight_k: bool | None = None, prefetch: bool = False) -> dict:
+                     tma: bool | None = None, weight_k: bool | None = None) -> dict:
     """Compile one lightning kernel for sm_90 with the library's launch parameters (options override them)
     and report its resources and what an SM holds of it. ``tma``: the TMA tiles on / off (None: as the library
     launches the forward on an sm_90 GPU); ``weight_k``: the output pass's state update on decay-weighted k
-    (``lightning_triton.weight_k_wanted``; None: as the library launches it); ``prefetch``: the output pass's L2
-    prefetch of the next chunk (``lightning_triton.prefetch_wanted``, a candidate)."""
+    (``lightning_triton.weight_k_wanted``; None: as the library launches it)."""
     tdtype = DTYPES[dtype]
     env = {"SALA_LIGHTNING_DELTA_CHUNK" if kernel == "delta" else "SALA_LIGHTNING_CHUNK": chunk,
            "SALA_LIGHTNING_STAGES": stages, "SALA_LIGHTNING_MAXNREG": maxnreg,
@@ -132,7 +130,6 @@ def kernel_resources(kernel: str = "output", dtype: str = "bf16", H: int = 32, D
     if kernel == "output":
         constexprs["FACTORED_DECAY"] = True
         constexprs["WEIGHT_K"] = lt.weight_k_wanted(tdtype, precision) if weight_k is None else weight_k
-        constexprs["PREFETCH"] = prefetch
     constexprs["USE_TMA"] = tma
     return {"kernel": kernel, "dtype": dtype, "C": common["C"], "BV": common["BV"],
             **compile_resources(KERNELS[kernel], constexprs, options, _lightning_arg_type(tdtype))}
@@ -217,7 +214,6 @@ def main():
     ap.add_argument("--maxnreg", type=int)
     ap.add_argument("--tma", action=argparse.BooleanOptionalAction, default=None,
                     help="TMA tiles on / off (default: as the library launches the forward on an sm_90 GPU)")
-    ap.add_argument("--prefetch", action="store_true", help="output pass: L2 prefetch of the next chunk")
     ap.add_argument("--weight-k", action=argparse.BooleanOptionalAction, default=None,
                     help="output pass: the state update on decay-weighted k, not v (default: as the library)")
     args = ap.parse_args()
@@ -228,8 +224,7 @@ def main():
     for name in (KERNELS if args.kernel == "both" else [args.kernel]):
         print(json.dumps(kernel_resources(name, args.dtype, args.heads, args.dim, chunk=args.chunk, bv=args.bv,
                                           warps=args.warps, stages=args.stages, maxnreg=args.maxnreg,
-                                          tma=args.tma, weight_k=args.weight_k,
-                                          prefetch=args.prefetch)))
+                                          tma=args.tma, weight_k=args.weight_k)))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ KNOWN = {"SALA_LIGHTNING_CHUNK": "C", "SALA_LIGHTNING_BV": "BV", "SALA_LIGHTNING
          "SALA_LIGHTNING_DELTA_CHUNK": "C", "SALA_LIGHTNING_DELTA_BV": "BV", "SALA_LIGHTNING_DELTA_WARPS": "num_warps",
          "SALA_LIGHTNING_SAVED_STATES_SHARE": None, "SALA_LIGHTNING_TMA": "tma", "SALA_LIGHTNING_DELTA_TMA": "tma",
          "SALA_LIGHTNING_SCAN_BK": "scan", "SALA_LIGHTNING_DELTA_STAGES": "num_stages",
-         "SALA_LIGHTNING_WEIGHT_K": "weight_k", "SALA_LIGHTNING_SEG": "seg", "SALA_LIGHTNING_PREFETCH": "prefetch"}
+         "SALA_LIGHTNING_WEIGHT_K": "weight_k", "SALA_LIGHTNING_SEG": "seg"}
 
 
 @pytest.mark.parametrize("key,entry", [(k, e) for k, entries in bench.VARIANTS.items() for e in entries],
@@ -51,11 +51,6 @@ def test_variant_settings_reach_the_launch(key, entry, monkeypatch):
                 lt.scan_segments(torch.zeros(1, 4, 128, 128), torch.zeros(4), lt._Plan([64], 64, (None,) * 5, 1),
                                  None, None)
             assert seen["BK"] == int(value), (name, var)
-            continue
-        if field == "prefetch":  # read where the output pass launches (forward order, GPU)
-            common = lt._common(lt._Plan([128], 64, (), 1), 4, 128, 128, dtype, "tf32", False)
-            with bench.env_override(env):
-                assert lt.prefetch_wanted(common) == (value == "1"), (name, var)
             continue
         if field == "seg":  # the segment rule, read by the plan
             with bench.env_override(env):

@@ -49,15 +49,6 @@ def test_default_float32_output_pass_is_all_wgmma_two_programs_per_sm():
     assert vw["programs_per_sm"] == 1 and vw["shared_bytes"] > r["shared_bytes"], vw
 
 
-def test_l2_prefetch_candidate_compiles_without_spills():
-    """The output pass's L2 prefetch (a candidate): one prefetch per thread for each of q, k and v per chunk at
-    bf16, no spill, still two programs per SM; none in the default."""
-    (r,) = _run("--kernel", "output", "--prefetch")
-    assert r["l2_prefetches"] == 3 and r["spill_bytes"] == 0 and r["programs_per_sm"] == 2, r
-    (default,) = _run("--kernel", "output")
-    assert default["l2_prefetches"] == 0
-
-
 def test_register_cap_is_applied_and_costs_spills():
     (r,) = _run("--kernel", "output", "--maxnreg", "168", "--stages", "1")
     assert r["maxnreg"] == 168 and r["registers"] <= 168 and r["num_stages"] == 1

@@ -152,25 +152,6 @@ def test_launch_defaults_are_the_measured_winners(monkeypatch):
     assert cfg(torch.float32, "ieee")[0] == 16
 
 
-def test_l2_prefetch_reaches_forward_gpu_launches_only(monkeypatch):
-    """SALA_LIGHTNING_PREFETCH=1: the output pass's L2 prefetch (inline PTX) on the GPU's forward-order launches;
-    never in the reverse order, with padded columns or under the interpreter, and off by default."""
-    from sala.ops import lightning_triton as lt
-
-    plan = lt._Plan([128], 64, (), 1)
-    fwd = lt._common(plan, 4, 128, 128, torch.bfloat16, "tf32", False)
-    rev = lt._common(plan, 4, 128, 128, torch.bfloat16, "tf32", True)
-    monkeypatch.setattr(lt, "_INTERPRET", False)
-    monkeypatch.delenv("SALA_LIGHTNING_PREFETCH", raising=False)
-    assert not lt.prefetch_wanted(fwd)
-    monkeypatch.setenv("SALA_LIGHTNING_PREFETCH", "1")
-    assert lt.prefetch_wanted(fwd) and not lt.prefetch_wanted(rev)
-    padded = lt._common(plan, 4, 96, 96, torch.bfloat16, "tf32", False)  # head dim 96 padded to 128
-    assert not lt.prefetch_wanted(padded)
-    monkeypatch.setattr(lt, "_INTERPRET", True)
-    assert not lt.prefetch_wanted(fwd)
-
-
 def test_register_cap_reaches_the_gpu_launches_only(monkeypatch):
     """SALA_LIGHTNING_MAXNREG: a launch option of the output passes on the GPU backend; pass 1 and the
     interpreter never see it."""

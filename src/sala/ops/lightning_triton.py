@@ -292,17 +292,6 @@ def weight_k_wanted(dtype: torch.dtype, precision: str = "tf32") -> bool:
     return dtype == torch.float32 and precision == "tf32"
 
 
-def prefetch_wanted(common: dict) -> bool:
-    """Whether the output pass asks L2 for the next chunk's q, k and v tiles at the top of each chunk (PTX
-    ``prefetch.global.L2``). Offline sm_90 (``bench/sm90_offline.py``), Triton issues each chunk's tile loads
-    at the end of the chunk before, after its last product, so every chunk waits a full load; the prefetch
-    lets that load hit L2. A benchmark candidate, not yet timed: off unless SALA_LIGHTNING_PREFETCH=1; never
-    under the interpreter (inline PTX), in the reverse order, or with padded columns (every line it names must
-    lie inside the tensor)."""
-    flag = os.environ.get("SALA_LIGHTNING_PREFETCH", "0") not in ("", "0")
-    return flag and not _INTERPRET and not common["REVERSE"] and not common["MASK_COLS"]
-
-
 def segment_states(
     k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, plan: _Plan, initial_state: torch.Tensor | None = None,
     *, reverse: bool = False, output_final_state: bool = True, precision: str = "tf32",
@@ -362,7 +351,6 @@ def segment_outputs(
         _kn._segment_output_kernel[(plan.nseg * H * triton.cdiv(VD, common["BV"]),)](
             q, k, v, g, states, o, seg_seq, seg_tau0, seq_bos, seq_len, float(scale), **common,
             FACTORED_DECAY=factored, USE_TMA=tma, WEIGHT_K=weight_k_wanted(q.dtype, precision),
-            PREFETCH=prefetch_wanted(common),
         )
     return o
 

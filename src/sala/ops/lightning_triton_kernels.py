@@ -60,20 +60,6 @@ def _seq_descriptor(ptr, bos, slen, H: tl.constexpr, D: tl.constexpr, C: tl.cons
 
 
 @triton.jit
-def _prefetch_rows_l2(ptr, bos, row, h, H: tl.constexpr, D: tl.constexpr, col0, C: tl.constexpr, BD: tl.constexpr):
-    """Ask L2 for the [C, BD] tile of rows row.. (all inside the sequence) of one head, one 128-byte line per
-    element: PTX ``prefetch.global.L2``, a hint that returns nothing, so the tile's later load finds it in L2.
-    Offsets from one scalar base, in int32 (C rows of H D elements), to hold few registers. GPU only (inline
-    PTX; the interpreter cannot run it)."""
-    LINE: tl.constexpr = 1024 // ptr.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
-    NL: tl.constexpr = BD // LINE if BD >= LINE else 1
-    base = ptr + ((bos + row) * H + h) * D + col0
-    i = tl.arange(0, C * NL)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
-                              [base + (i // NL) * (H * D) + (i % NL) * LINE], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _virtual_index(C: tl.constexpr, REVERSE: tl.constexpr):
     """Position in virtual time of each row of a chunk tile (0 = first processed)."""
     ar = tl.arange(0, C)
@@ -259,7 +245,7 @@ def _segment_output_kernel(
     DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr, SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
     MASK_COLS: tl.constexpr,
     FACTORED_DECAY: tl.constexpr, SPLIT_BF16: tl.constexpr = False, USE_TMA: tl.constexpr = False,
-    WEIGHT_K: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    WEIGHT_K: tl.constexpr = False,
 ):
     """o of one (segment, head, V-block): walk the chunks from the entering state kept in registers."""
     iv, h, seg, tau0, bos, slen, seg_len, g = _segment_program(
@@ -271,7 +257,7 @@ def _segment_output_kernel(
     tl.static_assert(not (USE_TMA and REVERSE), "TMA tiles in the forward order only")
     _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, iv, scale, H, KD, VD, KP, C, BV,
                  REVERSE, DOT_PRECISION, DYN_LOOP, SEG_CHUNKS, UPCAST, MASK_COLS, FACTORED_DECAY, SPLIT_BF16, USE_TMA,
-                 WEIGHT_K, PREFETCH)
+                 WEIGHT_K)
 
 
 @triton.jit
@@ -280,7 +266,7 @@ def _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, 
                  BV: tl.constexpr, REVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DYN_LOOP: tl.constexpr,
                  SEG_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, MASK_COLS: tl.constexpr,
                  FACTORED_DECAY: tl.constexpr, SPLIT_BF16: tl.constexpr, USE_TMA: tl.constexpr,
-                 WEIGHT_K: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                 WEIGHT_K: tl.constexpr = False):
     """Write o of a segment's chunks for one V block, from the entering state ``S`` ``[KP, BV]`` float32."""
     vi = _virtual_index(C, REVERSE)
     col_v = (iv * BV).to(tl.int32)
@@ -301,16 +287,9 @@ def _output_loop(q_ptr, k_ptr, v_ptr, o_ptr, S, tau0, seg_len, slen, bos, h, g, 
         col_k_head = (h * KD).to(tl.int32)  # the descriptors' columns span the heads
         col_v_head = (h * VD).to(tl.int32) + col_v
     # the interpreter needs a constant trip count (extra chunks are fully masked no-ops)
-    tl.static_assert(not (PREFETCH and REVERSE), "L2 prefetch in the forward order only")
     for ci in range(0, tl.cdiv(seg_len, C) if DYN_LOOP else SEG_CHUNKS):
         c0 = ci * C
         cl = tl.maximum(tl.minimum(C, seg_len - c0), 0)
-        if PREFETCH:  # the next chunk's tiles into L2 now, a chunk's work before their loads (prefetch_wanted)
-            if c0 + 2 * C <= seg_len:  # a whole next chunk (a short last one is not worth it)
-                nxt = tau0 + c0 + C
-                _prefetch_rows_l2(q_ptr, bos, nxt, h, H, KD, 0, C, KP)
-                _prefetch_rows_l2(k_ptr, bos, nxt, h, H, KD, 0, C, KP)
-                _prefetch_rows_l2(v_ptr, bos, nxt, h, H, VD, col_v, C, BV)
         if USE_TMA:
             row = (tau0 + c0).to(tl.int32)
             b_q = q_desc.load([row, col_k_head])
