@@ -337,8 +337,13 @@ def _stage2_inputs(T, Hq, Hk, Tq=None, dtype=torch.float32, seed=0):
     return q, k, v, idx
 
 
-@pytest.mark.parametrize("T,Hq,Hk,Tq", [(T_LONG, 8, 2, 48), (T_LONG - 5, 3, 1, 37)])
-def test_stage2_forward_matches_reference(T, Hq, Hk, Tq):
+@pytest.mark.parametrize("win_blocks", [0, 2])
+@pytest.mark.parametrize("T,Hq,Hk,Tq", [(T_LONG, 8, 2, 48), (T_LONG - 5, 3, 1, 37), (T_LONG, 8, 1, None)])
+def test_stage2_forward_matches_reference(T, Hq, Hk, Tq, win_blocks, monkeypatch):
+    """Per row, with the forced blocks in a shared pass (rows straddling query blocks: the first rows start
+    mid-block; the window block by block, or in unmasked 2-block tiles where every row sees it whole), and split
+    over programs."""
+    monkeypatch.setattr(ta, "FORCED_WIN_BN", win_blocks)
     q, k, v, idx = _stage2_inputs(T, Hq, Hk, Tq, seed=5)
     Tq = q.shape[0]
     pos = torch.arange(T - Tq, T, device=DEV)

@@ -75,6 +75,13 @@ DQ_ATOMIC = os.environ.get("SALA_INFLLMV2_DQ_ATOMIC", "1") not in ("", "0")
 # 295.2 ms in block order, stage 2's backward 175.1 against 187.2. SALA_INFLLMV2_DKDV_BUSIEST_FIRST=0: block order.
 DKDV_BUSIEST_FIRST = os.environ.get("SALA_INFLLMV2_DKDV_BUSIEST_FIRST", "1") not in ("", "0")
 
+# The forward's forced-block pass over the local window in unmasked tiles of this many blocks where every row of
+# the program sees the keys whole (0: block by block, each masked; see _fwd_forced_kernel). The window is one
+# contiguous range of 33 blocks at the release's settings: in 64-key steps each masked, the pass took 15.2 ms of
+# the 108 ms forward at 128K on the H200 (profile of 12a4455), ~320 TFLOPS. Not yet timed: off unless
+# SALA_INFLLMV2_FORCED_WIN_BLOCKS says how many blocks per tile (e.g. 2).
+FORCED_WIN_BN = int(os.environ.get("SALA_INFLLMV2_FORCED_WIN_BLOCKS", "0"))
+
 __all__ = ["sparse_attn_forward", "sparse_attn_backward", "BlockSparseAttention", "block_sparse_attention_triton"]
 
 
@@ -196,16 +203,39 @@ def _forced_block(i, n_init, loc_lo, qb, ok, local_blocks):
     return b, use
 
 
+@triton.jit
+def _forced_step(q, K, V, k0, qpos, qb, ok, hk, n_keys, local_blocks, qk_scale2, m_i, l_i, acc,
+                 s_kt, s_kh, s_vt, s_vh, d, dm, NK: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """The NK keys from k0 of the forced blocks' online softmax. ``MASKED``: each lane keeps only the keys of
+    its own window (from block qb - local_blocks) up to its own position; otherwise every lane sees all NK."""
+    kpos = tl.arange(0, NK).to(tl.int64) + k0
+    km = kpos < n_keys
+    kt = _kv_tile_t(K, kpos, km, hk, s_kt, s_kh, d, dm)
+    vb = _kv_tile(V, kpos, km, hk, s_vt, s_vh, d, dm)
+    sc = mma(q, kt, PREC) * qk_scale2
+    if MASKED:
+        vis = ok[:, None] & (kpos[None, :] >= ((qb - local_blocks) * BS)[:, None]) & (kpos[None, :] <= qpos[:, None]) \
+            & km[None, :]
+        sc = tl.where(vis, sc, float("-inf"))
+    return _softmax_step(m_i, l_i, acc, sc, vb, PREC)
+
+
 @triton.jit(do_not_specialize=LENGTH_ARGS["_fwd_forced_kernel"])
 def _fwd_forced_kernel(
     Q, K, V, OP, LP,
     q_pos0, n_rows, n_keys, init_blocks, local_blocks, qk_scale2,
     s_qr, s_qh, s_kt, s_kh, s_vt, s_vh, s_pr, s_ph, s_lr,
     G: tl.constexpr, GP: tl.constexpr, RB: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BS: tl.constexpr, PREC: tl.constexpr,
+    BS: tl.constexpr, PREC: tl.constexpr, WIN_BN: tl.constexpr = 0,
 ):
     """Forced blocks (init + local window + own block) of RB consecutive rows at once: they are the same
-    blocks for rows of one query block, so each K/V block is loaded once for RB * G rows."""
+    blocks for rows of one query block, so each K/V block is loaded once for RB * G rows.
+
+    The window is one contiguous key range. ``WIN_BN`` > 0: the part of it that every row of the program sees
+    whole (from the latest row's window start to the earliest row's own block) goes in unmasked tiles of
+    WIN_BN keys, the rest (the own blocks, a straddled window start) block by block with masks; 0: all of it
+    block by block with masks."""
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     BM: tl.constexpr = RB * GP
@@ -219,15 +249,41 @@ def _fwd_forced_kernel(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
-    for i in range(0, n_loop):
-        b, use = _forced_block(i, n_init, loc_lo, qb, ok, local_blocks)
-        kpos = b.to(tl.int64) * BS + kk
-        kt = _kv_tile_t(K, kpos, kpos < n_keys, hk, s_kt, s_kh, d, dm)
-        vb = _kv_tile(V, kpos, kpos < n_keys, hk, s_vt, s_vh, d, dm)
-        sc = mma(q, kt, PREC) * qk_scale2
-        vis = use[:, None] & (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < n_keys)
-        sc = tl.where(vis, sc, float("-inf"))
-        m_i, l_i, acc = _softmax_step(m_i, l_i, acc, sc, vb, PREC)
+    if WIN_BN == 0:
+        for i in range(0, n_loop):
+            b, use = _forced_block(i, n_init, loc_lo, qb, ok, local_blocks)
+            kpos = b.to(tl.int64) * BS + kk
+            kt = _kv_tile_t(K, kpos, kpos < n_keys, hk, s_kt, s_kh, d, dm)
+            vb = _kv_tile(V, kpos, kpos < n_keys, hk, s_vt, s_vh, d, dm)
+            sc = mma(q, kt, PREC) * qk_scale2
+            vis = use[:, None] & (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < n_keys)
+            sc = tl.where(vis, sc, float("-inf"))
+            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, sc, vb, PREC)
+    else:
+        for b in range(0, n_init):  # initial blocks below every row's window (few: int32 positions)
+            kpos = (b * BS + kk).to(tl.int64)
+            kt = _kv_tile_t(K, kpos, kpos < n_keys, hk, s_kt, s_kh, d, dm)
+            vb = _kv_tile(V, kpos, kpos < n_keys, hk, s_vt, s_vh, d, dm)
+            sc = mma(q, kt, PREC) * qk_scale2
+            vis = ok[:, None] & (b < qb - local_blocks)[:, None] & (kpos[None, :] <= qpos[:, None]) \
+                & (kpos[None, :] < n_keys)
+            sc = tl.where(vis, sc, float("-inf"))
+            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, sc, vb, PREC)
+        qb_lo = (q_pos0 + pid * RB) // BS
+        qb_hi = (q_pos0 + tl.minimum(pid * RB + RB, n_rows) - 1) // BS
+        w_lo = loc_lo * BS
+        w_hi = tl.minimum((qb_hi + 1) * BS, n_keys)
+        u_lo = tl.maximum(qb_hi - local_blocks, 0) * BS  # every row sees [u_lo, qb_lo * BS) whole
+        u_hi = u_lo + tl.maximum(qb_lo * BS - u_lo, 0) // WIN_BN * WIN_BN
+        for k0 in range(w_lo, u_lo, BS):
+            m_i, l_i, acc = _forced_step(q, K, V, k0, qpos, qb, ok, hk, n_keys, local_blocks, qk_scale2, m_i, l_i,
+                                         acc, s_kt, s_kh, s_vt, s_vh, d, dm, BS, BS, PREC, True)
+        for k0 in range(u_lo, u_hi, WIN_BN):
+            m_i, l_i, acc = _forced_step(q, K, V, k0, qpos, qb, ok, hk, n_keys, local_blocks, qk_scale2, m_i, l_i,
+                                         acc, s_kt, s_kh, s_vt, s_vh, d, dm, WIN_BN, BS, PREC, False)
+        for k0 in range(u_hi, w_hi, BS):
+            m_i, l_i, acc = _forced_step(q, K, V, k0, qpos, qb, ok, hk, n_keys, local_blocks, qk_scale2, m_i, l_i,
+                                         acc, s_kt, s_kh, s_vt, s_vh, d, dm, BS, BS, PREC, True)
     o, lse = _softmax_finish(m_i, l_i, acc)
     tl.store(OP + row64[:, None] * s_pr + (hk * G + h)[:, None] * s_ph + d[None, :], o, mask=ok[:, None] & dm[None, :])
     tl.store(LP + row64 * s_lr + hk * G + h, lse, mask=ok)
@@ -603,7 +659,8 @@ def _forward_two_pass(q, k, v, topk_idx, q_pos0, block_size, scale, forced, rows
             q_pos0 + r0, n, Tk, init_blocks, local_blocks, scale * LOG2E,
             qc.stride(0), qc.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             op.stride(0), op.stride(1), lc.stride(0),
-            G=G, GP=gpm, RB=rb, D=D, BD=BD, BS=block_size, PREC=prec, num_warps=8, num_stages=2,
+            G=G, GP=gpm, RB=rb, D=D, BD=BD, BS=block_size, PREC=prec, WIN_BN=FORCED_WIN_BN * block_size,
+            num_warps=8, num_stages=2,
         )
         if UNION_LANES:
             gpu, rbu = _multi_row(G, UNION_LANES)
