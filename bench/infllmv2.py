@@ -335,11 +335,13 @@ def bench_fwd(res, T, ok, dense=True, check=True):
         finally:
             tsel.ROW_TOPK = default
         # variants of stage 2's forward, each a module switch flipped for its row: the forced-block pass's window
-        # in unmasked 2-block tiles (tattn.FORCED_WIN_BN). The union rest pass (tattn.UNION_LANES, 16 and 64
+        # block by block, each masked, instead of in unmasked 2-block tiles (tattn.FORCED_WIN_BN, the default
+        # since 18577cf's run). The union rest pass (tattn.UNION_LANES, 16 and 64
         # lanes) costs 25-40% more on random inputs, where neighbouring rows share no block, in every run so far
         # (12a4455: 134.9 / 150.0 against 107.9 ms at 128K): no longer timed here (bench/train_step.py --union
         # times it on a trained student's selections, where it wins).
-        for vname, attr, value in (("forced_win2", "FORCED_WIN_BN", 2),):
+        win = 0 if tattn.FORCED_WIN_BN else 2
+        for vname, attr, value in ((f"forced_win{win}", "FORCED_WIN_BN", win),):
             before = getattr(tattn, attr)
             try:
                 setattr(tattn, attr, value)

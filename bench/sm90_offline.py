@@ -45,7 +45,7 @@ REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 228 * 1024
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KERNELS = {"output": kn._segment_output_kernel, "delta": kn._segment_delta_kernel}
-INFLLMV2_KERNELS = ("rest", "forced", "forced_win", "union", "dq", "dkdv", "dkdv_lanes", "dkdv_dq", "blockkey", "k2lse")
+INFLLMV2_KERNELS = ("rest", "forced", "forced_per_block", "union", "dq", "dkdv", "dkdv_lanes", "dkdv_dq", "blockkey", "k2lse")
 TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 FP32_POINTERS = ("g_ptr", "state_ptr", "delta_ptr")
 INDEX_POINTERS = ("seg_seq_ptr", "seg_tau0_ptr", "seq_bos_ptr", "seq_len_ptr")
@@ -139,8 +139,8 @@ def infllmv2_resources(kernel: str = "rest", G: int = 16, D: int = 128, BS: int 
                        warps: int | None = None, stages: int | None = None) -> dict:
     """The same for InfLLM-V2's kernels at the launch parameters the library uses (bf16, the release's group of
     16 heads, d 128, 64-token blocks by default): stage 2's ``rest`` (one query row per program over its
-    selected blocks), ``forced`` (init and local blocks of several rows; ``forced_win`` with the window in
-    unmasked 2-block tiles), ``union`` (the rest pass over
+    selected blocks), ``forced`` (init and local blocks of several rows; ``forced_per_block`` with the
+    window block by block, each masked, instead of in unmasked tiles), ``union`` (the rest pass over
     neighbouring rows' union), ``dq``, ``dkdv`` and ``dkdv_lanes`` (backward; the latter the [lanes, keys]
     form; ``dkdv_dq`` that form adding dq's share atomically); stage 1's ``blockkey`` (scores, group sum,
     pooling) and ``k2lse``."""
@@ -151,9 +151,9 @@ def infllmv2_resources(kernel: str = "rest", G: int = 16, D: int = 128, BS: int 
     base = dict(G=G, D=D, BD=BD, BS=BS, PREC="tf32")
     if kernel == "rest":
         fn, ce, opts = at._fwd_kernel, dict(base, GP=GP, SPLIT=False, REST=True, SP2=128), dict(at.PER_ROW_CFG)
-    elif kernel in ("forced", "forced_win"):  # forced_win: the window in unmasked 2-block tiles (FORCED_WIN_BN)
+    elif kernel in ("forced", "forced_per_block"):  # per block: the window's blocks each masked (FORCED_WIN_BN=0)
         gp, rb = at._multi_row(G, 128)
-        win = 2 * BS if kernel == "forced_win" else at.FORCED_WIN_BN * BS
+        win = 0 if kernel == "forced_per_block" else at.FORCED_WIN_BN * BS
         fn, ce, opts = at._fwd_forced_kernel, dict(base, GP=gp, RB=rb, WIN_BN=win), {"num_warps": 8, "num_stages": 2}
     elif kernel == "union":
         gp, rb = at._multi_row(G, union_lanes)

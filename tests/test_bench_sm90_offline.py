@@ -61,8 +61,12 @@ def test_infllmv2_stage2_kernels_compile_and_report():
     (rest,) = _run("--kernel", "infllmv2_rest")
     assert rest["GP"] == 16 and rest["mma_sync"] == 2 and rest["wgmma"] == 0
     assert rest["async_copies"] > 0 and rest["spill_bytes"] == 0 and rest["programs_per_sm"] >= 4
+    (per_block,) = _run("--kernel", "infllmv2_forced_per_block")
+    assert per_block["RB"] * per_block["GP"] == 128 and per_block["wgmma"] == 2  # 8 rows x 16 heads: on wgmma
+    # the default's window in unmasked 128-key tiles: four loops (init blocks, masked / unmasked / masked
+    # window parts) of two products each, still without spills, in the 227 KB of an H100's SM
     (forced,) = _run("--kernel", "infllmv2_forced")
-    assert forced["RB"] * forced["GP"] == 128 and forced["wgmma"] == 2  # 8 rows x 16 heads: on wgmma
+    assert forced["wgmma"] == 8 and forced["spill_bytes"] == 0 and forced["shared_bytes"] <= 227 * 1024, forced
 
 
 def test_infllmv2_dkdv_forms_and_stage_one_compile_and_report():

@@ -358,6 +358,19 @@ def test_stage2_forward_matches_reference(T, Hq, Hk, Tq, win_blocks, monkeypatch
     torch.testing.assert_close(o3, o_ref, rtol=1e-4, atol=1e-5)
 
 
+def test_forced_window_tiles_only_where_shared_memory_holds_them(monkeypatch):
+    """The forced-block pass's unmasked window tiles: 16-bit inputs on the GPU; float32 there keeps the per-block
+    pass (its 128-key tiles asked the H200 for 256 KB of shared memory); the interpreter runs them at any width."""
+    monkeypatch.setattr(ta, "FORCED_WIN_BN", 2)
+    monkeypatch.setattr(ts, "INTERPRET", False)
+    assert ta._forced_win_keys(torch.bfloat16, 64) == ta._forced_win_keys(torch.float16, 64) == 128
+    assert ta._forced_win_keys(torch.float32, 64) == 0
+    monkeypatch.setattr(ts, "INTERPRET", True)
+    assert ta._forced_win_keys(torch.float32, 16) == 32
+    monkeypatch.setattr(ta, "FORCED_WIN_BN", 0)
+    assert ta._forced_win_keys(torch.bfloat16, 64) == 0
+
+
 # key elements gathered per checkpointed row chunk of the reference under autograd: 512 MB of K (and of V),
 # a few GB at the peak of its backward (all 8K rows at once kept ~52 GB per KV head); all rows on CPU
 REF_CHUNK_ELEMS = 1 << 27

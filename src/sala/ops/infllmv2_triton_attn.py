@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import infllmv2_triton_select as _sel
 from .infllmv2_triton_select import LOG2E, _precision, group_pad, mma, pad_dim
 
 # Launch settings of the per-row kernels (forward, dq); the bench picks them on the card ("tuning").
@@ -77,10 +78,11 @@ DKDV_BUSIEST_FIRST = os.environ.get("SALA_INFLLMV2_DKDV_BUSIEST_FIRST", "1") not
 
 # The forward's forced-block pass over the local window in unmasked tiles of this many blocks where every row of
 # the program sees the keys whole (0: block by block, each masked; see _fwd_forced_kernel). The window is one
-# contiguous range of 33 blocks at the release's settings: in 64-key steps each masked, the pass took 15.2 ms of
-# the 108 ms forward at 128K on the H200 (profile of 12a4455), ~320 TFLOPS. Not yet timed: off unless
-# SALA_INFLLMV2_FORCED_WIN_BLOCKS says how many blocks per tile (e.g. 2).
-FORCED_WIN_BN = int(os.environ.get("SALA_INFLLMV2_FORCED_WIN_BLOCKS", "0"))
+# contiguous range of 33 blocks at the release's settings. Measured on the H200 (18577cf): the pass 11.5 against
+# 15.2 ms, the forward at 128K 105.0 against 107.3 ms, at 256K 280.8 against 287.9, forward+backward at 128K
+# 276.5 against 279.6; outputs within 9e-4 of the per-block pass'. 16-bit inputs only (see _forced_win_keys).
+# SALA_INFLLMV2_FORCED_WIN_BLOCKS sets it (0: off).
+FORCED_WIN_BN = int(os.environ.get("SALA_INFLLMV2_FORCED_WIN_BLOCKS", "2"))
 
 __all__ = ["sparse_attn_forward", "sparse_attn_backward", "BlockSparseAttention", "block_sparse_attention_triton"]
 
@@ -636,6 +638,16 @@ def sparse_attn_forward(q, k, v, topk_idx, q_pos0, block_size, scale, splits=1, 
     return o, lse
 
 
+def _forced_win_keys(dtype: torch.dtype, block_size: int) -> int:
+    """Keys per unmasked window tile of the forced-block pass (``FORCED_WIN_BN`` blocks), or 0. 16-bit inputs:
+    two stages of 128-key K and V tiles take 160 KB of shared memory; float32's 256 KB exceed an H100's 227 (the
+    H200 refused to launch it), so float32 keeps the per-block pass on the GPU; the interpreter, which has no
+    such limit, runs the tiles at any width (the tests' float32 inputs check the same code)."""
+    if dtype.itemsize <= 2 or _sel.INTERPRET:
+        return FORCED_WIN_BN * block_size
+    return 0
+
+
 def _forward_two_pass(q, k, v, topk_idx, q_pos0, block_size, scale, forced, rows_per_pass):
     R, Hq, D = q.shape
     Tk, Hk = k.shape[0], k.shape[1]
@@ -659,8 +671,8 @@ def _forward_two_pass(q, k, v, topk_idx, q_pos0, block_size, scale, forced, rows
             q_pos0 + r0, n, Tk, init_blocks, local_blocks, scale * LOG2E,
             qc.stride(0), qc.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             op.stride(0), op.stride(1), lc.stride(0),
-            G=G, GP=gpm, RB=rb, D=D, BD=BD, BS=block_size, PREC=prec, WIN_BN=FORCED_WIN_BN * block_size,
-            num_warps=8, num_stages=2,
+            G=G, GP=gpm, RB=rb, D=D, BD=BD, BS=block_size, PREC=prec,
+            WIN_BN=_forced_win_keys(q.dtype, block_size), num_warps=8, num_stages=2,
         )
         if UNION_LANES:
             gpu, rbu = _multi_row(G, UNION_LANES)
