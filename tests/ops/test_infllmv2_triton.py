@@ -337,13 +337,14 @@ def _stage2_inputs(T, Hq, Hk, Tq=None, dtype=torch.float32, seed=0):
     return q, k, v, idx
 
 
-@pytest.mark.parametrize("win_blocks", [0, 2])
+@pytest.mark.parametrize("win_blocks,key_ranges", [(0, 1), (2, 3)])
 @pytest.mark.parametrize("T,Hq,Hk,Tq", [(T_LONG, 8, 2, 48), (T_LONG - 5, 3, 1, 37), (T_LONG, 8, 1, None)])
-def test_stage2_forward_matches_reference(T, Hq, Hk, Tq, win_blocks, monkeypatch):
+def test_stage2_forward_matches_reference(T, Hq, Hk, Tq, win_blocks, key_ranges, monkeypatch):
     """Per row, with the forced blocks in a shared pass (rows straddling query blocks: the first rows start
-    mid-block; the window block by block, or in unmasked 2-block tiles where every row sees it whole), and split
-    over programs."""
+    mid-block; the window block by block, or in unmasked 2-block tiles where every row sees it whole; the rest
+    pass in one launch, or one per key range carrying the partial result), and split over programs."""
     monkeypatch.setattr(ta, "FORCED_WIN_BN", win_blocks)
+    monkeypatch.setattr(ta, "REST_KEY_RANGES", key_ranges)
     q, k, v, idx = _stage2_inputs(T, Hq, Hk, Tq, seed=5)
     Tq = q.shape[0]
     pos = torch.arange(T - Tq, T, device=DEV)

@@ -29,7 +29,7 @@ PER_ROW_CFG = {"num_warps": 4, "num_stages": 2}
 # Length-like integer arguments of each kernel: not specialized, so a new length never recompiles
 # (see K2_LSE_LENGTH_ARGS in infllmv2_triton_select).
 LENGTH_ARGS = {
-    "_fwd_kernel": ["q_pos0", "n_keys", "n_sel", "sel_per_split", "s_ih", "s_ir", "s_ps", "s_ls"],
+    "_fwd_kernel": ["q_pos0", "n_keys", "n_sel", "sel_per_split", "s_ih", "s_ir", "s_ps", "s_ls", "blk_lo", "blk_hi"],
     "_fwd_forced_kernel": ["q_pos0", "n_rows", "n_keys"],
     "_bwd_dq_kernel": ["q_pos0", "n_keys", "n_sel", "s_ih", "s_ir"],
     "_bwd_dq_forced_kernel": ["q_pos0", "n_rows", "n_keys"],
@@ -75,6 +75,13 @@ DQ_ATOMIC = os.environ.get("SALA_INFLLMV2_DQ_ATOMIC", "1") not in ("", "0")
 # left, and runs on alone past their end. Measured on the H200 (55224ce): forward+backward at 128K 280.5 against
 # 295.2 ms in block order, stage 2's backward 175.1 against 187.2. SALA_INFLLMV2_DKDV_BUSIEST_FIRST=0: block order.
 DKDV_BUSIEST_FIRST = os.environ.get("SALA_INFLLMV2_DKDV_BUSIEST_FIRST", "1") not in ("", "0")
+
+# Key ranges of the forward's per-row rest pass, one launch each over all rows, the partial result carried in
+# the forced pass's float32 scratch. On random inputs the rows in flight (thousands) select blocks all over the
+# sequence, so the K/V they read (one KV head's, 67 MB at 128K) exceeds the 50 MB L2; a range shrinks it to its
+# share, at the cost of a read and a write of the float32 partials per extra range (~1 ms at 128K). Not yet
+# timed: SALA_INFLLMV2_REST_KEY_RANGES (default 1).
+REST_KEY_RANGES = int(os.environ.get("SALA_INFLLMV2_REST_KEY_RANGES", "1"))
 
 # The forward's forced-block pass over the local window in unmasked tiles of this many blocks where every row of
 # the program sees the keys whole (0: block by block, each masked; see _fwd_forced_kernel). The window is one
@@ -123,10 +130,14 @@ def _fwd_kernel(
     Q, K, V, IDX, O, LSE, OP, LP,
     q_pos0, n_keys, n_sel, sel_per_split, qk_scale2,
     s_qr, s_qh, s_kt, s_kh, s_vt, s_vh, s_ih, s_ir, s_or, s_oh, s_ps, s_pr, s_ph, s_ls, s_lr,
-    init_blocks, local_blocks,
+    init_blocks, local_blocks, blk_lo, blk_hi,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
     PREC: tl.constexpr, SPLIT: tl.constexpr, REST: tl.constexpr, SP2: tl.constexpr,
 ):
+    """One query row (its group's G heads) over its selected blocks; or (``SPLIT``) over a share of them into
+    the partials OP/LP. ``REST``: continue from the partial result in OP/LP (normalized output, LSE) over the
+    selected blocks in [init_blocks, qb - local_blocks) that lie in [blk_lo, blk_hi), into O/LSE, or with
+    ``SPLIT`` back into OP/LP for a later key range (REST_KEY_RANGES)."""
     r = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1)
     sp = tl.program_id(2)
@@ -138,16 +149,17 @@ def _fwd_kernel(
     qpos = q_pos0 + r
     kk = tl.arange(0, BS)
     if REST:
-        # continue from the forced blocks' partial result (OP/LP hold it): only the selected blocks
-        # in [init_blocks, qb - local_blocks) remain; they are contiguous in the sorted selection
+        # continue from the forced blocks' (or an earlier key range's) partial result in OP/LP: only the
+        # selected blocks in [init_blocks, qb - local_blocks) remain, those of this key range contiguous in the
+        # sorted selection
         acc = tl.load(OP + r * s_pr + (hk * G + h)[:, None] * s_ph + d[None, :], mask=hm[:, None] & dm[None, :], other=0.0)
         m_i = tl.load(LP + r * s_lr + hk * G + h, mask=hm, other=0.0)
         l_i = tl.full([GP], 1.0, tl.float32)
         ss = tl.arange(0, SP2)
         bv = tl.load(IDX + hk * s_ih + r * s_ir + ss, mask=ss < n_sel, other=-1)
         qb = qpos // BS
-        s_lo = tl.sum(((bv >= 0) & (bv < init_blocks)).to(tl.int32), axis=0)
-        s_hi = tl.maximum(tl.sum(((bv >= 0) & (bv < qb - local_blocks)).to(tl.int32), axis=0), s_lo)
+        s_lo = tl.sum(((bv >= 0) & (bv < tl.maximum(init_blocks, blk_lo))).to(tl.int32), axis=0)
+        s_hi = tl.maximum(tl.sum(((bv >= 0) & (bv < tl.minimum(qb - local_blocks, blk_hi))).to(tl.int32), axis=0), s_lo)
     else:
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
@@ -627,7 +639,7 @@ def sparse_attn_forward(q, k, v, topk_idx, q_pos0, block_size, scale, splits=1, 
         idx.stride(0), idx.stride(1), o.stride(0), o.stride(1),
         op.stride(0) if split else 0, op.stride(1), op.stride(2) if split else 0,
         lp.stride(0) if split else 0, lp.stride(1) if split else lse.stride(0),
-        0, 0,
+        0, 0, 0, 0,
         G=G, GP=GP, D=D, BD=BD, BS=block_size, PREC=_precision(q.dtype), SPLIT=split, REST=False, SP2=1,
         num_warps=4, num_stages=2,
     )
@@ -686,16 +698,20 @@ def _forward_two_pass(q, k, v, topk_idx, q_pos0, block_size, scale, forced, rows
                 **PER_ROW_CFG,
             )
             continue
-        _fwd_kernel[(n, Hk, 1)](
-            qc, k, v, ic, oc, lc, op, lc,
-            q_pos0 + r0, Tk, S, S, scale * LOG2E,
-            qc.stride(0), qc.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            ic.stride(0), ic.stride(1), oc.stride(0), oc.stride(1),
-            0, op.stride(0), op.stride(1), 0, lc.stride(0),
-            init_blocks, local_blocks,
-            G=G, GP=GP, D=D, BD=BD, BS=block_size, PREC=prec, SPLIT=False, REST=True,
-            SP2=triton.next_power_of_2(S), **PER_ROW_CFG,
-        )
+        n_blocks = triton.cdiv(Tk, block_size)
+        ranges = max(1, min(REST_KEY_RANGES, n_blocks))
+        for j in range(ranges):  # each key range over all rows: the K/V that the programs in flight read shrinks
+            last = j == ranges - 1
+            _fwd_kernel[(n, Hk, 1)](
+                qc, k, v, ic, oc, lc, op, lc,
+                q_pos0 + r0, Tk, S, S, scale * LOG2E,
+                qc.stride(0), qc.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                ic.stride(0), ic.stride(1), oc.stride(0), oc.stride(1),
+                0, op.stride(0), op.stride(1), 0, lc.stride(0),
+                init_blocks, local_blocks, n_blocks * j // ranges, n_blocks if last else n_blocks * (j + 1) // ranges,
+                G=G, GP=GP, D=D, BD=BD, BS=block_size, PREC=prec, SPLIT=not last, REST=True,
+                SP2=triton.next_power_of_2(S), **PER_ROW_CFG,
+            )
     return o, lse
 
 
