@@ -340,11 +340,12 @@ def bench_fwd(res, T, ok, dense=True, check=True):
         # lanes) costs 25-40% more on random inputs, where neighbouring rows share no block, in every run so far
         # (12a4455: 134.9 / 150.0 against 107.9 ms at 128K): no longer timed here (bench/train_step.py --union
         # times it on a trained student's selections, where it wins).
-        # The rest pass in 2 / 4 launches by key range (tattn.REST_KEY_RANGES): whether the K/V the rows in flight
-        # read, more than L2 holds on random inputs, is what bounds it.
+        # The rest pass in 1 / 2 / 4 launches by key range (tattn.REST_KEY_RANGES; the default's count by its rule
+        # is left out): the K/V that the rows in flight read exceeds L2 on random inputs.
         win = 0 if tattn.FORCED_WIN_BN else 2
+        ranges = [n for n in (1, 2, 4) if n != tattn._rest_key_ranges(T, D, 2)]
         for vname, attr, value in ((f"forced_win{win}", "FORCED_WIN_BN", win),
-                                   ("rest_ranges2", "REST_KEY_RANGES", 2), ("rest_ranges4", "REST_KEY_RANGES", 4)):
+                                   *((f"rest_ranges{n}", "REST_KEY_RANGES", n) for n in ranges)):
             before = getattr(tattn, attr)
             try:
                 setattr(tattn, attr, value)

@@ -359,6 +359,16 @@ def test_stage2_forward_matches_reference(T, Hq, Hk, Tq, win_blocks, key_ranges,
     torch.testing.assert_close(o3, o_ref, rtol=1e-4, atol=1e-5)
 
 
+def test_rest_pass_key_ranges_rule(monkeypatch):
+    """One rest-pass launch per 32 MiB of a KV head's K and V (bf16, d 128: 2 at 128K, 4 at 256K), 1 to 4; an
+    explicit count wins."""
+    monkeypatch.setattr(ta, "REST_KEY_RANGES", 0)
+    assert [ta._rest_key_ranges(t, 128, 2) for t in (8192, 65536, 131072, 262144, 1 << 20)] == [1, 1, 2, 4, 4]
+    assert ta._rest_key_ranges(131072, 128, 4) == 4
+    monkeypatch.setattr(ta, "REST_KEY_RANGES", 3)
+    assert ta._rest_key_ranges(8192, 128, 2) == 3
+
+
 def test_forced_window_tiles_only_where_shared_memory_holds_them(monkeypatch):
     """The forced-block pass's unmasked window tiles: 16-bit inputs on the GPU; float32 there keeps the per-block
     pass (its 128-key tiles asked the H200 for 256 KB of shared memory); the interpreter runs them at any width."""

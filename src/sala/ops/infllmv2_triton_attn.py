@@ -79,9 +79,12 @@ DKDV_BUSIEST_FIRST = os.environ.get("SALA_INFLLMV2_DKDV_BUSIEST_FIRST", "1") not
 # Key ranges of the forward's per-row rest pass, one launch each over all rows, the partial result carried in
 # the forced pass's float32 scratch. On random inputs the rows in flight (thousands) select blocks all over the
 # sequence, so the K/V they read (one KV head's, 67 MB at 128K) exceeds the 50 MB L2; a range shrinks it to its
-# share, at the cost of a read and a write of the float32 partials per extra range (~1 ms at 128K). Not yet
-# timed: SALA_INFLLMV2_REST_KEY_RANGES (default 1).
-REST_KEY_RANGES = int(os.environ.get("SALA_INFLLMV2_REST_KEY_RANGES", "1"))
+# share, at the cost of a read and a write of the float32 partials per extra range. Measured on the H200
+# (2454499), stage 2 / forward in ms for 1, 2, 4 ranges: 128K 77.3 / 105.0, 74.9 / 103.3, 78.1 / 105.4; 256K
+# 176.1 / 284.7, 173.4 / 278.5, 166.0 / 270.4. Hence the rule (_rest_key_ranges): one range per 32 MiB of a KV
+# head's K and V, at most 4. SALA_INFLLMV2_REST_KEY_RANGES sets a count (0: the rule).
+REST_KEY_RANGES = int(os.environ.get("SALA_INFLLMV2_REST_KEY_RANGES", "0"))
+REST_RANGE_BYTES = 32 << 20
 
 # The forward's forced-block pass over the local window in unmasked tiles of this many blocks where every row of
 # the program sees the keys whole (0: block by block, each masked; see _fwd_forced_kernel). The window is one
@@ -650,6 +653,14 @@ def sparse_attn_forward(q, k, v, topk_idx, q_pos0, block_size, scale, splits=1, 
     return o, lse
 
 
+def _rest_key_ranges(n_keys: int, d: int, itemsize: int) -> int:
+    """Launches of the rest pass (``REST_KEY_RANGES``, or one per ``REST_RANGE_BYTES`` of a KV head's K and V,
+    1 to 4)."""
+    if REST_KEY_RANGES > 0:
+        return REST_KEY_RANGES
+    return min(4, max(1, round(2 * n_keys * d * itemsize / REST_RANGE_BYTES)))
+
+
 def _forced_win_keys(dtype: torch.dtype, block_size: int) -> int:
     """Keys per unmasked window tile of the forced-block pass (``FORCED_WIN_BN`` blocks), or 0. 16-bit inputs:
     two stages of 128-key K and V tiles take 160 KB of shared memory; float32's 256 KB exceed an H100's 227 (the
@@ -699,7 +710,7 @@ def _forward_two_pass(q, k, v, topk_idx, q_pos0, block_size, scale, forced, rows
             )
             continue
         n_blocks = triton.cdiv(Tk, block_size)
-        ranges = max(1, min(REST_KEY_RANGES, n_blocks))
+        ranges = min(_rest_key_ranges(Tk, D, k.element_size()), n_blocks)
         for j in range(ranges):  # each key range over all rows: the K/V that the programs in flight read shrinks
             last = j == ranges - 1
             _fwd_kernel[(n, Hk, 1)](
