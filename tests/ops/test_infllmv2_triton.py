@@ -630,9 +630,11 @@ def test_kernels_do_not_recompile_across_lengths(monkeypatch):
         k2 = ref.compress_keys(k, P.kernel_size2, P.kernel_stride2)
         infllmv2_attention_triton(q, k, v, P, D ** -0.5, k1=k1, k2=k2, decode=True)
     for T in (n_sel + 32, n_sel + 37):  # prefill + backward at two lengths (32 % 16 == 0, 37 % 16 != 0)
-        q, k, v = make(T, Hq, Hk, seed=T)
-        q, k, v = (x.requires_grad_() for x in (q, k, v))
-        infllmv2_attention_triton(q, k, v, P, D ** -0.5).sum().backward()
+        for dq_atomic in (True, False):  # dq inside dk/dv (the default), or from the dq passes
+            monkeypatch.setattr(ta, "DQ_ATOMIC", dq_atomic)
+            q, k, v = make(T, Hq, Hk, seed=T)
+            q, k, v = (x.requires_grad_() for x in (q, k, v))
+            infllmv2_attention_triton(q, k, v, P, D ** -0.5).sum().backward()
     for name, calls in seen.items():
         assert calls, f"{name} was not launched"
         keys = {_specialization(kernels[name], a, kw) for a, kw in calls}
