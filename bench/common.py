@@ -45,10 +45,14 @@ def results_dir() -> Path:
 
 
 def git_commit() -> str:
+    """The commit the results belong to: SALA_COMMIT when set (the device machine's copy of the working tree
+    reports a stale HEAD: pass the hash in the call's command), else git's HEAD."""
+    if os.environ.get("SALA_COMMIT"):
+        return os.environ["SALA_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except Exception:
-        return os.environ.get("SALA_COMMIT", "unknown")
+        return "unknown"
 
 
 def time_ms(fn, warmup: int = 25, rep: int = 100, grad_to_none=None) -> float:
