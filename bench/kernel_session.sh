@@ -50,9 +50,9 @@ step() {  # step NAME LIMIT COMMAND...: run under `timeout LIMIT` if that much t
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee -a "$OUT/session.log"
 LIMIT=${LIGHTNING_LIMIT:-200}
 # the default forward against fla, its passes timed apart, and this card's copy rate; beside it the same passes
-# on block pointers instead of the TMA tiles, the former segment lengths
+# on block pointers instead of the TMA tiles, the former segment lengths, pass 1 launch candidates
 # (LIGHTNING_VARIANTS / _CASES: regexes)
-step lightning "$LIMIT" python bench/lightning.py --no-sweep --variants "${LIGHTNING_VARIANTS:-blockptr|seg}" \
+step lightning "$LIMIT" python bench/lightning.py --no-sweep --variants "${LIGHTNING_VARIANTS:-blockptr|seg|delta}" \
   --budget-s $((LIMIT - 70)) \
   --cases "${LIGHTNING_CASES:-^(fwd_bf16_131072|fwd_bf16_1048576|fwdbwd_bf16_131072|varlen_bf16_.*|fwd_fp32_131072)\$}"
 if [ -d "$STUDENT" ]; then

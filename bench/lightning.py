@@ -284,8 +284,14 @@ VARIANTS = {
     # pass 1 on one 128-wide V block (k read once; offline 214 registers on 4 warps / 126 on 8, 64 KB, two programs
     # per SM): 6.44 / 6.34 ms (4 / 8 warps) against 6.10, removed; 8192-token segments (half the programs and
     # states) beat 4096 in two runs (5.94 / 5.84 vs 6.10 / 5.92 ms) and are the default since (4096: the reference).
+    # Pass 1 of float32 (1.69 ms at 12a4455 against a 1.0 ms floor for reading k and v): 1024 programs at three
+    # per SM fill 2.6 waves of an H200's 132 SMs (the third 60% full). Candidates (offline sm_90): 64-token
+    # chunks, two per SM (160 registers, 98 KB): 3.9 waves; V block 32, four per SM (105 registers, 41 KB):
+    # 3.9 waves, k read four times (L2). Not yet timed.
     ("fwd", torch.float32, 131072): [BLOCKPTR, F32_C32,
-                                     ("sala-f32-seg4096", {}, {"SALA_LIGHTNING_SEG": "4096"})],
+                                     ("sala-f32-seg4096", {}, {"SALA_LIGHTNING_SEG": "4096"}),
+                                     ("sala-f32-delta-c64", {}, {"SALA_LIGHTNING_DELTA_CHUNK": "64"}),
+                                     ("sala-f32-delta-bv32", {}, {"SALA_LIGHTNING_DELTA_BV": "32"})],
     ("fwdbwd", torch.float32, 131072): [F32_C32],
     # the backward recomputing dq's segment states (one state pass more) instead of reusing the forward's
     ("fwdbwd", torch.bfloat16, 131072): [("sala-states-recomputed", {}, {"SALA_LIGHTNING_SAVED_STATES_SHARE": "0"}),

@@ -114,7 +114,8 @@ def kernel_resources(kernel: str = "output", dtype: str = "bf16", H: int = 32, D
     (``lightning_triton.weight_k_wanted``; None: as the library launches it)."""
     tdtype = DTYPES[dtype]
     env = {"SALA_LIGHTNING_DELTA_CHUNK" if kernel == "delta" else "SALA_LIGHTNING_CHUNK": chunk,
-           "SALA_LIGHTNING_STAGES": stages, "SALA_LIGHTNING_MAXNREG": maxnreg,
+           "SALA_LIGHTNING_DELTA_STAGES" if kernel == "delta" else "SALA_LIGHTNING_STAGES": stages,
+           "SALA_LIGHTNING_MAXNREG": maxnreg,
            "SALA_LIGHTNING_DELTA_BV" if kernel == "delta" else "SALA_LIGHTNING_BV": bv,
            "SALA_LIGHTNING_DELTA_WARPS" if kernel == "delta" else "SALA_LIGHTNING_WARPS": warps}
     interpret, lt._INTERPRET = lt._INTERPRET, False  # the GPU's launch options, whatever this process runs
