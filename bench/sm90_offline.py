@@ -99,6 +99,9 @@ def compile_resources(fn, constexprs: dict, options: dict, arg_type, int_args_al
             "async_copies": ttgir.count("ttg.async_copy_global_to_local"),
             "atomics": len(re.findall(r"\b(?:atom|red)\.global\S*", compiled.asm["ptx"])),
             "tma_copies": ttgir.count("async_tma_copy_global_to_local"),
+            # layout conversions (through shared memory, each with barriers) and CTA barriers in the PTX: an
+            # epilogue's hidden cost (stage 1's block keys: 4 conversions of [8, 16] tensors per tile)
+            "convert_layouts": ttgir.count("ttg.convert_layout"), "barriers": compiled.asm["ptx"].count("bar.sync"),
             # products' layouts: MMA version, warps along M x N, instruction tile (M x N); warps along M beyond
             # what the rows fill (8 on 64 rows) hold the same rows twice
             "mma_layouts": [f"v{v} warps {m}x{n} instr {im}x{i_n}" for v, m, n, im, i_n in layouts]}
