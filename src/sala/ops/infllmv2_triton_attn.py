@@ -6,10 +6,14 @@ a key is visible when its position is <= the query's (causal inside the query's 
 
 * forward: one program per (query row, KV head); the G query heads of the group are the rows of the dot
   (the selection is shared by the group), online softmax over the S selected blocks. ``splits > 1``
-  divides the blocks over programs (decode) and merges the partial results by their LSE.
-* backward dq: the same loop per row with the saved LSE and delta = rowsum(dO * O).
+  divides the blocks over programs (decode) and merges the partial results by their LSE. With ``forced``
+  (prefill), the forced blocks (initial + local window) of several rows go first in a shared pass (the
+  window in unmasked tiles where every row sees it), then the per-row pass visits the other selected blocks
+  in key ranges (REST_KEY_RANGES), the partial result carried in a float32 scratch.
 * backward dk/dv: one program per (key block, KV head) over the rows that selected the block (an inverted
-  index built with a sort), so dk/dv accumulate in registers without atomics.
+  index built with a sort; the busiest blocks start first), so dk/dv accumulate in registers without atomics;
+  by default the same programs add each row's dq share with float32 atomics (DQ_ATOMIC).
+* backward dq otherwise: the forward's loop per row with the saved LSE and delta = rowsum(dO * O).
 """
 
 from __future__ import annotations
