@@ -9,7 +9,8 @@ scores (``ROW_TOPK``, the default), or ``torch.topk`` + sort on int64 block keys
 * ``_block_key_kernel``: stage-1 scores ``sum_h exp(scale q_h.K1_j - LSE_h)`` for a tile of K1 chunks, the
   group sum over the G heads of the KV group done in registers (rows of the dot are (query row, head)
   pairs; per-head scores never reach memory), rounded to q's dtype like the release, max-pooled into blocks
-  ([r b - 1, r b + r), the chunk r b - 1 comes from a second small dot), forced init/local blocks set to
+  ([r b - 1, r b + r): the chunk r b - 1 is the previous block's last column, carried from tile to tile; a
+  program's first tile scores it with a second small dot), forced init/local blocks set to
   +inf, and written as one int64 key per block: ``float bits << 24 | (2^24 - 1 - b)``. The keys are unique,
   so ``torch.topk`` on them picks the same blocks as a stable sort (ties to the lower block index) on any
   device. Blocks after the query's own block get -inf (in the reference they score 0 or -inf and lose
