@@ -140,9 +140,9 @@ def kernel_resources(kernel: str = "output", dtype: str = "bf16", H: int = 32, D
 
 
 def infllmv2_resources(kernel: str = "rest", G: int = 16, D: int = 128, BS: int = 64, union_lanes: int = 16,
-                       warps: int | None = None, stages: int | None = None) -> dict:
-    """The same for InfLLM-V2's kernels at the launch parameters the library uses (bf16, the release's group of
-    16 heads, d 128, 64-token blocks by default): stage 2's ``rest`` (one query row per program over its
+                       warps: int | None = None, stages: int | None = None, dtype: str = "bf16") -> dict:
+    """The same for InfLLM-V2's kernels at the launch parameters the library uses (``dtype`` inputs, bf16 by
+    default; the release's group of 16 heads, d 128, 64-token blocks by default): stage 2's ``rest`` (one query row per program over its
     selected blocks), ``forced`` (init and local blocks of several rows; ``forced_per_block`` with the
     window block by block, each masked, instead of in unmasked tiles), ``union`` (the rest pass over
     neighbouring rows' union), ``dq``, ``dkdv`` and ``dkdv_lanes`` (backward; the latter the [lanes, keys]
@@ -157,7 +157,7 @@ def infllmv2_resources(kernel: str = "rest", G: int = 16, D: int = 128, BS: int 
         fn, ce, opts = at._fwd_kernel, dict(base, GP=GP, SPLIT=False, REST=True, SP2=128), dict(at.PER_ROW_CFG)
     elif kernel in ("forced", "forced_per_block"):  # per block: the window's blocks each masked (FORCED_WIN_BN=0)
         gp, rb = at._multi_row(G, 128)
-        win = 0 if kernel == "forced_per_block" else at.FORCED_WIN_BN * BS
+        win = 0 if kernel == "forced_per_block" else at._forced_win_keys(DTYPES[dtype], BS)
         fn, ce, opts = at._fwd_forced_kernel, dict(base, GP=gp, RB=rb, WIN_BN=win), {"num_warps": 8, "num_stages": 2}
     elif kernel == "union":
         gp, rb = at._multi_row(G, union_lanes)
@@ -195,7 +195,7 @@ def infllmv2_resources(kernel: str = "rest", G: int = 16, D: int = 128, BS: int 
         if name in idx:
             return "*i32"
         if name.isupper():
-            return "*bf16"
+            return "*" + dtype
         return "fp32" if name in ("qk_scale2", "scale") else "i32"
 
     lengths = {**at.LENGTH_ARGS, "_block_key_kernel": sel.BLOCK_KEY_LENGTH_ARGS,
@@ -225,7 +225,7 @@ def main():
     args = ap.parse_args()
     if args.kernel.startswith("infllmv2_"):
         print(json.dumps(infllmv2_resources(args.kernel.removeprefix("infllmv2_"), warps=args.warps,
-                                            stages=args.stages)))
+                                            stages=args.stages, dtype=args.dtype)))
         return
     for name in (KERNELS if args.kernel == "both" else [args.kernel]):
         print(json.dumps(kernel_resources(name, args.dtype, args.heads, args.dim, chunk=args.chunk, bv=args.bv,

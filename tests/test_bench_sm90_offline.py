@@ -67,6 +67,9 @@ def test_infllmv2_stage2_kernels_compile_and_report():
     # window parts) of two products each, still without spills, in the 227 KB of an H100's SM
     (forced,) = _run("--kernel", "infllmv2_forced")
     assert forced["wgmma"] == 8 and forced["spill_bytes"] == 0 and forced["shared_bytes"] <= 227 * 1024, forced
+    # float32 keeps the per-block window (its 128-key tiles would ask for 320 KB): it fits, without spills
+    (f32,) = _run("--kernel", "infllmv2_forced", "--dtype", "fp32")
+    assert f32["wgmma"] == 2 and f32["spill_bytes"] == 0 and f32["shared_bytes"] <= 227 * 1024, f32
 
 
 def test_infllmv2_dkdv_forms_and_stage_one_compile_and_report():
