@@ -407,11 +407,11 @@ def bench_fwdbwd(res, T, ok):
             note="correct = gradient check at T=8192 (correctness section)")
     # variants of the backward, each a module switch flipped for its rows: dq from its two passes (fixed summation
     # order) instead of added inside the dk/dv kernel (tattn.DQ_ATOMIC, the default since 12a4455's run), and the
-    # dk/dv programs in block order instead of busiest first (tattn.DKDV_BUSIEST_FIRST). The other dk/dv form
-    # ([keys, lanes], DKDV_LANES_AS_M=False) was last timed at 12a4455: 410.6 against 332.7 ms.
+    # dk/dv programs in block order instead of busiest first (tattn.DKDV_BUSIEST_FIRST). (The former [keys, lanes]
+    # dk/dv form, last timed at 12a4455 at 410.6 against 332.7 ms, is gone.)
     variants = []
     if T <= 262144:
-        if tattn.DQ_ATOMIC and tattn.DKDV_LANES_AS_M:
+        if tattn.DQ_ATOMIC:
             variants.append(("dq_passes", "DQ_ATOMIC", False))
         variants.append((f"busiest_first_{not tattn.DKDV_BUSIEST_FIRST}", "DKDV_BUSIEST_FIRST",
                          not tattn.DKDV_BUSIEST_FIRST))

@@ -45,7 +45,7 @@ REGISTERS_PER_SM = 65536
 SHARED_PER_SM = 228 * 1024
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KERNELS = {"output": kn._segment_output_kernel, "delta": kn._segment_delta_kernel}
-INFLLMV2_KERNELS = ("rest", "forced", "forced_per_block", "union", "dq", "dkdv", "dkdv_lanes", "dkdv_dq", "blockkey", "k2lse")
+INFLLMV2_KERNELS = ("rest", "forced", "forced_per_block", "union", "dq", "dkdv", "dkdv_dq", "blockkey", "k2lse")
 TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 FP32_POINTERS = ("g_ptr", "state_ptr", "delta_ptr")
 INDEX_POINTERS = ("seg_seq_ptr", "seg_tau0_ptr", "seq_bos_ptr", "seq_len_ptr")
@@ -145,8 +145,8 @@ def infllmv2_resources(kernel: str = "rest", G: int = 16, D: int = 128, BS: int 
     default; the release's group of 16 heads, d 128, 64-token blocks by default): stage 2's ``rest`` (one query row per program over its
     selected blocks), ``forced`` (init and local blocks of several rows; ``forced_per_block`` with the
     window block by block, each masked, instead of in unmasked tiles), ``union`` (the rest pass over
-    neighbouring rows' union), ``dq``, ``dkdv`` and ``dkdv_lanes`` (backward; the latter the [lanes, keys]
-    form; ``dkdv_dq`` that form adding dq's share atomically); stage 1's ``blockkey`` (scores, group sum,
+    neighbouring rows' union), ``dq`` and ``dkdv`` (backward, dq from its own passes; ``dkdv_dq`` adding dq's
+    share atomically, the default); stage 1's ``blockkey`` (scores, group sum,
     pooling) and ``k2lse``."""
     from sala.ops import infllmv2_triton_attn as at
     from sala.ops import infllmv2_triton_select as sel
@@ -164,11 +164,9 @@ def infllmv2_resources(kernel: str = "rest", G: int = 16, D: int = 128, BS: int 
         fn, ce, opts = at._fwd_union_kernel, dict(base, GP=gp, RB=rb, SP2=128), dict(at.PER_ROW_CFG)
     elif kernel == "dq":
         fn, ce, opts = at._bwd_dq_kernel, dict(base, GP=GP, REST=True, SP2=128), dict(at.PER_ROW_CFG)
-    elif kernel in ("dkdv", "dkdv_lanes", "dkdv_dq"):  # lanes: score products as [lanes, keys] on 128 lanes;
-        lanes_as_m = kernel != "dkdv"                 # dq: also dq's share of each block, added atomically
-        gp, rb, warps_ = at.dkdv_launch(G, BD, lanes_as_m)
-        fn, ce, opts = at._bwd_dkdv_kernel, dict(base, GP=gp, RB=rb, LANES_AS_M=lanes_as_m,
-                                                 DQ_ATOMIC=kernel == "dkdv_dq"), \
+    elif kernel in ("dkdv", "dkdv_dq"):  # dkdv_dq: also dq's share of each block, added atomically (the default)
+        gp, rb, warps_ = at.dkdv_launch(G, BD)
+        fn, ce, opts = at._bwd_dkdv_kernel, dict(base, GP=gp, RB=rb, DQ_ATOMIC=kernel == "dkdv_dq"), \
             {"num_warps": warps_, "num_stages": 2}
     elif kernel in ("blockkey", "k2lse"):  # stage 1 at the tuned 8 query rows per program (128 dot rows)
         rows = 8

@@ -72,16 +72,12 @@ def test_infllmv2_stage2_kernels_compile_and_report():
     assert f32["wgmma"] == 2 and f32["spill_bytes"] == 0 and f32["shared_bytes"] <= 227 * 1024, f32
 
 
-def test_infllmv2_dkdv_forms_and_stage_one_compile_and_report():
-    """dk/dv: the former [keys, lanes] products lie on 8 warps along 64 rows (computed twice); the lanes form's
-    128-lane products (the default since an H200 run: fwd+bwd 331 vs 409 ms at 128K) do not, and it does not
-    spill. Stage 1's kernels: on wgmma, no spills."""
-    (dkdv,) = _run("--kernel", "infllmv2_dkdv")
-    assert any("warps 8x1" in lay and "instr 16x32" in lay for lay in dkdv["mma_layouts"]), dkdv
-    (lanes,) = _run("--kernel", "infllmv2_dkdv_lanes")
+def test_infllmv2_dkdv_and_stage_one_compile_and_report():
+    """dk/dv: 128-lane [lanes, keys] products on wgmma without spills; with dq added inside (the default) one
+    product more and its [128, 128] share added in 16-byte atomics. Stage 1's kernels: on wgmma, no spills."""
+    (lanes,) = _run("--kernel", "infllmv2_dkdv")
     assert lanes["RB"] * lanes["GP"] == 128 and lanes["spill_bytes"] == 0 and lanes["wgmma"] == 4, lanes
     assert lanes["atomics"] == 0
-    # the candidate adding dq inside: one product more, its [128, 128] share added in 16-byte atomics
     (dq,) = _run("--kernel", "infllmv2_dkdv_dq")
     assert dq["wgmma"] == 5 and 0 < dq["atomics"] <= 128 * 128 // 4 // (32 * dq["num_warps"]), dq
     for kernel in ("infllmv2_blockkey", "infllmv2_k2lse"):

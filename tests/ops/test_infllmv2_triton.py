@@ -429,14 +429,11 @@ def test_union_rest_pass_matches_reference(Hq, Hk, overlap, monkeypatch):
         assert sum(len(x) > P.init_blocks + P.local_blocks + 1 for x in shared) > len(shared) // 2
 
 
-@pytest.mark.parametrize("lanes_as_m", [False, True])
 @pytest.mark.parametrize("Hq,Hk", [(8, 1), (9, 3), (12, 2)])
-def test_stage2_gradients_match_reference_autograd(Hq, Hk, lanes_as_m, monkeypatch):
+def test_stage2_gradients_match_reference_autograd(Hq, Hk, monkeypatch):
     """Groups of 8, 3 (SmolLM2's 9/3 heads: the multi-row kernels pad it to 4 lanes) and 6 (to 8); forced
-    blocks in a shared pass, or all per row; dk/dv with the score products as [keys, lanes] or [lanes, keys] on
-    128 lanes (``DKDV_LANES_AS_M``, the default); dq from the dq passes (dq added inside dk/dv, the default, is
-    the next test)."""
-    monkeypatch.setattr(ta, "DKDV_LANES_AS_M", lanes_as_m)
+    blocks in a shared pass, or all per row; dq from the dq passes (dq added inside dk/dv, the default, is the
+    next test)."""
     monkeypatch.setattr(ta, "DQ_ATOMIC", False)
     q, k, v, idx = _stage2_inputs(T_LONG, Hq, Hk, seed=9)
     expected = _reference_grads(q, k, v, idx)
@@ -449,7 +446,6 @@ def test_stage2_dq_added_inside_dkdv_matches_reference_autograd(Hq, Hk, monkeypa
     """``DQ_ATOMIC`` (the default): dq from the dk/dv kernel's atomic sums (every selected block, forced ones
     included) instead of the dq passes, whose launches must then not run; gradients equal the reference's, with
     forced blocks declared and without."""
-    monkeypatch.setattr(ta, "DKDV_LANES_AS_M", True)
     monkeypatch.setattr(ta, "DQ_ATOMIC", True)
     dq_launches = []
     monkeypatch.setattr(ta, "_dq_passes", lambda *a, **kw: dq_launches.append(1))

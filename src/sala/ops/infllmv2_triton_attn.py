@@ -51,15 +51,13 @@ LENGTH_ARGS = {
 # per-row kernels. Not yet timed on a GPU: off unless SALA_INFLLMV2_UNION_LANES says how many lanes (e.g. 16).
 UNION_LANES = int(os.environ.get("SALA_INFLLMV2_UNION_LANES", "0"))
 
-# dk/dv with the score products as [lanes, keys] on 128 lanes (8 rows of the release's 16-head group) instead of
-# [keys, lanes] on 64: offline (bench/sm90_offline.py --kernel infllmv2_dkdv / _dkdv_lanes) the default lays its
-# [64 keys, 64 lanes] products over 8 warps along the keys, two warpgroups computing the same 64 rows (255
-# registers, 8 B spilled); the lanes form has none held twice, twice the rows per step, no spill (248
-# registers, 178 KB). The default since its H200 run (87effea): forward+backward at 128K 331.5 against 409.2 ms,
-# stage 2's backward 222.8 against 297.4, same run, gradients equal. SALA_INFLLMV2_DKDV_LANES=0 turns it off.
-DKDV_LANES_AS_M = os.environ.get("SALA_INFLLMV2_DKDV_LANES", "1") not in ("", "0")
+# dk/dv with the score products as [lanes, keys] on 128 lanes (8 rows of the release's 16-head group). The former
+# [keys, lanes] form on 64 lanes laid its [64 keys, 64 lanes] products over 8 warps along the keys, two warpgroups
+# computing the same 64 rows (offline: 255 registers, 8 B spilled; the lanes form 248, none), and was slower in
+# every H200 run: forward+backward at 128K 409.2 / 408.8 / 410.6 against 331.5 / 331.0 / 332.7 ms (87effea,
+# f08c018, 12a4455). Removed after the last.
 
-# dq inside the dk/dv kernel (lanes form only): each key block's program also computes its rows' share of dq
+# dq inside the dk/dv kernel: each key block's program also computes its rows' share of dq
 # (ds k, the product its dk already needs ds for) and adds it atomically into a float32 [R, Hq, D] sum, so the
 # two dq passes (forced blocks, then the rest per row: each gathers the K/V of every selected block again) do
 # not run: 8 KB of float32 atomics per (row, block) pair instead of 32 KB of K/V gathered. dq's float32 sums then
@@ -402,14 +400,12 @@ def _bwd_dkdv_kernel(
     q_pos0, n_keys, n_blocks, qk_scale2, scale,
     s_qr, s_qh, s_kt, s_kh, s_vt, s_vh, s_dr, s_dh, s_lr, s_ar, s_ah,
     G: tl.constexpr, GP: tl.constexpr, RB: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BS: tl.constexpr, PREC: tl.constexpr, LANES_AS_M: tl.constexpr = False, DQ_ATOMIC: tl.constexpr = False,
+    BS: tl.constexpr, PREC: tl.constexpr, DQ_ATOMIC: tl.constexpr = False,
 ):
     """dk, dv of one (key block, KV head) over the rows that chose it, RB rows x GP heads (lanes) at a time
     (``DQ_ATOMIC``: and the rows' dq share, added into the float32 sums DQA). Program i takes the pair
-    ``ORDER[i]`` (= hk * n_blocks + block), see ``DKDV_BUSIEST_FIRST``.
-    ``LANES_AS_M``: the score products as [lanes, keys] instead of [keys, lanes], so that with 128 lanes on
-    8 warps no product has fewer rows than its warps cover (64 keys on 8 warps are computed twice)."""
-    tl.static_assert(LANES_AS_M or not DQ_ATOMIC, "dq in the dk/dv kernel: the lanes form only")
+    ``ORDER[i]`` (= hk * n_blocks + block), see ``DKDV_BUSIEST_FIRST``. The score products are [lanes, keys]:
+    with 128 lanes on 8 warps no product has fewer rows than its warps cover."""
     pair = tl.load(ORDER + tl.program_id(0))
     hk = pair // n_blocks
     blk = pair % n_blocks
@@ -436,26 +432,17 @@ def _bwd_dkdv_kernel(
         lse = tl.load(LSE + row * s_lr + hk * G + h, mask=ok, other=0.0)
         delta = tl.load(DELTA + row * s_lr + hk * G + h, mask=ok, other=0.0)
         qpos = q_pos0 + row
-        if LANES_AS_M:
-            vis = (qpos[:, None] >= kpos[None, :]) & ok[:, None] & km[None, :]
-            s_ = mma(q, tl.trans(k), PREC) * qk_scale2
-            p_ = tl.where(vis, tl.exp2(s_ - lse[:, None]), 0.0)
-            dv += mma(tl.trans(p_.to(do.dtype)), do, PREC)
-            dp = mma(do, tl.trans(v), PREC)
-            ds = p_ * (dp - delta[:, None])
-            dk += mma(tl.trans(ds.to(q.dtype)), q, PREC)
-            if DQ_ATOMIC:  # this block's share of dq, added into the rows' float32 sums
-                dqp = mma(ds.to(k.dtype), k, PREC) * scale
-                tl.atomic_add(DQA + row[:, None] * s_ar + (hk * G + h)[:, None] * s_ah + d[None, :], dqp, mask=qm,
-                              sem="relaxed")
-        else:
-            vis = (kpos[:, None] <= qpos[None, :]) & ok[None, :] & km[:, None]
-            st = mma(k, tl.trans(q), PREC) * qk_scale2
-            pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
-            dv += mma(pt.to(do.dtype), do, PREC)
-            dpt = mma(v, tl.trans(do), PREC)
-            dst = pt * (dpt - delta[None, :])
-            dk += mma(dst.to(q.dtype), q, PREC)
+        vis = (qpos[:, None] >= kpos[None, :]) & ok[:, None] & km[None, :]
+        s_ = mma(q, tl.trans(k), PREC) * qk_scale2
+        p_ = tl.where(vis, tl.exp2(s_ - lse[:, None]), 0.0)
+        dv += mma(tl.trans(p_.to(do.dtype)), do, PREC)
+        dp = mma(do, tl.trans(v), PREC)
+        ds = p_ * (dp - delta[:, None])
+        dk += mma(tl.trans(ds.to(q.dtype)), q, PREC)
+        if DQ_ATOMIC:  # this block's share of dq, added into the rows' float32 sums
+            dqp = mma(ds.to(k.dtype), k, PREC) * scale
+            tl.atomic_add(DQA + row[:, None] * s_ar + (hk * G + h)[:, None] * s_ah + d[None, :], dqp, mask=qm,
+                          sem="relaxed")
     om = km[:, None] & dm[None, :]
     tl.store(DK + kpos[:, None] * s_kt + hk * s_kh + d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=om)
     tl.store(DV + kpos[:, None] * s_vt + hk * s_vh + d[None, :], dv.to(DV.dtype.element_ty), mask=om)
@@ -602,11 +589,9 @@ def _multi_row(G: int, lanes: int) -> tuple[int, int]:
     return gp, max(1, lanes // gp)
 
 
-def dkdv_launch(G: int, BD: int, lanes_as_m: bool | None = None) -> tuple[int, int, int]:
-    """(padded group, rows, warps) of the dk/dv kernel: 64 lanes, or 128 in the [lanes, keys] form
-    (``lanes_as_m``, default ``DKDV_LANES_AS_M``)."""
-    lanes_as_m = DKDV_LANES_AS_M if lanes_as_m is None else lanes_as_m
-    gp, rb = _multi_row(G, 128 if lanes_as_m else 64)
+def dkdv_launch(G: int, BD: int) -> tuple[int, int, int]:
+    """(padded group, rows, warps) of the dk/dv kernel: 128 lanes."""
+    gp, rb = _multi_row(G, 128)
     return gp, rb, 4 if BD <= 64 else 8
 
 
@@ -852,7 +837,7 @@ def sparse_attn_backward(do, q, k, v, o, lse, topk_idx, q_pos0, block_size, scal
     do = do.contiguous()
     delta = _delta(o, do)
     prec = _precision(q.dtype)
-    dq_atomic = DQ_ATOMIC and DKDV_LANES_AS_M
+    dq_atomic = DQ_ATOMIC
     if dq_atomic:  # dq comes from the dk/dv kernel below, summed here
         dqa = torch.zeros(R, Hq, D, device=q.device, dtype=torch.float32)
     else:
@@ -869,7 +854,7 @@ def sparse_attn_backward(do, q, k, v, o, lse, topk_idx, q_pos0, block_size, scal
         q_pos0, Tk, n_blocks, scale * LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), lse.stride(0), acc.stride(0), acc.stride(1),
-        G=G, GP=gpm, RB=rb, D=D, BD=BD, BS=block_size, PREC=prec, LANES_AS_M=DKDV_LANES_AS_M,
+        G=G, GP=gpm, RB=rb, D=D, BD=BD, BS=block_size, PREC=prec,
         DQ_ATOMIC=dq_atomic, num_warps=warps, num_stages=2,
     )
     if dq_atomic:
