@@ -223,19 +223,17 @@ def _forced_block(i, n_init, loc_lo, qb, ok, local_blocks):
 
 
 @triton.jit
-def _forced_step(q, K, V, k0, qpos, qb, ok, hk, n_keys, local_blocks, qk_scale2, m_i, l_i, acc,
-                 s_kt, s_kh, s_vt, s_vh, d, dm, NK: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr,
-                 MASKED: tl.constexpr):
-    """The NK keys from k0 of the forced blocks' online softmax. ``MASKED``: each lane keeps only the keys of
-    its own window (from block qb - local_blocks) up to its own position; otherwise every lane sees all NK."""
+def _forced_step(q, K, V, k0, use, lo, qpos, hk, n_keys, qk_scale2, m_i, l_i, acc,
+                 s_kt, s_kh, s_vt, s_vh, d, dm, NK: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr):
+    """The NK keys from k0 in the forced blocks' online softmax. ``MASKED``: lane i keeps the keys in
+    [lo_i, qpos_i] if ``use``_i, none otherwise; unmasked, every lane sees all NK."""
     kpos = tl.arange(0, NK).to(tl.int64) + k0
     km = kpos < n_keys
     kt = _kv_tile_t(K, kpos, km, hk, s_kt, s_kh, d, dm)
     vb = _kv_tile(V, kpos, km, hk, s_vt, s_vh, d, dm)
     sc = mma(q, kt, PREC) * qk_scale2
     if MASKED:
-        vis = ok[:, None] & (kpos[None, :] >= ((qb - local_blocks) * BS)[:, None]) & (kpos[None, :] <= qpos[:, None]) \
-            & km[None, :]
+        vis = use[:, None] & (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= qpos[:, None]) & km[None, :]
         sc = tl.where(vis, sc, float("-inf"))
     return _softmax_step(m_i, l_i, acc, sc, vb, PREC)
 
@@ -264,45 +262,35 @@ def _fwd_forced_kernel(
     dm = d < D
     row64 = row.to(tl.int64)
     q = tl.load(Q + row64[:, None] * s_qr + (hk * G + h)[:, None] * s_qh + d[None, :], mask=ok[:, None] & dm[None, :], other=0.0)
-    kk = tl.arange(0, BS)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
+    no_lo = tl.zeros_like(qpos)  # no lower bound but the block's own
     if WIN_BN == 0:
         for i in range(0, n_loop):
             b, use = _forced_block(i, n_init, loc_lo, qb, ok, local_blocks)
-            kpos = b.to(tl.int64) * BS + kk
-            kt = _kv_tile_t(K, kpos, kpos < n_keys, hk, s_kt, s_kh, d, dm)
-            vb = _kv_tile(V, kpos, kpos < n_keys, hk, s_vt, s_vh, d, dm)
-            sc = mma(q, kt, PREC) * qk_scale2
-            vis = use[:, None] & (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < n_keys)
-            sc = tl.where(vis, sc, float("-inf"))
-            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, sc, vb, PREC)
+            m_i, l_i, acc = _forced_step(q, K, V, b * BS, use, no_lo, qpos, hk, n_keys, qk_scale2, m_i, l_i, acc,
+                                         s_kt, s_kh, s_vt, s_vh, d, dm, BS, PREC, True)
     else:
-        for b in range(0, n_init):  # initial blocks below every row's window (few: int32 positions)
-            kpos = (b * BS + kk).to(tl.int64)
-            kt = _kv_tile_t(K, kpos, kpos < n_keys, hk, s_kt, s_kh, d, dm)
-            vb = _kv_tile(V, kpos, kpos < n_keys, hk, s_vt, s_vh, d, dm)
-            sc = mma(q, kt, PREC) * qk_scale2
-            vis = ok[:, None] & (b < qb - local_blocks)[:, None] & (kpos[None, :] <= qpos[:, None]) \
-                & (kpos[None, :] < n_keys)
-            sc = tl.where(vis, sc, float("-inf"))
-            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, sc, vb, PREC)
+        for b in range(0, n_init):  # initial blocks below a row's window
+            m_i, l_i, acc = _forced_step(q, K, V, b * BS, ok & (b < qb - local_blocks), no_lo, qpos, hk, n_keys,
+                                         qk_scale2, m_i, l_i, acc, s_kt, s_kh, s_vt, s_vh, d, dm, BS, PREC, True)
         qb_lo = (q_pos0 + pid * RB) // BS
         qb_hi = (q_pos0 + tl.minimum(pid * RB + RB, n_rows) - 1) // BS
         w_lo = loc_lo * BS
         w_hi = tl.minimum((qb_hi + 1) * BS, n_keys)
+        win_lo = (qb - local_blocks) * BS  # each lane's window start
         u_lo = tl.maximum(qb_hi - local_blocks, 0) * BS  # every row sees [u_lo, qb_lo * BS) whole
         u_hi = u_lo + tl.maximum(qb_lo * BS - u_lo, 0) // WIN_BN * WIN_BN
         for k0 in range(w_lo, u_lo, BS):
-            m_i, l_i, acc = _forced_step(q, K, V, k0, qpos, qb, ok, hk, n_keys, local_blocks, qk_scale2, m_i, l_i,
-                                         acc, s_kt, s_kh, s_vt, s_vh, d, dm, BS, BS, PREC, True)
+            m_i, l_i, acc = _forced_step(q, K, V, k0, ok, win_lo, qpos, hk, n_keys, qk_scale2, m_i, l_i, acc,
+                                         s_kt, s_kh, s_vt, s_vh, d, dm, BS, PREC, True)
         for k0 in range(u_lo, u_hi, WIN_BN):
-            m_i, l_i, acc = _forced_step(q, K, V, k0, qpos, qb, ok, hk, n_keys, local_blocks, qk_scale2, m_i, l_i,
-                                         acc, s_kt, s_kh, s_vt, s_vh, d, dm, WIN_BN, BS, PREC, False)
+            m_i, l_i, acc = _forced_step(q, K, V, k0, ok, win_lo, qpos, hk, n_keys, qk_scale2, m_i, l_i, acc,
+                                         s_kt, s_kh, s_vt, s_vh, d, dm, WIN_BN, PREC, False)
         for k0 in range(u_hi, w_hi, BS):
-            m_i, l_i, acc = _forced_step(q, K, V, k0, qpos, qb, ok, hk, n_keys, local_blocks, qk_scale2, m_i, l_i,
-                                         acc, s_kt, s_kh, s_vt, s_vh, d, dm, BS, BS, PREC, True)
+            m_i, l_i, acc = _forced_step(q, K, V, k0, ok, win_lo, qpos, hk, n_keys, qk_scale2, m_i, l_i, acc,
+                                         s_kt, s_kh, s_vt, s_vh, d, dm, BS, PREC, True)
     o, lse = _softmax_finish(m_i, l_i, acc)
     tl.store(OP + row64[:, None] * s_pr + (hk * G + h)[:, None] * s_ph + d[None, :], o, mask=ok[:, None] & dm[None, :])
     tl.store(LP + row64 * s_lr + hk * G + h, lse, mask=ok)
@@ -674,6 +662,9 @@ def _forward_two_pass(q, k, v, topk_idx, q_pos0, block_size, scale, forced, rows
     step = min(R, rows_per_pass)
     op = torch.empty(step, Hq, D, device=q.device, dtype=torch.float32)
     gpm, rb = _multi_row(G, 128)
+    win = _forced_win_keys(q.dtype, block_size)
+    n_blocks = triton.cdiv(Tk, block_size)
+    ranges = min(_rest_key_ranges(Tk, D, k.element_size()), n_blocks)
     for r0 in range(0, R, step):
         r1 = min(R, r0 + step)
         n = r1 - r0
@@ -684,7 +675,7 @@ def _forward_two_pass(q, k, v, topk_idx, q_pos0, block_size, scale, forced, rows
             qc.stride(0), qc.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             op.stride(0), op.stride(1), lc.stride(0),
             G=G, GP=gpm, RB=rb, D=D, BD=BD, BS=block_size, PREC=prec,
-            WIN_BN=_forced_win_keys(q.dtype, block_size), num_warps=8, num_stages=2,
+            WIN_BN=win, num_warps=8, num_stages=2,
         )
         if UNION_LANES:
             gpu, rbu = _multi_row(G, UNION_LANES)
@@ -698,8 +689,6 @@ def _forward_two_pass(q, k, v, topk_idx, q_pos0, block_size, scale, forced, rows
                 **PER_ROW_CFG,
             )
             continue
-        n_blocks = triton.cdiv(Tk, block_size)
-        ranges = min(_rest_key_ranges(Tk, D, k.element_size()), n_blocks)
         for j in range(ranges):  # each key range over all rows: the K/V that the programs in flight read shrinks
             last = j == ranges - 1
             _fwd_kernel[(n, Hk, 1)](
@@ -837,8 +826,7 @@ def sparse_attn_backward(do, q, k, v, o, lse, topk_idx, q_pos0, block_size, scal
     do = do.contiguous()
     delta = _delta(o, do)
     prec = _precision(q.dtype)
-    dq_atomic = DQ_ATOMIC
-    if dq_atomic:  # dq comes from the dk/dv kernel below, summed here
+    if DQ_ATOMIC:  # dq comes from the dk/dv kernel below, summed here
         dqa = torch.zeros(R, Hq, D, device=q.device, dtype=torch.float32)
     else:
         dq = torch.empty_like(q)
@@ -848,16 +836,16 @@ def sparse_attn_backward(do, q, k, v, o, lse, topk_idx, q_pos0, block_size, scal
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     gpm, rb, warps = dkdv_launch(G, BD)
-    acc = dqa if dq_atomic else dk  # dk: an unused stand-in
+    acc = dqa if DQ_ATOMIC else dk  # dk: an unused stand-in
     _bwd_dkdv_kernel[(n_blocks * Hk,)](
         q, k, v, do, lse, delta, rows, offs, order, dk, dv, acc,
         q_pos0, Tk, n_blocks, scale * LOG2E, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), lse.stride(0), acc.stride(0), acc.stride(1),
         G=G, GP=gpm, RB=rb, D=D, BD=BD, BS=block_size, PREC=prec,
-        DQ_ATOMIC=dq_atomic, num_warps=warps, num_stages=2,
+        DQ_ATOMIC=DQ_ATOMIC, num_warps=warps, num_stages=2,
     )
-    if dq_atomic:
+    if DQ_ATOMIC:
         dq = dqa.to(q.dtype)  # scaled in the kernel
     return dq, dk, dv
 
