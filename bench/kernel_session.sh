@@ -65,8 +65,8 @@ fi
 step model_decode_graphs 200 python bench/model.py --lengths 8K 64K --decode 16 --decode-graphs --check --out "$OUT"
 step infllmv2_selection_tests 150 env TEST_TIMEOUT=60 bash bench/gpu_tests.sh \
   -k "stage1_scores or across_tiles or exact_ties or accepts_only_rare"
-# the forward at 128K / 256K and forward+backward at 128K (with the backward's variants: the other dk/dv form,
-# dq added inside dk/dv) against cuDNN
+# the forward at 128K / 256K and forward+backward at 128K against cuDNN, with the variants of the defaults (the
+# forced window block by block, other key-range counts; dq from its own passes, dk/dv in block order)
 step infllmv2 "${INFLLMV2_LIMIT:-260}" python bench/infllmv2.py --no-tune --budget-s $((${INFLLMV2_LIMIT:-260} - 50)) \
   --dense-backends cudnn --cases "${INFLLMV2_CASES:-fwd_T(131072|262144)\$|fwdbwd_T131072\$}" --out "$OUT"
 step infllmv2_profile 150 python bench/infllmv2.py --profile --out "$OUT"

@@ -142,12 +142,12 @@ def kernel_resources(kernel: str = "output", dtype: str = "bf16", H: int = 32, D
 def infllmv2_resources(kernel: str = "rest", G: int = 16, D: int = 128, BS: int = 64, union_lanes: int = 16,
                        warps: int | None = None, stages: int | None = None, dtype: str = "bf16") -> dict:
     """The same for InfLLM-V2's kernels at the launch parameters the library uses (``dtype`` inputs, bf16 by
-    default; the release's group of 16 heads, d 128, 64-token blocks by default): stage 2's ``rest`` (one query row per program over its
-    selected blocks), ``forced`` (init and local blocks of several rows; ``forced_per_block`` with the
-    window block by block, each masked, instead of in unmasked tiles), ``union`` (the rest pass over
-    neighbouring rows' union), ``dq`` and ``dkdv`` (backward, dq from its own passes; ``dkdv_dq`` adding dq's
-    share atomically, the default); stage 1's ``blockkey`` (scores, group sum,
-    pooling) and ``k2lse``."""
+    default; the release's group of 16 heads, d 128, 64-token blocks by default): stage 2's ``rest`` (one query
+    row per program over its selected blocks), ``forced`` (init and local blocks of several rows;
+    ``forced_per_block`` with the window block by block, each masked, instead of in unmasked tiles), ``union``
+    (the rest pass over neighbouring rows' union), ``dq`` and ``dkdv`` (backward, dq from its own passes;
+    ``dkdv_dq`` adding dq's share atomically, the default); stage 1's ``blockkey`` (scores, group sum, pooling)
+    and ``k2lse``."""
     from sala.ops import infllmv2_triton_attn as at
     from sala.ops import infllmv2_triton_select as sel
 
